@@ -1,0 +1,31 @@
+# Two set-up commands, each builds the virtual environment it needs:
+#   make demo   prep the sample dataset, train the tiny model on CPU, export the LoRA
+#   make test   the test suite (CPU only; GPU tests skip)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED ?= ../shared
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/animagine-lora: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The pinned CPU build first: an unpinned torch would pull several GB of CUDA wheels.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/animagine-lora
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/python -m train.demo --shared $(SHARED)
+
+bench: venv
+	$(BIN)/python bench/caption_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

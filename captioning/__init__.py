@@ -1,0 +1,1 @@
+"""Rewrite booru tags into Animagine XL tag order (no torch import here)."""

@@ -1,0 +1,1 @@
+"""Training, model loading, export, sampling and the command line."""

@@ -1,0 +1,51 @@
+"""The `animagine-lora` command line: one subcommand per stage.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int`. Modules are imported only when their subcommand runs, so
+`animagine-lora caption` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "caption": ("captioning.cli", "rewrite tags into Animagine tag order"),
+    "tag": ("captioning.tagger_cli", "auto-tag untagged images with a WD v3 tagger"),
+    "prep": ("train.prep.cli", "build a training dataset from raw images, with a report"),
+    "cache": ("train.cache_cli", "encode latents into the dataset's cache"),
+    "train": ("train.__main__", "train a LoRA (same as `accelerate launch -m train CONFIG`)"),
+    "convert": ("train.convert", "convert LoRA files between WebUI and diffusers formats"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="animagine-lora", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen subcommand's module is imported to fill in its arguments.
+        if name in argv:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
