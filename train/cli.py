@@ -23,14 +23,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _chosen_subcommand(argv: list[str]) -> str | None:
+    """The first positional argument: the subcommand, if any (options come before it)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    chosen = _chosen_subcommand(argv)
     parser = argparse.ArgumentParser(prog="animagine-lora", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         # Only the chosen subcommand's module is imported to fill in its arguments.
-        if name in argv:
+        if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
             sub.set_defaults(_run=module.run)
