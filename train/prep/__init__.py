@@ -1,0 +1,13 @@
+"""Dataset prep: from raw images (+ tags) to one training-ready `datasets` dataset and a report.
+
+Public API:
+    prepare(recipe, out, RunOptions) -> PrepResult     the whole stage (train.prep.pipeline)
+    load_recipe(path) -> Recipe, RecipeError            dataset recipes (train.prep.recipe)
+    CARD_BUCKETS, all_buckets, closest_bucket, place    aspect buckets (train.prep.buckets)
+Heavy modules (datasets, captioning) are imported by the submodules, not here.
+"""
+
+from train.prep.buckets import CARD_BUCKETS, all_buckets, closest_bucket, place
+from train.prep.recipe import Recipe, RecipeError, load_recipe
+
+__all__ = ["CARD_BUCKETS", "Recipe", "RecipeError", "all_buckets", "closest_bucket", "load_recipe", "place"]

@@ -1,0 +1,85 @@
+"""Aspect-ratio buckets and the resize/crop that fits an image into its bucket.
+
+The default set is the Animagine XL 4.0 model card's resolutions. `all_buckets()` is the
+NovelAI/sd-scripts style enumeration (steps of 64, bounded area). The recorded resize and crop
+give SDXL's micro-conditioning exactly (Podell et al. 2023, "SDXL", sec. 2.2):
+original_size=(height, width), crops_coords_top_left=(crop_top, crop_left),
+target_size=(bucket_height, bucket_width).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+Bucket = tuple[int, int]  # (width, height)
+
+CARD_BUCKETS: tuple[Bucket, ...] = (
+    (1024, 1024),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
+)
+
+
+def all_buckets(
+    step: int = 64, max_area: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048
+) -> tuple[Bucket, ...]:
+    """Every (width, height) in multiples of `step` with sides in [min_side, max_side] and
+    width * height <= max_area."""
+    sides = range(min_side, max_side + 1, step)
+    return tuple((w, h) for w in sides for h in sides if w * h <= max_area)
+
+
+def bucket_set(name: str) -> tuple[Bucket, ...]:
+    """`"card"` or `"all"`; anything else raises ValueError naming the choices."""
+    table = {"card": lambda: CARD_BUCKETS, "all": all_buckets}
+    if name not in table:
+        raise ValueError(f"buckets: unknown bucket set {name!r} (choose from {sorted(table)})")
+    return table[name]()
+
+
+def closest_bucket(width: int, height: int, buckets: tuple[Bucket, ...]) -> Bucket:
+    """The bucket whose aspect ratio is closest in log space to `width/height`.
+
+    Log-ratio distance treats 2:1 and 1:2 symmetrically. Ties (same aspect at several sizes, as in
+    the `all` set) go to the largest area, so a square image gets 1024x1024, not 512x512.
+    """
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 12), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How an image of `width` x `height` becomes its bucket: resize (cover), then center crop."""
+
+    bucket_width: int
+    bucket_height: int
+    resize_width: int
+    resize_height: int
+    crop_left: int
+    crop_top: int
+
+
+def place(width: int, height: int, bucket: Bucket) -> Placement:
+    """Aspect-preserving resize so the image covers `bucket`, then a center crop.
+
+    The scale is the larger of the two side ratios; rounding never drops a side below the bucket.
+    """
+    bucket_width, bucket_height = bucket
+    scale = max(bucket_width / width, bucket_height / height)
+    resize_width = max(bucket_width, round(width * scale))
+    resize_height = max(bucket_height, round(height * scale))
+    return Placement(
+        bucket_width=bucket_width,
+        bucket_height=bucket_height,
+        resize_width=resize_width,
+        resize_height=resize_height,
+        crop_left=(resize_width - bucket_width) // 2,
+        crop_top=(resize_height - bucket_height) // 2,
+    )

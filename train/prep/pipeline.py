@@ -1,0 +1,320 @@
+"""The prep pipeline: sources -> validation -> dedupe -> captions -> buckets -> dataset + report.
+
+`prepare()` is the whole stage as a chain of named steps. Everything that can be checked without
+touching images (recipe, source paths, tag database, tokenizer, tagger) is checked first, so an
+unusable configuration stops before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioning import Captioner, Post, TagDatabase, TokenCounter, load_profile, normalize_tag
+from train.prep import sources as src
+from train.prep.buckets import bucket_set, closest_bucket, place
+from train.prep.dedupe import Deduplicator
+from train.prep.recipe import CaptionOptions, Recipe, RecipeError, Source, recipe_to_toml
+from train.prep.report import PrepStats, print_summary, write_reports
+from train.prep.validate import ImageInfo, ValidateOptions, validate_many
+from train.prep.writer import RowSpool, make_temp_dir, publish, write_dataset, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the row schema or the meaning of a column changes
+IMAGE_CACHE = "image_cache"  # under OUT: images that were embedded as bytes in a dataset
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    workers: int = 1
+    shard_index: int = 0
+    num_shards: int = 1
+    force: bool = False
+    tagger_batch_size: int = 8
+    show_summary: bool = True
+
+
+@dataclass
+class PrepResult:
+    out: Path
+    up_to_date: bool
+    rows: int
+    stats: PrepStats | None
+
+
+@dataclass
+class CaptionTools:
+    """Everything captioning needs, loaded once before any image work."""
+
+    options: CaptionOptions
+    tag_db: TagDatabase | None
+    token_counter: TokenCounter | None
+    tagger: object | None  # captioning.tagger.WDTagger
+    _captioners: dict = dataclasses.field(default_factory=dict)
+
+    def captioner(self, profile: str, max_tokens: int) -> Captioner:
+        key = (profile, max_tokens)
+        if key not in self._captioners:
+            self._captioners[key] = Captioner(load_profile(profile), self.tag_db, self.token_counter, max_tokens)
+        return self._captioners[key]
+
+    def category_name(self, tag: str) -> str:
+        if self.tag_db is None:
+            return "uncategorised"
+        category = self.tag_db.category(self.tag_db.resolve(normalize_tag(tag)))
+        return category.name.lower() if category is not None else "unknown"
+
+
+def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> CaptionTools:
+    """Tag database, token counter, tagger and every profile named; RecipeError naming the field."""
+
+    def checked(field_name: str, loader, value):
+        try:
+            return loader(value)
+        except Exception as error:  # any failure here means the configuration is unusable
+            raise RecipeError(f"caption.{field_name}: cannot load {value!r}: {error}") from None
+
+    tag_db = checked("tags_db", TagDatabase.load, options.tags_db) if options.tags_db else None
+    counter = None
+    if options.tokenizer:
+        counter = checked("tokenizer", TokenCounter.from_pretrained, options.tokenizer)
+    elif options.clip_bpe:
+        counter = checked("clip_bpe", TokenCounter.from_bpe, options.clip_bpe)
+    tagger = None
+    if options.tagger:
+        from captioning.tagger import WDTagger
+
+        tagger = checked(
+            "tagger",
+            lambda v: WDTagger.load(v, general_threshold=options.general_threshold,
+                                    character_threshold=options.character_threshold),
+            options.tagger,
+        )
+    tools = CaptionTools(options, tag_db, counter, tagger)
+    for index, profile in enumerate([options.profile] + [s.caption.profile for s in sources]):
+        if profile is not None:
+            where = "caption.profile" if index == 0 else f"sources.{index - 1}.caption.profile"
+            try:
+                load_profile(profile)
+            except Exception as error:
+                raise RecipeError(f"{where}: cannot load profile {profile!r}: {error}") from None
+    return tools
+
+
+def check_sources(recipe: Recipe) -> list[str]:
+    """The kind of each source ("folder" | "hf"); RecipeError naming the source field."""
+    kinds = []
+    names = set()
+    for index, source in enumerate(recipe.sources):
+        if source.name in names:
+            raise RecipeError(f"sources.{index}.name: duplicate source name {source.name!r}")
+        names.add(source.name)
+        try:
+            kind = src.detect_kind(source.path)
+        except FileNotFoundError as error:
+            raise RecipeError(f"sources.{index}.path: {error}") from None
+        if source.type != "auto" and source.type != kind and not (source.type == "hf" and kind == "folder"):
+            raise RecipeError(f"sources.{index}.type: {source.path} looks like {kind!r}, not {source.type!r}")
+        kinds.append("hf" if source.type == "hf" else kind)
+    return kinds
+
+
+def fingerprint(recipe: Recipe, run: RunOptions) -> str:
+    """Hash of everything the result depends on: input files (path, size, mtime), options, code."""
+    digest = hashlib.sha256()
+    digest.update(f"v{FORMAT_VERSION}\n{recipe_to_toml(recipe)}\n{run.shard_index}/{run.num_shards}\n".encode())
+    caption = recipe.caption
+    paths = [s.path for s in recipe.sources] + [
+        p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger) if p
+    ]
+    for line in src.listing_fingerprint(paths):
+        digest.update(line.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def is_up_to_date(out: Path, expected: str) -> bool:
+    try:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return report.get("fingerprint") == expected and (out / "dataset").is_dir()
+
+
+def unit_hash(text: str) -> float:
+    """Deterministic value in [0, 1) for `text` (the train/val split)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _records(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOptions,
+             stats: PrepStats) -> Iterator[tuple[src.Record, str]]:
+    """(record, path to read it from now) for this shard; listing problems go to `stats`."""
+    for source, kind in zip(recipe.sources, kinds):
+        if kind == "folder":
+            listing = src.walk_folder(Path(source.path), source.name, source.repeats)
+        else:
+            listing = src.read_hf(source.path, source.split, source.name, source.repeats, out / IMAGE_CACHE)
+        found = 0
+        for item in listing:
+            if isinstance(item, src.Rejected):
+                stats.reject(item.path, item.reason)
+                continue
+            if run.num_shards > 1 and src.shard_of(item.id, run.num_shards) != run.shard_index:
+                continue
+            found += 1
+            read_path = item.image_path
+            if item.image_bytes is not None:
+                # Embedded bytes: written into the output's cache, never inside the input.
+                read_path = str(temp / IMAGE_CACHE / Path(item.image_path).name)
+                Path(read_path).parent.mkdir(exist_ok=True)
+                Path(read_path).write_bytes(item.image_bytes)
+                item.image_bytes = None
+            stats.read += 1
+            yield item, read_path
+        if not found:
+            stats.warnings.append(f"source {source.name!r} ({source.path}): no images found")
+            logger.warning("source %r (%s): no images found", source.name, source.path)
+
+
+def _post_with_extras(record: src.Record, source: Source) -> Post | None:
+    extras = list(source.caption.extra_tags) + record.extra_tags
+    if record.post is None and not extras:
+        return None
+    if record.post is None:
+        return Post(id=record.id, origin=record.image_path, tags={}, uncategorised=extras, rating=None,
+                    score=None, created_at=None, metadata={})
+    return dataclasses.replace(record.post, uncategorised=list(record.post.uncategorised) + extras)
+
+
+def _row(record: src.Record, info: ImageInfo, post: Post | None, recipe: Recipe, source: Source,
+         tools: CaptionTools, buckets, stats: PrepStats) -> dict:
+    if post is None:
+        stats.untagged += 1
+        post = Post(id=record.id, origin=record.image_path, tags={}, uncategorised=[], rating=None,
+                    score=None, created_at=None, metadata={})
+    captioner = tools.captioner(source.caption.profile or recipe.caption.profile,
+                                source.caption.max_tokens or recipe.caption.max_tokens)
+    result = captioner.caption(post)
+    stats.token_lengths.append(result.tokens)
+    stats.captions_cut += bool(result.cut)
+    stats.unknown_tags.update(result.unknown_tags)
+    stats.warnings.extend(f"{record.id}: {w}" for w in result.warnings[:5])
+    stats.head_tags.update(result.caption.head)
+    for category, tags in post.tags.items():
+        stats.add_tags(category.name.lower(), tags)
+    for tag in post.uncategorised:
+        stats.add_tags(tools.category_name(tag), [normalize_tag(tag)])
+    placement = place(info.width, info.height, closest_bucket(info.width, info.height, buckets))
+    stats.buckets[f"{placement.bucket_width}x{placement.bucket_height}"] += 1
+    year = post.created_at.year if post.created_at is not None else None
+    if post.rating:
+        stats.ratings[post.rating] += 1
+    if year is not None:
+        stats.years[year] += 1
+    if post.score is not None:
+        stats.scores.append(post.score)
+    split = "val" if unit_hash(record.id) < recipe.dataset.val_fraction else "train"
+    stats.splits[split] += 1
+    return {
+        "id": record.id,
+        "image_path": record.image_path,
+        "sha256": info.sha256,
+        "width": info.width,
+        "height": info.height,
+        **dataclasses.asdict(placement),
+        "caption_head": list(result.caption.head),
+        "caption_body": list(result.caption.body),
+        "caption_tail": list(result.caption.tail),
+        "repeats": record.repeats,
+        "rating": post.rating,
+        "score": post.score,
+        "year": year,
+        "source": record.source,
+        "split": split,
+        "metadata": json.dumps(post.metadata, ensure_ascii=False, default=str, sort_keys=True),
+    }
+
+
+def _build(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOptions,
+           tools: CaptionTools, stats: PrepStats) -> int:
+    sources = {s.name: s for s in recipe.sources}
+    buckets = bucket_set(recipe.dataset.buckets)
+    options = ValidateOptions(min_side=recipe.dataset.min_side, phash=recipe.dataset.near_dup)
+    dedupe = Deduplicator(recipe.dataset.near_dup, recipe.dataset.near_dup_distance)
+    spool = RowSpool(temp / "rows.jsonl")
+    pending: list[tuple[src.Record, str, ImageInfo]] = []
+
+    def flush_tagger() -> None:
+        posts = tools.tagger.tag_files([read_path for _, read_path, _ in pending])
+        for (record, _, info), tagged in zip(pending, posts):
+            stats.auto_tagged += 1
+            record.post = dataclasses.replace(tagged, id=record.id)
+            spool.append(_row(record, info, _post_with_extras(record, sources[record.source]), recipe,
+                              sources[record.source], tools, buckets, stats))
+        pending.clear()
+
+    listed = _records(recipe, kinds, out, temp, run, stats)
+    results = validate_many(listed, path_of=lambda pair: pair[1], options=options, workers=run.workers,
+                            max_image_pixels=recipe.dataset.max_image_pixels)
+    for (record, read_path), info in tqdm(results, desc="prep", unit="img", disable=None):
+        if isinstance(info, str):
+            stats.reject(src.display_path(record.image_path), info)
+            continue
+        duplicate = dedupe.check(record.id, info.sha256, info.phash)
+        if duplicate is not None:
+            stats.duplicates.append((record.id, *duplicate))
+            continue
+        stats.kept += 1
+        if record.post is None and tools.tagger is not None:
+            pending.append((record, read_path, info))
+            if len(pending) >= run.tagger_batch_size:
+                flush_tagger()
+            continue
+        spool.append(_row(record, info, _post_with_extras(record, sources[record.source]), recipe,
+                          sources[record.source], tools, buckets, stats))
+    if pending:
+        flush_tagger()
+    spool.close()
+    rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
+    spool.path.unlink()
+    shutil.rmtree(temp / "arrow_cache", ignore_errors=True)
+    return rows
+
+
+def prepare(recipe: Recipe, out: Path, run: RunOptions = RunOptions()) -> PrepResult:
+    """Build the dataset for `recipe` at `out` (see the module docstring)."""
+    if run.num_shards < 1 or not 0 <= run.shard_index < run.num_shards:
+        raise RecipeError(f"--shard-index: must be in [0, {run.num_shards}) with --num-shards >= 1")
+    out = Path(out).resolve()
+    kinds = check_sources(recipe)
+    expected = fingerprint(recipe, run)
+    if not run.force and is_up_to_date(out, expected):
+        logger.info("%s is up to date (inputs and options unchanged); --force rebuilds", out)
+        return PrepResult(out, True, 0, None)
+    tools = load_caption_tools(recipe.caption, recipe.sources)
+    stats = PrepStats()
+    temp = make_temp_dir(out)
+    try:
+        rows = _build(recipe, kinds, out, temp, run, tools, stats)
+        write_text_atomic(temp / "recipe.toml", recipe_to_toml(recipe))
+        write_reports(stats, temp, {
+            "fingerprint": expected,
+            "format_version": FORMAT_VERSION,
+            "shard": {"index": run.shard_index, "num_shards": run.num_shards},
+        })
+        publish(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if run.show_summary:
+        print_summary(stats, out)
+    return PrepResult(out, False, rows, stats)

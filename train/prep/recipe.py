@@ -1,0 +1,173 @@
+"""Dataset recipes: TOML describing the sources of one dataset and the shared prep settings.
+
+The role sd-scripts' dataset TOML plays, with one typed schema. Validated once at the edge
+(`load_recipe`): a wrong key or value stops prep before any work with one line per problem,
+naming the file and the field, with a "did you mean" for misspelt keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class RecipeError(ValueError):
+    """An unusable recipe or option; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CaptionOptions(_Strict):
+    """How tags become captions (see captioning.Captioner)."""
+
+    profile: str = "animagine-xl-4.0"
+    tags_db: str | None = None  # tag category database (tagcomplete CSV or selected_tags.csv)
+    clip_bpe: str | None = None  # CLIP BPE merges .txt.gz for the token budget
+    tokenizer: str | None = None  # or a tokenizer folder / Hub id
+    max_tokens: int = Field(225, ge=1)  # 3 CLIP chunks of 75, as sd-scripts' max_token_length
+    tagger: str | None = None  # WD v3 tagger folder or Hub repo, for untagged images
+    general_threshold: float = Field(0.35, gt=0, lt=1)
+    character_threshold: float = Field(0.85, gt=0, lt=1)
+
+
+class SourceCaption(_Strict):
+    """Per-source caption overrides."""
+
+    profile: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    extra_tags: list[str] = []  # e.g. a trigger tag added to every image of this source
+
+
+class Source(_Strict):
+    name: str
+    path: str  # relative paths are relative to the recipe file
+    type: Literal["auto", "folder", "hf"] = "auto"
+    split: str = "train"  # split to read from a Hugging Face dataset
+    repeats: int = Field(1, ge=1)  # multiplied with any `N_name` folder repeat count
+    caption: SourceCaption = SourceCaption()
+
+
+class PrepOptions(_Strict):
+    """Settings shared by all sources."""
+
+    min_side: int = Field(512, ge=1)
+    buckets: Literal["card", "all"] = "card"
+    near_dup: bool = False
+    near_dup_distance: int = Field(4, ge=0, le=64)  # phash Hamming distance counted as duplicate
+    max_image_pixels: int | None = Field(None, ge=1)  # None: Pillow's default bomb limit
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class Recipe(_Strict):
+    dataset: PrepOptions = PrepOptions()
+    caption: CaptionOptions = CaptionOptions()
+    sources: list[Source] = Field(min_length=1)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (None if it cannot be followed)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def format_errors(error: ValidationError, origin: str) -> str:
+    """One line per problem: `origin: field.path: message (did you mean 'x'?)`."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        where = ".".join(str(part) for part in loc) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(Recipe, loc[:-1])
+            known = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            message = "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+            if known:
+                message += f"; known keys: {', '.join(known)}"
+        lines.append(f"{origin}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_errors(error, origin)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; source paths are made absolute relative to the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: cannot read recipe: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML: {error}") from None
+    recipe = parse_recipe(data, str(path))
+    return resolve_paths(recipe, path.resolve().parent)
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative source/database paths made absolute against `base` (the recipe's folder)."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None:
+            return None
+        candidate = Path(value).expanduser()
+        resolved = candidate if candidate.is_absolute() else base / candidate
+        # Hub ids (`owner/name`) pass through when no such local path exists.
+        return str(resolved.resolve()) if resolved.exists() or "/" not in value else value
+
+    sources = [s.model_copy(update={"path": absolute(s.path)}) for s in recipe.sources]
+    caption = recipe.caption.model_copy(
+        update={k: absolute(getattr(recipe.caption, k)) for k in ("tags_db", "clip_bpe", "tokenizer", "tagger")}
+    )
+    return recipe.model_copy(update={"sources": sources, "caption": caption})
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The recipe as TOML (written beside the dataset so a run can be reproduced)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def table(header: str, data: dict[str, Any]) -> None:
+        lines.append(header)
+        for key, v in data.items():
+            if v is not None and not isinstance(v, dict):
+                lines.append(f"{key} = {value(v)}")
+        lines.append("")
+
+    dumped = recipe.model_dump()
+    table("[dataset]", dumped["dataset"])
+    table("[caption]", dumped["caption"])
+    for source in dumped["sources"]:
+        table("[[sources]]", source)
+        table("[sources.caption]", source["caption"])
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""What is in the prepped dataset: counts, histograms, tag frequencies.
+
+`PrepStats` is filled while rows are produced; it is written as `report.json`, as `report.html`
+with PNG plots (matplotlib, Agg backend: no display needed) and printed as rich tables.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOP_TAGS = 25
+
+
+@dataclass
+class PrepStats:
+    read: int = 0
+    kept: int = 0
+    auto_tagged: int = 0
+    untagged: int = 0  # kept with no tags (no sidecar, no tagger)
+    captions_cut: int = 0  # the token budget dropped tags
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    duplicates: list[tuple[str, str, str]] = field(default_factory=list)  # (id, kind, kept id)
+    warnings: list[str] = field(default_factory=list)
+    unknown_tags: Counter = field(default_factory=Counter)
+    buckets: Counter = field(default_factory=Counter)
+    splits: Counter = field(default_factory=Counter)
+    head_tags: Counter = field(default_factory=Counter)
+    tags: dict[str, Counter] = field(default_factory=dict)  # category name -> tag counts
+    ratings: Counter = field(default_factory=Counter)
+    years: Counter = field(default_factory=Counter)
+    scores: list[int] = field(default_factory=list)
+    token_lengths: list[int] = field(default_factory=list)
+
+    def reject(self, path: str, reason: str) -> None:
+        self.rejected.append((path, reason))
+
+    def rejected_by_reason(self) -> Counter:
+        """Counts by the reason's kind (the text before the first colon)."""
+        return Counter(reason.split(":", 1)[0].split(" (")[0] for _, reason in self.rejected)
+
+    def add_tags(self, category: str, tags: list[str]) -> None:
+        self.tags.setdefault(category, Counter()).update(tags)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": {
+                "read": self.read,
+                "kept": self.kept,
+                "rejected": len(self.rejected),
+                "duplicates": len(self.duplicates),
+                "auto_tagged": self.auto_tagged,
+                "untagged": self.untagged,
+                "captions_cut": self.captions_cut,
+            },
+            "rejected_by_reason": dict(self.rejected_by_reason().most_common()),
+            "rejected": [{"path": p, "reason": r} for p, r in self.rejected],
+            "duplicates": [{"id": i, "kind": k, "kept": o} for i, k, o in self.duplicates],
+            "warnings": self.warnings,
+            "unknown_tags": dict(self.unknown_tags.most_common(200)),
+            "buckets": dict(sorted(self.buckets.items())),
+            "splits": dict(self.splits),
+            "head_tags": dict(self.head_tags.most_common(TOP_TAGS)),
+            "top_tags": {c: dict(n.most_common(TOP_TAGS)) for c, n in sorted(self.tags.items())},
+            "ratings": dict(sorted(self.ratings.items())),
+            "years": dict(sorted(self.years.items())),
+            "score_histogram": _histogram(self.scores),
+            "token_length_histogram": _histogram(self.token_lengths),
+            "token_length_max": max(self.token_lengths, default=0),
+        }
+
+
+def _histogram(values: list[int], bins: int = 10) -> dict[str, int]:
+    if not values:
+        return {}
+    low, high = min(values), max(values)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = Counter((v - low) // width for v in values)
+    return {f"{low + b * width}-{low + (b + 1) * width - 1}": counts[b] for b in sorted(counts)}
+
+
+def _plots(stats: PrepStats, plot_dir: Path) -> list[tuple[str, str]]:
+    """(title, file name) of each PNG written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def bar(name: str, title: str, counter: dict, horizontal: bool = False) -> None:
+        if not counter:
+            return
+        labels, values = [str(k) for k in counter], list(counter.values())
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.25 * len(labels)) if horizontal else 3.5))
+        if horizontal:
+            ax.barh(labels[::-1], values[::-1])
+        else:
+            ax.bar(labels, values)
+            ax.tick_params(axis="x", rotation=45)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(plot_dir / f"{name}.png", dpi=80)
+        plt.close(fig)
+        written.append((title, f"{name}.png"))
+
+    def hist(name: str, title: str, values: list[int]) -> None:
+        if not values:
+            return
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.hist(values, bins=min(30, max(1, len(set(values)))))
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(plot_dir / f"{name}.png", dpi=80)
+        plt.close(fig)
+        written.append((title, f"{name}.png"))
+
+    bar("buckets", "Aspect buckets (width x height)", dict(sorted(stats.buckets.items())))
+    bar("ratings", "Ratings", dict(sorted(stats.ratings.items())))
+    bar("years", "Years", dict(sorted(stats.years.items())))
+    hist("scores", "Scores", stats.scores)
+    hist("token_lengths", "Caption length (CLIP tokens)", stats.token_lengths)
+    bar("head_tags", "Head tags (trigger / character / copyright)", dict(stats.head_tags.most_common(TOP_TAGS)), True)
+    for category, counter in sorted(stats.tags.items()):
+        bar(f"tags_{category}", f"Top {category} tags", dict(counter.most_common(TOP_TAGS)), True)
+    return written
+
+
+def _table(title: str, rows: dict) -> str:
+    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f"<h2>{html.escape(title)}</h2><table>{cells}</table>"
+
+
+def write_reports(stats: PrepStats, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """`report.json`, `report.html` and `plots/*.png` under `out`; returns the JSON data."""
+    data = {**extra, **stats.to_json()}
+    (out / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    plots = _plots(stats, out / "plots")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>animagine-lora prep report</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}td{padding:0 1em}</style>",
+        "</head><body><h1>Dataset prep report</h1>",
+        _table("Counts", data["counts"]),
+        _table("Rejected by reason", data["rejected_by_reason"]),
+    ]
+    parts += [f"<h2>{html.escape(t)}</h2><img src='plots/{html.escape(f)}' alt='{html.escape(t)}'>" for t, f in plots]
+    if stats.rejected:
+        parts.append(_table("Rejected files", {p: r for p, r in stats.rejected[:1000]}))
+    if stats.duplicates:
+        parts.append(_table("Duplicates (kept id)", {i: f"{k} of {o}" for i, k, o in stats.duplicates[:1000]}))
+    parts.append("</body></html>")
+    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
+    return data
+
+
+def print_summary(stats: PrepStats, out: Path) -> None:
+    """The terminal tables (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = Table(title=f"prep: {out}")
+    counts.add_column("count")
+    counts.add_column("images", justify="right")
+    for key, value in stats.to_json()["counts"].items():
+        counts.add_row(key.replace("_", " "), str(value))
+    for reason, value in stats.rejected_by_reason().most_common():
+        counts.add_row(f"  rejected: {reason}", str(value))
+    console.print(counts)
+    buckets = Table(title="buckets")
+    buckets.add_column("width x height")
+    buckets.add_column("images", justify="right")
+    for bucket, value in sorted(stats.buckets.items()):
+        buckets.add_row(bucket, str(value))
+    console.print(buckets)
+    tags = Table(title="top tags")
+    tags.add_column("category")
+    tags.add_column("tags")
+    tags.add_row("head", ", ".join(f"{t} ({n})" for t, n in stats.head_tags.most_common(8)))
+    for category, counter in sorted(stats.tags.items()):
+        tags.add_row(category, ", ".join(f"{t} ({n})" for t, n in counter.most_common(8)))
+    console.print(tags)
+    console.print(f"report: {out / 'report.html'}")

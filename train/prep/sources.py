@@ -1,0 +1,325 @@
+"""Listing the records of a dataset source, streamed one image at a time.
+
+Three on-disk layouts are read by one folder walker, per image, from whichever sidecar is present:
+gallery-dl (`name.jpg.json` or `name.json`, a Danbooru post), sd-scripts (`name.txt` /
+`name.caption`, flat tags; `N_name` first-level folders repeat their images N times and, as in
+sd-scripts, lend `name` as the caption of images without a sidecar) and untagged images.
+Hugging Face datasets (`imagefolder` with metadata.jsonl/metadata.csv, parquet files, or a Hub id)
+are read with the `datasets` library in streaming mode, images undecoded.
+
+Nothing here decodes images (that is the parallel validation stage); everything yields either a
+`Record` or a `Rejected` with the path and reason, never raises on bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from captioning import Category, Post
+from captioning.readers import read_danbooru_json, read_tag_file
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"})
+SIDECAR_SUFFIXES = (".json", ".txt", ".caption")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+TAG_COLUMNS = ("tags", "tag_string", "text", "caption", "prompt")
+DANBOORU_FIELDS = {
+    "tag_string_general": Category.GENERAL,
+    "tag_string_artist": Category.ARTIST,
+    "tag_string_copyright": Category.COPYRIGHT,
+    "tag_string_character": Category.CHARACTER,
+    "tag_string_meta": Category.META,
+}
+RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
+           "e": "e", "explicit": "e"}
+
+
+@dataclass
+class Record:
+    """One image to validate and caption."""
+
+    id: str  # unique within the dataset: source name + relative path (or row index)
+    image_path: str  # absolute path of the original, or of the cached copy of embedded bytes
+    source: str
+    repeats: int
+    post: Post | None  # None: no tags at all (auto-tag or report)
+    extra_tags: list[str] = field(default_factory=list)  # folder class tokens, recipe extra tags
+    image_bytes: bytes | None = None  # embedded image (parquet) still to be written to the cache
+
+
+@dataclass(frozen=True)
+class Rejected:
+    path: str
+    reason: str
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A printable path even when the name is not valid UTF-8 (surrogate-escaped bytes)."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shard_of(record_id: str, num_shards: int) -> int:
+    """Deterministic shard of a record: sha1 of its id modulo `num_shards`.
+
+    Hashing the id (not the listing position) keeps a record on the same shard when other files
+    are added or removed, and needs no coordination between machines.
+    """
+    return int.from_bytes(hashlib.sha1(record_id.encode("utf-8")).digest()[:8], "big") % num_shards
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _scan(directory: str) -> tuple[list[os.DirEntry], list[os.DirEntry], list[Rejected]]:
+    """Files and sub-folders of `directory` (sorted), plus entries that cannot be stat'ed."""
+    files, folders, rejected = [], [], []
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as error:
+        return [], [], [Rejected(display_path(directory), f"cannot list folder: {error.strerror}")]
+    for entry in entries:
+        if not _is_utf8(entry.name):
+            rejected.append(Rejected(display_path(entry.path), "file name is not valid UTF-8"))
+            continue
+        try:
+            is_dir = entry.is_dir()
+            is_file = entry.is_file()
+            entry.stat()
+        except OSError as error:  # symlink loops (ELOOP), permission errors
+            rejected.append(Rejected(entry.path, f"cannot stat: {error.strerror}"))
+            continue
+        if is_dir:
+            folders.append(entry)
+        elif is_file:
+            files.append(entry)
+        elif entry.is_symlink():
+            rejected.append(Rejected(entry.path, "broken symbolic link"))
+    return files, folders, rejected
+
+
+def _sidecar_post(sidecar: Path, image_id: str) -> Post | Rejected:
+    reader = read_danbooru_json(sidecar) if sidecar.suffix == ".json" else read_tag_file(sidecar, image_id)
+    try:
+        results = list(reader)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return Rejected(str(sidecar), f"unreadable sidecar: {error}")
+    posts = [r for r in results if isinstance(r, Post)]
+    if not posts:
+        reason = "; ".join(getattr(r, "reason", str(r)) for r in results) or "no post in sidecar"
+        return Rejected(str(sidecar), f"unreadable sidecar: {reason}")
+    return posts[0]
+
+
+def walk_folder(root: Path, source: str, repeats: int = 1) -> Iterator[Record | Rejected]:
+    """Every image below `root` with its sidecar, in sorted order; folder symlink loops are cut."""
+    root = Path(root).resolve()
+    seen_folders: set[tuple[int, int]] = set()
+    stack: list[tuple[str, int, list[str]]] = [(str(root), repeats, [])]
+    while stack:
+        directory, folder_repeats, class_tokens = stack.pop()
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) in seen_folders:
+            yield Rejected(directory, "symbolic link loop: folder already visited")
+            continue
+        seen_folders.add((stat.st_dev, stat.st_ino))
+        files, folders, rejected = _scan(directory)
+        yield from rejected
+        yield from _folder_records(root, files, source, folder_repeats, class_tokens)
+        for folder in reversed(folders):  # reversed: the stack pops them in sorted order
+            match = REPEAT_FOLDER.match(folder.name) if directory == str(root) else None
+            if match:
+                tokens = [t.strip() for t in match.group(2).split(",") if t.strip()]
+                stack.append((folder.path, repeats * int(match.group(1)), tokens))
+            else:
+                stack.append((folder.path, folder_repeats, class_tokens))
+
+
+def _folder_records(
+    root: Path, files: list[os.DirEntry], source: str, repeats: int, class_tokens: list[str]
+) -> Iterator[Record | Rejected]:
+    by_name = {entry.name: entry for entry in files}
+    claimed: set[str] = set()
+    images = [e for e in files if Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+    for entry in images:
+        stem = Path(entry.name).stem
+        candidates = [entry.name + ".json", stem + ".json", stem + ".txt", stem + ".caption"]
+        present = [name for name in candidates if name in by_name]
+        claimed.update(present)
+        relative = Path(entry.path).relative_to(root).as_posix() if Path(entry.path).is_relative_to(root) else entry.name
+        record_id = f"{source}/{relative}"
+        post: Post | None = None
+        if present:
+            result = _sidecar_post(Path(by_name[present[0]].path), record_id)
+            if isinstance(result, Rejected):
+                yield Rejected(entry.path, result.reason + f" ({result.path})")
+                continue
+            post = result
+        yield Record(
+            id=record_id,
+            image_path=os.path.abspath(entry.path),
+            source=source,
+            repeats=repeats,
+            post=post,
+            extra_tags=[] if post is not None else list(class_tokens),
+        )
+    for entry in files:
+        suffix = Path(entry.name).suffix.lower()
+        if suffix in SIDECAR_SUFFIXES and entry.name not in claimed:
+            yield Rejected(entry.path, "sidecar without image")
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("metadata.jsonl", "metadata.csv"))
+
+
+def _parquet_files(path: Path) -> list[str]:
+    if path.is_file() and path.suffix == ".parquet":
+        return [str(path)]
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.parquet"))
+    return []
+
+
+def detect_kind(path: str) -> str:
+    """`"hf"` for imagefolder/parquet/Hub datasets, `"folder"` for a plain folder of images."""
+    local = Path(path)
+    if _is_hf_folder(local) or _parquet_files(local):
+        return "hf"
+    if local.is_dir():
+        return "folder"
+    if not local.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return "hf"  # a Hub dataset id
+    raise FileNotFoundError(f"{path}: no such folder, parquet file or Hub dataset id")
+
+
+def _open_hf(path: str, split: str):
+    import datasets
+
+    local = Path(path)
+    if _is_hf_folder(local):
+        return datasets.load_dataset("imagefolder", data_dir=str(local), split=split, streaming=True)
+    parquet = _parquet_files(local)
+    if parquet:
+        return datasets.load_dataset("parquet", data_files=parquet, split="train", streaming=True)
+    return datasets.load_dataset(path, split=split, streaming=True)
+
+
+def _image_column(features) -> str | None:
+    import datasets
+
+    for name, feature in (features or {}).items():
+        if isinstance(feature, datasets.Image):
+            return name
+        if isinstance(feature, dict) and {"bytes", "path"} <= set(feature):
+            return name
+    return None
+
+
+def _row_post(row: dict[str, Any], record_id: str, origin: str) -> Post | None:
+    """Tags of a dataset row: Danbooru `tag_string_*` fields, else a flat tag column."""
+    tags: dict[Category, list[str]] = {}
+    for column, category in DANBOORU_FIELDS.items():
+        if isinstance(row.get(column), str) and row[column].strip():
+            tags[category] = row[column].split()
+    uncategorised: list[str] = []
+    if not tags:
+        for column in TAG_COLUMNS:
+            value = row.get(column)
+            if isinstance(value, list):
+                uncategorised = [str(v) for v in value]
+            elif isinstance(value, str) and value.strip():
+                uncategorised = [t.strip() for t in value.split(",") if t.strip()]
+            if uncategorised:
+                break
+    if not tags and not uncategorised:
+        return None
+    rating = RATINGS.get(str(row.get("rating", "")).lower())
+    score = row.get("score") if isinstance(row.get("score"), int) else None
+    created = row.get("media_asset", {}) or {}
+    created_text = (created.get("created_at") if isinstance(created, dict) else None) or row.get("created_at")
+    created_at = None
+    if isinstance(created_text, str):
+        try:
+            created_at = datetime.fromisoformat(created_text)
+        except ValueError:
+            created_at = None
+    used = {k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return Post(id=record_id, origin=origin, tags=tags, uncategorised=uncategorised, rating=rating,
+                score=score, created_at=created_at, metadata=used)
+
+
+def read_hf(path: str, split: str, source: str, repeats: int, cache_dir: Path) -> Iterator[Record | Rejected]:
+    """Rows of a Hugging Face dataset; embedded image bytes are destined for `cache_dir`
+    (under the output folder, never inside the input)."""
+    import datasets
+
+    try:
+        dataset = _open_hf(path, split)
+        column = _image_column(dataset.features)
+        if column is None:
+            yield Rejected(path, "no image column in dataset")
+            return
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        for index, row in enumerate(dataset):
+            image = row.pop(column) or {}
+            origin = f"{path}:{index}"
+            data, file_path = image.get("bytes"), image.get("path")
+            if not data and not file_path:
+                yield Rejected(origin, "row has no image")
+                continue
+            name = Path(file_path).name if file_path else f"{index}.png"
+            record_id = f"{source}/{index:08d}_{name}" if data else f"{source}/{name}"
+            image_path = file_path
+            if data:
+                digest = hashlib.sha256(data).hexdigest()
+                image_path = str(cache_dir / f"{digest}{Path(name).suffix.lower() or '.png'}")
+            yield Record(
+                id=record_id,
+                image_path=os.path.abspath(image_path),
+                source=source,
+                repeats=repeats,
+                post=_row_post(row, record_id, origin),
+                image_bytes=data or None,
+            )
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        yield Rejected(path, f"cannot read dataset: {error}")
+
+
+def listing_fingerprint(paths: list[str]) -> Iterator[str]:
+    """`path size mtime` lines for every file below `paths` (the inputs of the reuse check)."""
+    for top in paths:
+        if not os.path.exists(top):
+            yield f"{top} missing"
+            continue
+        if os.path.isfile(top):
+            st = os.stat(top)
+            yield f"{display_path(top)} {st.st_size} {st.st_mtime_ns}"
+            continue
+        for directory, folders, files in os.walk(top):
+            folders.sort()
+            for name in sorted(files):
+                full = os.path.join(directory, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    yield f"{display_path(full)} unreadable"
+                    continue
+                yield f"{display_path(full)} {st.st_size} {st.st_mtime_ns}"

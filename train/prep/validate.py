@@ -1,0 +1,142 @@
+"""Image validation: decode every image fully, in parallel worker processes.
+
+Truncated files fail here, not in epoch 3. Each image is opened from its bytes (hashed with
+sha256 on the way), loaded completely, oriented and converted to RGB exactly as the trainer will
+(`train.images.to_rgb`), checked against the minimum side and Pillow's decompression-bomb limit.
+Workers return small `ImageInfo` results or a reason string; no exception escapes a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from PIL import Image, UnidentifiedImageError
+
+from train.images import to_rgb
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    min_side: int = 512
+    phash: bool = False  # compute the perceptual hash for near-duplicate detection
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # after EXIF orientation
+    height: int
+    sha256: str  # of the file bytes
+    format: str
+    mode: str  # before conversion to RGB
+    phash: int | None  # 64-bit DCT hash (imagehash.phash), if asked for
+
+
+def set_pixel_limit(max_image_pixels: int | None) -> None:
+    """Pillow's decompression-bomb limit for this process (None keeps Pillow's default)."""
+    if max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
+    """Decode `path` fully; an `ImageInfo`, or the reason it cannot be used."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        return f"cannot read: {error.strerror or error}"
+    if not data:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            # Above MAX_IMAGE_PIXELS Pillow only warns (it raises above twice that): refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image_format, mode = image.format or "unknown", image.mode
+                image.load()
+                rgb = to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return f"decompression bomb guard: {error} (raise the limit with --max-image-pixels)"
+    except UnidentifiedImageError:
+        return "not an image (unrecognised format)"
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Truncated data raises OSError, bad PNG checksums SyntaxError.
+        return f"corrupt image: {error}"
+    width, height = rgb.size
+    if min(width, height) < options.min_side:
+        return f"too small: {width}x{height}, shorter side below {options.min_side}"
+    phash = None
+    if options.phash:
+        import imagehash
+
+        phash = int(str(imagehash.phash(rgb)), 16)
+    return ImageInfo(width, height, hashlib.sha256(data).hexdigest(), image_format, mode, phash)
+
+
+def _validate_chunk(paths: list[str], options: ValidateOptions) -> list[ImageInfo | str]:
+    return [validate_image(path, options) for path in paths]
+
+
+def ordered_chunked_map(
+    submit: Callable[[list[T]], "object"], items: Iterable[T], chunk_size: int, window: int
+) -> Iterator[tuple[list[T], list[R]]]:
+    """Lazily map over `items` in chunks, at most `window` chunks in flight, in input order.
+
+    `Executor.map` would consume the whole listing up front; this keeps memory bounded by the
+    window however large the dataset.
+    """
+    pending: deque = deque()
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == chunk_size:
+            pending.append((chunk, submit(chunk)))
+            chunk = []
+            if len(pending) >= window:
+                done_chunk, future = pending.popleft()
+                yield done_chunk, future.result()
+    if chunk:
+        pending.append((chunk, submit(chunk)))
+    while pending:
+        done_chunk, future = pending.popleft()
+        yield done_chunk, future.result()
+
+
+def validate_many(
+    items: Iterable[T],
+    path_of: Callable[[T], str],
+    options: ValidateOptions,
+    workers: int,
+    max_image_pixels: int | None = None,
+    chunk_size: int = 16,
+) -> Iterator[tuple[T, ImageInfo | str]]:
+    """(item, result) for every item, in input order; `workers` > 1 uses a process pool."""
+    set_pixel_limit(max_image_pixels)
+    if workers <= 1:
+        for item in items:
+            yield item, validate_image(path_of(item), options)
+        return
+    # spawn, not fork: the parent may hold threads (Arrow, tokenizers) that fork would copy mid-lock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=set_pixel_limit, initargs=(max_image_pixels,)
+    ) as pool:
+        yield from _pooled(pool, items, path_of, options, workers, chunk_size)
+
+
+def _pooled(pool: Executor, items, path_of, options, workers, chunk_size):
+    def submit(chunk):
+        return pool.submit(_validate_chunk, [path_of(item) for item in chunk], options)
+
+    for chunk, results in ordered_chunked_map(submit, items, chunk_size, window=workers * 4):
+        yield from zip(chunk, results)

@@ -1,0 +1,110 @@
+"""Writing the prepped dataset: rows -> Arrow via `Dataset.from_generator`, then atomic publish.
+
+Rows are first appended to a JSONL spool file as they are produced, so nothing holds the whole
+dataset in memory; `Dataset.from_generator` then writes Arrow shards from the spool and
+`save_to_disk` writes the final folder. The whole output is built in a temporary folder beside
+OUT and renamed into place only when complete (`publish`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+# The column schema of the contract (notes/contract.md, "The prepped dataset").
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "image_path": datasets.Value("string"),
+        "sha256": datasets.Value("string"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "bucket_width": datasets.Value("int32"),
+        "bucket_height": datasets.Value("int32"),
+        "resize_width": datasets.Value("int32"),
+        "resize_height": datasets.Value("int32"),
+        "crop_left": datasets.Value("int32"),
+        "crop_top": datasets.Value("int32"),
+        "caption_head": datasets.Sequence(datasets.Value("string")),
+        "caption_body": datasets.Sequence(datasets.Value("string")),
+        "caption_tail": datasets.Sequence(datasets.Value("string")),
+        "repeats": datasets.Value("int32"),
+        "rating": datasets.Value("string"),
+        "score": datasets.Value("int64"),
+        "year": datasets.Value("int32"),
+        "source": datasets.Value("string"),
+        "split": datasets.Value("string"),
+        "metadata": datasets.Value("string"),
+    }
+)
+
+
+class RowSpool:
+    """Append-only JSONL file of rows, read back by the Arrow writer."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = open(path, "w", encoding="utf-8")
+        self.count = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        missing = set(FEATURES) - set(row)
+        if missing:
+            raise ValueError(f"row {row.get('id')!r} lacks columns {sorted(missing)}")
+        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _rows(spool: str) -> Iterator[dict[str, Any]]:
+    with open(spool, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def write_dataset(spool: Path, out_dir: Path, cache_dir: Path) -> int:
+    """Arrow dataset at `out_dir` from the spool (an empty dataset when there are no rows)."""
+    if spool.stat().st_size == 0:
+        dataset = datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
+    else:
+        dataset = datasets.Dataset.from_generator(
+            _rows, gen_kwargs={"spool": str(spool)}, features=FEATURES, cache_dir=str(cache_dir)
+        )
+    dataset.save_to_disk(str(out_dir))
+    return len(dataset)
+
+
+def make_temp_dir(out: Path) -> Path:
+    """A fresh temporary folder beside `out` (same filesystem, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish(temp: Path, out: Path) -> None:
+    """Rename the complete `temp` folder to `out`, replacing a previous result.
+
+    A directory cannot be os.replace'd onto a non-empty one, so an old result is first moved
+    aside; at every instant either the old or the new complete result is at a known path.
+    """
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+    os.replace(temp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
