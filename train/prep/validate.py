@@ -26,6 +26,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+# File signatures, to tell a damaged image from a file that is not an image at all.
+SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"RIFF", "WEBP"),
+    (b"BM", "BMP"),
+)
+
+
 @dataclass(frozen=True)
 class ValidateOptions:
     min_side: int = 512
@@ -68,6 +78,9 @@ def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return f"decompression bomb guard: {error} (raise the limit with --max-image-pixels)"
     except UnidentifiedImageError:
+        known = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+        if known:  # e.g. a PNG whose IHDR checksum is wrong: Pillow cannot identify it at all
+            return f"corrupt image: {known} signature but unreadable header"
         return "not an image (unrecognised format)"
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Truncated data raises OSError, bad PNG checksums SyntaxError.
