@@ -1,0 +1,205 @@
+"""Load the frozen SDXL base model for training: UNet, VAE, both text encoders, tokenizers.
+
+Three kinds of source are accepted:
+
+- a Hub id (default `cagliostrolab/animagine-xl-4.0-zero`), loaded per component from its subfolder;
+- a local diffusers folder (`unet/`, `vae/`, `text_encoder/`, ... as `save_pretrained` writes);
+- one `.safetensors` checkpoint in the original SGM layout (what A1111/ComfyUI load), converted by
+  diffusers' `from_single_file` against local component configs, so it works offline.
+
+The weights are frozen (`requires_grad=False`, eval mode). The UNet and text encoders take
+`weight_dtype` (bf16 by default); the VAE takes `vae_dtype`, bf16 or fp32 only: the SDXL VAE
+overflows in fp16 (why `madebyollin/sdxl-vae-fp16-fix` exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "cagliostrolab/animagine-xl-4.0-zero"
+SDXL_CONFIGS = Path(__file__).resolve().parent / "sdxl_configs"
+_ALLOWED_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class BaseModel:
+    """The frozen components a LoRA is trained on, plus what the training loop needs to know."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # training scheduler built from the model's scheduler config
+    prediction_type: str  # "epsilon" | "v_prediction"
+    vae_fingerprint: str  # hash of the VAE weights: the latent cache key
+
+
+def vae_fingerprint(vae: AutoencoderKL) -> str:
+    """Stable hex digest of the VAE's weights (names, dtypes, shapes and bytes, in name order).
+
+    Latents are a function of exactly these, so a cache keyed on the digest is invalidated when
+    the VAE or its dtype changes. Hashing ~84M parameters takes about a second.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:32]
+
+
+def _check_dtypes(weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+    if weight_dtype not in _ALLOWED_WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype {weight_dtype}: use torch.bfloat16, torch.float16 or torch.float32")
+    if vae_dtype == torch.float16:
+        raise ValueError(
+            "vae_dtype torch.float16: the SDXL VAE overflows (NaN latents) in fp16; "
+            "use torch.float32 (exact) or torch.bfloat16"
+        )
+    if vae_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"vae_dtype {vae_dtype}: use torch.float32 or torch.bfloat16")
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".ckpt")) or "\\" in source
+
+
+def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """The two CLIP tokenizers from the first candidate holding `tokenizer/` and `tokenizer_2/`.
+
+    Raises:
+        OSError: no candidate could be loaded; the message lists each one tried and why.
+    """
+    tried = []
+    for candidate in candidates:
+        try:
+            return (
+                CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer"),
+                CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer_2"),
+            )
+        except (OSError, ValueError) as err:
+            tried.append(f"{candidate} ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+    raise OSError(
+        "could not load the SDXL tokenizers (tokenizer/ and tokenizer_2/); tried: " + "; ".join(tried)
+        + ". Pass tokenizer_dir= a folder holding both, or make the Hub reachable."
+    )
+
+
+def _scheduler_config(source: str) -> dict:
+    return dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
+
+
+def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype):
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=weight_dtype)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+    te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=weight_dtype)
+    te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=weight_dtype)
+    return unet, vae, te1, te2, _scheduler_config(source)
+
+
+def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, vae_dtype):
+    """All four models from one SGM checkpoint, converted by diffusers against `config_dir`.
+
+    The checkpoint is read once; components come back in its stored dtype and are cast here so
+    the VAE never passes through a lossy dtype on its way to fp32.
+    """
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if not (config_dir / component / "config.json").is_file():
+            raise FileNotFoundError(f"{config_dir / component / 'config.json'}: component config missing")
+    scheduler_config = _scheduler_config(str(config_dir))
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(path),
+        config=str(config_dir),
+        local_files_only=True,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
+    )
+    return (
+        pipe.unet.to(weight_dtype),
+        pipe.vae.to(vae_dtype),
+        pipe.text_encoder.to(weight_dtype),
+        pipe.text_encoder_2.to(weight_dtype),
+        scheduler_config,
+    )
+
+
+def _freeze(*models: torch.nn.Module) -> None:
+    for model in models:
+        model.requires_grad_(False)
+        model.eval()
+
+
+def load_base_model(
+    source: str = DEFAULT_MODEL,
+    *,
+    config_dir: str | None = None,
+    tokenizer_dir: str | None = None,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    vae_dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load a frozen SDXL base model from a Hub id, a diffusers folder or an SGM `.safetensors`.
+
+    Args:
+        source: Hub id, local diffusers folder, or single-file checkpoint.
+        config_dir: component configs for single-file loading (default: SDXL 1.0 base configs
+            shipped in `train/sdxl_configs`). Ignored for the other sources.
+        tokenizer_dir: folder with `tokenizer/` and `tokenizer_2/`. Default: the source itself
+            (folder or Hub id), or for a single file the Hub's `DEFAULT_MODEL`.
+        weight_dtype: dtype of UNet and text encoders.
+        vae_dtype: torch.float32 or torch.bfloat16.
+
+    Raises:
+        ValueError: a dtype that cannot work.
+        FileNotFoundError: a local path that does not exist or a missing component config.
+        OSError: tokenizers or Hub files that could not be loaded (message lists what was tried).
+    """
+    _check_dtypes(weight_dtype, vae_dtype)
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: single-file checkpoints must be .safetensors")
+        candidates = [tokenizer_dir] if tokenizer_dir else [DEFAULT_MODEL]
+        tokenizers = _load_tokenizers(candidates)
+        config = Path(config_dir) if config_dir else SDXL_CONFIGS
+        unet, vae, te1, te2, scheduler_config = _load_single_file(path, config, tokenizers, weight_dtype, vae_dtype)
+    elif path.is_dir() or not _looks_like_path(source):
+        if path.is_dir() and not (path / "unet").is_dir():
+            raise FileNotFoundError(f"{path}: not a diffusers folder (no unet/ subfolder)")
+        tokenizers = _load_tokenizers([tokenizer_dir] if tokenizer_dir else [source])
+        unet, vae, te1, te2, scheduler_config = _load_diffusers(source, weight_dtype, vae_dtype)
+    else:
+        raise FileNotFoundError(f"{source}: model file or folder not found")
+    _freeze(unet, vae, te1, te2)
+    prediction_type = scheduler_config.get("prediction_type") or "epsilon"
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    logger.info("loaded %s (prediction_type=%s)", source, prediction_type)
+    return BaseModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        noise_scheduler=noise_scheduler,
+        prediction_type=prediction_type,
+        vae_fingerprint=vae_fingerprint(vae),
+    )
