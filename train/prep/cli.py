@@ -74,4 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if result.up_to_date:
         print(f"{result.out}: up to date")
+    elif result.rows == 0:
+        logger.error("%s: no usable images; see %s", args.source, result.out / "report.html")
+        return 1
     return 0

@@ -181,7 +181,7 @@ def _records(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOp
             stats.read += 1
             yield item, read_path
         if not found:
-            stats.warnings.append(f"source {source.name!r} ({source.path}): no images found")
+            stats.reject(source.path, f"no images found (source {source.name!r})")
             logger.warning("source %r (%s): no images found", source.name, source.path)
 
 

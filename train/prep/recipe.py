@@ -8,11 +8,15 @@ naming the file and the field, with a "did you mean" for misspelt keys.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
 
 class RecipeError(ValueError):
@@ -135,7 +139,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         candidate = Path(value).expanduser()
         resolved = candidate if candidate.is_absolute() else base / candidate
         # Hub ids (`owner/name`) pass through when no such local path exists.
-        return str(resolved.resolve()) if resolved.exists() or "/" not in value else value
+        if not resolved.exists() and HUB_ID.fullmatch(value):
+            return value
+        return str(resolved.resolve())
 
     sources = [s.model_copy(update={"path": absolute(s.path)}) for s in recipe.sources]
     caption = recipe.caption.model_copy(

@@ -98,11 +98,14 @@ def _plots(stats: PrepStats, plot_dir: Path) -> list[tuple[str, str]]:
             return
         labels, values = [str(k) for k in counter], list(counter.values())
         fig, ax = plt.subplots(figsize=(8, max(3, 0.25 * len(labels)) if horizontal else 3.5))
+        # Numeric positions with text tick labels: year/score labels must stay categories.
+        positions = list(range(len(labels)))
         if horizontal:
-            ax.barh(labels[::-1], values[::-1])
+            ax.barh(positions, values[::-1])
+            ax.set_yticks(positions, labels[::-1])
         else:
-            ax.bar(labels, values)
-            ax.tick_params(axis="x", rotation=45)
+            ax.bar(positions, values)
+            ax.set_xticks(positions, labels, rotation=45, ha="right")
         ax.set_title(title)
         fig.tight_layout()
         fig.savefig(plot_dir / f"{name}.png", dpi=80)
