@@ -1,1 +1,42 @@
-"""Rewrite booru tags into Animagine XL tag order (no torch import here)."""
+"""Rewrite booru tags into Animagine XL tag order (no torch import anywhere in this package).
+
+Public API:
+- tags: `Category`, `normalize_tag`, `display_tag`, `escape_prompt`
+- `TagDatabase` (tagcomplete CSV or WD selected_tags.csv), `fetch_tag_database`
+- `Post`, `Problem`: what readers yield (`captioning.readers`)
+- `Caption`, `CaptionResult`; `Profile`, `load_profile`; `Captioner`
+- `TokenCounter`, `build_clip_tokenizer_files`
+"""
+
+from captioning.caption import Caption, CaptionResult
+from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner, compute_percentiles
+from captioning.post import RATINGS, Post, Problem
+from captioning.profile import Profile, ProfileError, available_profiles, load_profile
+from captioning.tag_db import TagDatabase, TagDatabaseError, fetch_tag_database
+from captioning.tags import Category, display_tag, escape_prompt, normalize_tag
+from captioning.tokens import TokenCounter, TokenizerError, build_clip_tokenizer_files
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "RATINGS",
+    "Caption",
+    "CaptionResult",
+    "Captioner",
+    "Category",
+    "Post",
+    "Problem",
+    "Profile",
+    "ProfileError",
+    "TagDatabase",
+    "TagDatabaseError",
+    "TokenCounter",
+    "TokenizerError",
+    "available_profiles",
+    "build_clip_tokenizer_files",
+    "compute_percentiles",
+    "display_tag",
+    "escape_prompt",
+    "fetch_tag_database",
+    "load_profile",
+    "normalize_tag",
+]

@@ -1,0 +1,172 @@
+"""CLIP token counting for the caption budget, fast enough for whole booru dumps.
+
+Both SDXL text encoders use CLIP's BPE vocabulary (49,408 tokens). The counter uses the real
+tokenizer: the model's own tokenizer folder, the Hub's, or one built offline from the BPE merge
+list (`build_clip_tokenizer_files`, layout in ../shared/data/README.md).
+
+Speed: CLIP pre-tokenizes on whitespace and on runs of punctuation, then applies BPE within each
+piece, so in a `", "`-joined caption every tag is tokenized on its own, *except* that a tag ending
+in punctuation fuses with the comma that follows (`rail)` + `,` is the single piece `),`). The
+counter therefore caches, per tag, the count of `tag,` and of `tag` alone: a caption costs
+sum(count(tag + ",") for all but the last tag) + count(last tag), exactly the tokenizer's count
+of the joined string (checked on many captions by tests/test_tokens.py).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# CLIP uses the first 49152 - 256 - 2 merge rules of the BPE file (OpenAI CLIP, clip/simple_tokenizer.py).
+CLIP_MERGES = 49152 - 256 - 2
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+DEFAULT_TOKENIZER_REPO = "cagliostrolab/animagine-xl-4.0-zero"
+
+
+class TokenizerError(ValueError):
+    """No usable tokenizer: the message says what was tried."""
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character table, in byte-symbol order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def build_clip_tokenizer_files(bpe_gz: Path, out_dir: Path, pad_token: str = EOS) -> Path:
+    """Write vocab.json, merges.txt, tokenizer.json and configs for CLIPTokenizer(Fast) into out_dir.
+
+    The vocabulary is the 256 byte symbols, the same with `</w>`, one token per merge rule, then
+    the start and end tokens (ids 49406, 49407), as in OpenAI CLIP's simple_tokenizer.
+    `pad_token` is `<|endoftext|>` for SDXL's first tokenizer and `!` for the second.
+    The folder is written atomically; returns out_dir.
+    """
+    bpe_gz, out_dir = Path(bpe_gz), Path(out_dir)
+    try:
+        with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+            merges = f.read().split("\n")[1: CLIP_MERGES + 1]
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{bpe_gz}: cannot read the CLIP BPE merges ({error})") from None
+    if len(merges) != CLIP_MERGES or any(len(m.split()) != 2 for m in merges):
+        raise TokenizerError(f"{bpe_gz}: expected {CLIP_MERGES} merge rules 'a b' after a header line")
+    symbols = _bytes_to_unicode()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MODEL_MAX_LENGTH,
+                  "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token,
+                  "do_lower_case": True, "clean_up_tokenization_spaces": True}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2), "utf-8")
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2), "utf-8")
+        # The fast tokenizer's own file, so later loads need no slow->fast conversion.
+        from transformers import CLIPTokenizerFast
+
+        CLIPTokenizerFast.from_pretrained(tmp).backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "animagine-lora"
+
+
+class TokenCounter:
+    """Counts CLIP tokens (without start/end tokens) of captions and tags, with a per-tag cache."""
+
+    def __init__(self, tokenizer) -> None:
+        """`tokenizer`: a transformers CLIPTokenizerFast."""
+        self.tokenizer = tokenizer
+        self._backend = tokenizer.backend_tokenizer
+        self._with_comma: dict[str, int] = {}
+        self._alone: dict[str, int] = {}
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str) -> TokenCounter:
+        """From a tokenizer folder, a model folder with `tokenizer/`, or a Hub repo id."""
+        from transformers import CLIPTokenizerFast
+
+        path = Path(path_or_repo)
+        try:
+            if path.is_dir():
+                folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+                return cls(CLIPTokenizerFast.from_pretrained(folder))
+            return cls(CLIPTokenizerFast.from_pretrained(str(path_or_repo), subfolder="tokenizer"))
+        except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, HTTP errors
+            raise TokenizerError(f"{path_or_repo}: cannot load a CLIP tokenizer ({error})") from None
+
+    @classmethod
+    def from_bpe(cls, bpe_gz: str | Path, cache_dir: str | Path | None = None) -> TokenCounter:
+        """Build the tokenizer from the CLIP BPE merge list (cached by file hash) and load it."""
+        bpe_gz = Path(bpe_gz)
+        try:
+            digest = hashlib.sha256(bpe_gz.read_bytes()).hexdigest()[:16]
+        except OSError as error:
+            raise TokenizerError(f"{bpe_gz}: cannot read the CLIP BPE file ({error.strerror})") from None
+        folder = Path(cache_dir or _cache_root()) / f"clip-tokenizer-{digest}"
+        if not (folder / "tokenizer.json").exists():
+            logger.info("building the CLIP tokenizer from %s into %s", bpe_gz, folder)
+            build_clip_tokenizer_files(bpe_gz, folder)
+        return cls.from_pretrained(str(folder))
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` without the start/end tokens."""
+        return len(self._backend.encode(text, add_special_tokens=False).ids)
+
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of many texts in one batch call (parallel inside `tokenizers`)."""
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        return [len(e.ids) for e in encodings]
+
+    def learn(self, tags: Iterable[str]) -> None:
+        """Cache the counts of tags not seen yet (display form), in one batch."""
+        new = [t for t in dict.fromkeys(tags) if t not in self._alone]
+        if not new:
+            return
+        counts = self.count_many(new + [t + "," for t in new])
+        for i, tag in enumerate(new):
+            self._alone[tag] = counts[i]
+            self._with_comma[tag] = counts[len(new) + i]
+
+    def tag_costs(self, tags: Sequence[str]) -> list[int]:
+        """Per tag, its cost when followed by `", "` (the comma included)."""
+        self.learn(tags)
+        return [self._with_comma[t] for t in tags]
+
+    def count_tags(self, tags: Sequence[str]) -> int:
+        """Tokens of `", ".join(tags)`, from the per-tag cache (exact, see the module docstring)."""
+        if not tags:
+            return 0
+        self.learn(tags)
+        return sum(self._with_comma[t] for t in tags) - self._with_comma[tags[-1]] + self._alone[tags[-1]]
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids with start/end tokens, as the text encoder receives them (unpadded)."""
+        return self.tokenizer(text)["input_ids"]
