@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
