@@ -1,0 +1,226 @@
+"""Write trained LoRAs in the formats generation tools load (rules: docs/lora_formats.md).
+
+- `save_webui_lora`: the kohya ("WebUI") single file that A1111, Forge, ComfyUI and diffusers all
+  load: `lora_unet_` / `lora_te1_` / `lora_te2_` + module path with `.` -> `_`, then
+  `.lora_down.weight` (PEFT `lora_A`), `.lora_up.weight` (PEFT `lora_B`) and `.alpha` holding the
+  configured alpha (loaders scale by alpha / r), plus the sd-scripts/modelspec header metadata.
+- `save_diffusers_lora`: diffusers' own `pytorch_lora_weights.safetensors`, with the PEFT
+  LoraConfig as adapter metadata so a reload keeps alpha.
+
+Both write to a temporary path beside the target and rename it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import save_file
+from torch import Tensor
+
+from train.lora import lora_config, lora_modules, lora_state_dict
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+REQUIRED_METADATA = (
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_output_name",
+    "ss_training_comment",
+    "ss_tag_frequency",
+    "modelspec.sai_model_spec",
+    "modelspec.architecture",
+    "modelspec.title",
+    "modelspec.resolution",
+    "modelspec.date",
+    "modelspec.prediction_type",
+)
+
+
+def kohya_module_name(component: str, module_path: str) -> str:
+    """`lora_unet_down_blocks_1_...` for a module path of `component` (unet, text_encoder, text_encoder_2).
+
+    Text encoder names always start `text_model_`, as in the checkpoints, even where recent
+    transformers versions have flattened `CLIPTextModel` and dropped that level.
+    """
+    if component != "unet" and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return KOHYA_PREFIXES[component] + module_path.replace(".", "_")
+
+
+def kohya_state_dict(component: str, model, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """One model's LoRA as kohya tensors: lora_down (A), lora_up (B) and alpha per module.
+
+    Raises:
+        ValueError: the adapter uses DoRA (see `save_webui_lora`).
+    """
+    config = lora_config(model)
+    if config.use_dora:
+        raise ValueError(
+            "DoRA export to the WebUI (kohya) format is not supported: loaders disagree on the axis "
+            "of `dora_scale` and diffusers drops it; save with save_diffusers_lora instead"
+        )
+    out: dict[str, Tensor] = {}
+    for path, module in lora_modules(model).items():
+        name = kohya_module_name(component, path)
+        down = module.lora_A["default"].weight.detach()  # (r, in) or (r, in, kh, kw)
+        up = module.lora_B["default"].weight.detach()  # (out, r) or (out, r, 1, 1)
+        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        # The configured alpha, not r: the loaders scale by alpha / r.
+        out[f"{name}.alpha"] = torch.tensor(float(module.lora_alpha["default"]), dtype=dtype)
+    return out
+
+
+def webui_metadata(
+    *,
+    rank: int,
+    alpha: float,
+    output_name: str,
+    resolution: int | tuple[int, int],
+    tag_frequency: dict,
+    comment: str,
+    base_model: str = "cagliostrolab/animagine-xl-4.0-zero",
+    prediction_type: str = "epsilon",
+    conv: bool = False,
+    title: str | None = None,
+    date: datetime | None = None,
+    extra: dict[str, object] | None = None,
+) -> dict[str, str]:
+    """safetensors header metadata for a kohya-format SDXL LoRA (all values strings).
+
+    `ss_base_model_version` starts with `sdxl_`, which is what makes A1111 list the file under
+    SDXL. `tag_frequency` is `{dataset name: {tag: count}}` (sd-scripts' layout) or a flat
+    `{tag: count}`, which is filed under `output_name`. `extra` adds more `ss_*` / `modelspec.*`
+    keys (e.g. `ss_num_train_images`, `ss_steps`); values are converted with `str`.
+    """
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if tag_frequency and all(isinstance(v, int) for v in tag_frequency.values()):
+        tag_frequency = {output_name: tag_frequency}
+    stamp = (date or datetime.now(timezone.utc)).replace(microsecond=0)
+    metadata = {
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_output_name": output_name,
+        "ss_training_comment": comment,
+        "ss_sd_model_name": base_model,
+        "ss_resolution": f"({width}, {height})",
+        "ss_v2": "False",
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title or output_name,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": stamp.isoformat(),
+        "modelspec.prediction_type": prediction_type,
+        "modelspec.description": comment,
+    }
+    if conv:
+        # sd-scripts records LoCon ranks here; its conv LoRA uses the same rank and alpha as ours.
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(alpha))})
+    for key, value in (extra or {}).items():
+        if not key.startswith(("ss_", "modelspec.")):
+            raise ValueError(f"metadata key {key!r}: extra keys must start with 'ss_' or 'modelspec.'")
+        metadata[key] = value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict) else str(value)
+    return metadata
+
+
+def _check_metadata(metadata: dict[str, str]) -> None:
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"LoRA metadata lacks {', '.join(missing)} (build it with webui_metadata)")
+    not_str = [key for key, value in metadata.items() if not isinstance(value, str)]
+    if not_str:
+        raise ValueError(f"LoRA metadata values must be strings: {', '.join(not_str)}")
+    if not metadata["ss_base_model_version"].startswith("sdxl_"):
+        raise ValueError("ss_base_model_version must start with 'sdxl_' or A1111 hides the LoRA for SDXL models")
+
+
+def save_webui_lora(
+    path,
+    *,
+    unet,
+    text_encoder=None,
+    text_encoder_2=None,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.float16,
+) -> None:
+    """Write the kohya/WebUI LoRA file (the primary deliverable) atomically.
+
+    Args:
+        path: target `.safetensors` file.
+        unet, text_encoder, text_encoder_2: models carrying a LoRA adapter (text encoders optional).
+        metadata: header metadata, normally from `webui_metadata`.
+        dtype: tensor dtype in the file (fp16 is what most tools expect; fp32 for exact copies).
+
+    Raises:
+        ValueError: missing/invalid metadata, or a DoRA adapter.
+    """
+    _check_metadata(metadata)
+    tensors = kohya_state_dict("unet", unet, dtype)
+    for component, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            tensors.update(kohya_state_dict(component, model, dtype))
+    write_safetensors(Path(path), tensors, metadata)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> None:
+    """save_file to a temporary file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def peft_metadata(model) -> dict:
+    """The adapter's LoraConfig as a JSON-able dict (what diffusers stores as adapter metadata)."""
+    config = lora_config(model).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save_diffusers_lora(out_dir, *, unet, text_encoder=None, text_encoder_2=None) -> None:
+    """Write `out_dir/pytorch_lora_weights.safetensors` with each adapter's config as metadata.
+
+    DoRA adapters are written too (PEFT's `lora_magnitude_vector`); diffusers restores them from
+    the metadata's `use_dora`.
+    """
+    layers: dict[str, object] = {
+        "unet_lora_layers": lora_state_dict(unet),
+        "unet_lora_adapter_metadata": peft_metadata(unet),
+    }
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            layers[f"{name}_lora_layers"] = lora_state_dict(model)
+            layers[f"{name}_lora_adapter_metadata"] = peft_metadata(model)
+    write_diffusers_file(Path(out_dir), lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers))
+
+
+def write_diffusers_file(out_dir: Path, write) -> Path:
+    """Run `write(tmp_dir)` (which writes `pytorch_lora_weights.safetensors`) in a temporary folder
+    inside `out_dir`, then rename the file into `out_dir`; other files there are left alone."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out_dir))
+    try:
+        write(str(tmp))
+        target = out_dir / DIFFUSERS_WEIGHT_NAME
+        os.replace(tmp / DIFFUSERS_WEIGHT_NAME, target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
