@@ -1,0 +1,200 @@
+"""The training config: a TOML file validated once into a frozen, typed tree.
+
+`load_config(path)` is the only entry point. Every section is a pydantic model with
+`extra="forbid"`, so a misspelt key is an error, reported as one line per wrong key with its TOML
+path and a "did you mean" (difflib). Relative paths are resolved against the TOML file's folder,
+so a config works from any working directory. Builders receive the fields they need, never the
+whole tree (see `train.loop`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message has one line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    source: str = "cagliostrolab/animagine-xl-4.0-zero"  # Hub id, diffusers folder or .safetensors
+    config_dir: str | None = None  # component configs for a single-file source (default: shipped)
+    tokenizer_dir: str | None = None  # folder with tokenizer/ and tokenizer_2/
+    weight_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    vae_dtype: Literal["bf16", "fp32"] = "fp32"  # never fp16: the SDXL VAE overflows
+
+
+class DataConfig(_Section):
+    dataset: str  # the OUT folder written by `animagine-lora prep`
+    split: str = "train"
+    resolution_scale: float = Field(1.0, gt=0, le=1)  # <1 trains below the bucket size (CPU demo)
+    flip: bool = False
+    shuffle_captions: bool = True
+    tag_dropout: float = Field(0.0, ge=0, lt=1)
+    caption_dropout: float = Field(0.0, ge=0, lt=1)
+    cache_text_outputs: bool = False
+    max_chunks: int = Field(3, ge=1, le=8)  # 75-token chunks per caption (3 = 225 tokens)
+
+
+class LoraConfig(_Section):
+    preset: Literal["attn", "attn-mlp", "attn-mlp-conv"] = "attn-mlp"
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dora: bool = False
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0)  # default: optimizer.lr
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(1, ge=1)  # per process
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    noise_offset: float = Field(0.0, ge=0)
+    min_snr_gamma: float | None = Field(None, gt=0)  # None disables the weighting
+    timestep_min: int = Field(0, ge=0)
+    timestep_max: int = Field(1000, ge=1)  # exclusive
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> TrainConfig:
+        if self.timestep_min >= self.timestep_max:
+            raise ValueError("timestep_min must be smaller than timestep_max")
+        return self
+
+
+class OutputConfig(_Section):
+    dir: str
+    name: str = "lora"  # file stem of the exported LoRA
+    save_every_n_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(3, ge=1)  # None keeps every checkpoint
+    log_every_n_steps: int = Field(10, ge=1)
+    log_with: list[Literal["tensorboard", "wandb"]] = []
+    wandb_project: str = "animagine-lora"
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    lora: LoraConfig = LoraConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig
+    output: OutputConfig
+
+
+# Fields holding filesystem paths, resolved against the config file's folder.
+_PATH_FIELDS = {
+    "model": ("source", "config_dir", "tokenizer_dir"),
+    "data": ("dataset",),
+    "output": ("dir",),
+}
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or value.endswith(".safetensors")
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """A copy of `raw` with relative path fields made absolute against `base`.
+
+    `model.source` is left alone when it looks like a Hub id ("owner/name").
+    """
+    resolved = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for section, keys in _PATH_FIELDS.items():
+        table = resolved.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key in keys:
+            value = table.get(key)
+            if not isinstance(value, str) or (key == "source" and not _looks_like_path(value)):
+                continue
+            table[key] = str((base / Path(value).expanduser()).resolve())
+    return resolved
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return model
+        model = annotation
+    return model
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    path = ".".join(str(part) for part in loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        choices = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(choices)})"
+        return f"{path}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{path}: required key missing"
+    message = error["msg"]
+    if "input" in error and error["type"] not in ("value_error",):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def parse_config(raw: dict, origin: str = "config", base: Path | None = None) -> Config:
+    """Validate a parsed TOML table into a `Config`.
+
+    Args:
+        raw: the TOML document as a dict.
+        origin: file name for the error messages.
+        base: folder that relative paths are resolved against (default: the current one).
+
+    Raises:
+        ConfigError: one line per wrong key, each "origin: toml.path: what is wrong".
+    """
+    try:
+        return Config.model_validate(_resolve_paths(raw, base or Path.cwd()))
+    except ValidationError as err:
+        lines = [f"{origin}: {_describe(error)}" for error in err.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the TOML config at `path`.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or has wrong keys/values.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    return parse_config(raw, origin=str(path), base=path.resolve().parent)

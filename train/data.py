@@ -1,0 +1,140 @@
+"""From dataset rows to training batches: cached latents, augmented captions, SDXL time ids.
+
+Captions follow the Animagine layout (head, body, tail): the body is shuffled every time a sample
+is drawn while the head (count, character, series, artist) and tail (rating, year, quality) stay
+in place; tag dropout removes body tags, caption dropout empties the whole caption (what
+sd-scripts calls `caption_dropout_rate`, which keeps the unconditional prediction trained).
+
+All randomness comes from the `random.Random` the caller passes in; the loop seeds it from
+(seed, step, rank), so a resumed run draws the same captions as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from train.diffusion import compute_time_ids
+from train.latents import LatentCache, row_geometry
+
+# Columns the trainer reads from the prepped dataset (notes/contract.md).
+COLUMNS = ("id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height",
+           "resize_width", "resize_height", "crop_left", "crop_top",
+           "caption_head", "caption_body", "caption_tail", "repeats", "split")
+
+
+@dataclass(frozen=True)
+class CaptionAugment:
+    shuffle: bool = True
+    tag_dropout: float = 0.0
+    caption_dropout: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """True when the same row can give different captions (text outputs cannot be cached)."""
+        return self.shuffle or self.tag_dropout > 0 or self.caption_dropout > 0
+
+
+def make_caption(head: Sequence[str], body: Sequence[str], tail: Sequence[str],
+                 rng: random.Random, augment: CaptionAugment) -> str:
+    """The training caption "head, body, tail" with body shuffle and dropouts applied."""
+    if augment.caption_dropout and rng.random() < augment.caption_dropout:
+        return ""
+    body = list(body)
+    if augment.tag_dropout:
+        body = [tag for tag in body if rng.random() >= augment.tag_dropout]
+    if augment.shuffle:
+        rng.shuffle(body)
+    return ", ".join([*head, *body, *tail])
+
+
+@dataclass
+class TrainBatch:
+    latents: Tensor  # (B, 4, H/8, W/8), float32
+    captions: list[str]
+    time_ids: Tensor  # (B, 6): original (h, w), crop (top, left), target (h, w)
+    ids: list[str]
+
+
+def load_rows(dataset_dir: str | Path, split: str = "train") -> list[dict]:
+    """The rows of one split of a prepped dataset (`OUT/dataset`), as plain dicts.
+
+    Raises:
+        FileNotFoundError: no dataset at `OUT/dataset`.
+        ValueError: a required column is missing, or the split is empty.
+    """
+    import datasets
+
+    path = Path(dataset_dir) / "dataset"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no prepped dataset here (run `animagine-lora prep ... -o {dataset_dir}`)")
+    table = datasets.load_from_disk(str(path))
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: dataset lacks columns {missing}")
+    rows = [row for row in table.select_columns(list(COLUMNS)).to_list() if row["split"] == split]
+    if not rows:
+        raise ValueError(f"{path}: no rows with split={split!r}")
+    return rows
+
+
+class TrainingData:
+    """Builds `TrainBatch`es from row numbers.
+
+    Args:
+        rows: dataset rows (`load_rows`).
+        cache: where the latents are (all must be cached, flipped ones too when `flip`).
+        augment: caption augmentation.
+        flip: use the horizontally flipped latents for a random half of the draws.
+    """
+
+    def __init__(self, rows: Sequence[dict], cache: LatentCache, augment: CaptionAugment, flip: bool = False):
+        self.rows = rows
+        self.cache = cache
+        self.augment = augment
+        self.flip = flip
+
+    def time_ids(self, row: dict, flipped: bool) -> Tensor:
+        g = row_geometry(row, self.cache.scale)
+        # A flipped crop starts where the unflipped one ended, counted from the other side.
+        left = g.resize_width - g.crop_left - g.width if flipped else g.crop_left
+        return compute_time_ids((row["height"], row["width"]), (g.crop_top, left), (g.height, g.width))
+
+    def batch(self, row_numbers: Sequence[int], rng: random.Random) -> TrainBatch:
+        latents, captions, time_ids, ids = [], [], [], []
+        for number in row_numbers:
+            row = self.rows[number]
+            flipped = self.flip and rng.random() < 0.5
+            latents.append(self.cache.load(row, flipped))
+            captions.append(make_caption(row["caption_head"], row["caption_body"], row["caption_tail"],
+                                         rng, self.augment))
+            time_ids.append(self.time_ids(row, flipped))
+            ids.append(row["id"])
+        return TrainBatch(torch.stack(latents), captions, torch.stack(time_ids), ids)
+
+
+class TextEmbeddingCache:
+    """Memoised text-encoder outputs per caption, for runs without caption augmentation.
+
+    `encode(captions) -> (prompt_embeds (B, 77k, D), pooled (B, P))` is `encode_prompts` bound to
+    the frozen encoders. A batch whose captions need different chunk counts is encoded afresh
+    (its chunks must line up), so results always equal an uncached encoding.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], tuple[Tensor, Tensor]]):
+        self._encode = encode
+        self._memo: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        for caption in dict.fromkeys(c for c in captions if c not in self._memo):
+            embeds, pooled = self._encode([caption])
+            self._memo[caption] = (embeds[0], pooled[0])
+        pairs = [self._memo[c] for c in captions]
+        if len({embeds.shape for embeds, _ in pairs}) > 1:
+            return self._encode(captions)
+        return torch.stack([e for e, _ in pairs]), torch.stack([p for _, p in pairs])

@@ -1,0 +1,448 @@
+"""The training recipe: a chain of named builders, then one loop.
+
+`train(config, resume)` reads top to bottom: accelerator, base model, LoRA, data (latents cached
+on first use), sampler, optimizer and schedule, `accelerator.prepare`, optional resume, loop.
+Each builder takes the config fields it needs, never the whole config. Logging, checkpointing and
+export are each one call behind a `should_*` check. The diffusion math is `train.diffusion`.
+
+Determinism: every random draw of a micro-batch (flip, caption shuffle and dropout, noise,
+timesteps) comes from a generator seeded by (seed, micro-batch number, rank), and the sampler's
+order is a pure function of (seed, epoch). Together with accelerate's `save_state` (weights,
+optimizer, RNG) and the `TrainState`/LR scheduler registered for checkpointing, a run resumed
+from a checkpoint continues bit for bit as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file, save_file
+
+from train import checkpoint, diffusion
+from train.checkpoint import TrainState
+from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConfig
+from train.data import CaptionAugment, TextEmbeddingCache, TrainBatch, TrainingData, load_rows
+from train.latents import LatentCache, cache_latents
+from train.optim import build_lr_scheduler, build_optimizer
+from train.sampler import Batch, BucketBatchSampler
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MEMORY_ADVICE = (
+    "lower train.batch_size (raise train.gradient_accumulation_steps to keep the effective batch), "
+    "set train.gradient_checkpointing = true, set data.cache_text_outputs = true (no caption "
+    "augmentation), use optimizer.name = 'adamw8bit', keep model.weight_dtype = 'bf16', lower "
+    "lora.rank, or set data.resolution_scale below 1"
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite loss, out of memory); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    prediction_type: str
+    noise_offset: float
+    min_snr_gamma: float | None
+    timestep_min: int
+    timestep_max: int
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_accelerator(run_dir: Path, *, mixed_precision: str, gradient_accumulation_steps: int,
+                      log_with: list[str]) -> Accelerator:
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+
+
+def build_model(model: ModelConfig, device: torch.device):
+    """The frozen base model on `device` (the VAE too: it encodes uncached latents)."""
+    from train.models import load_base_model
+
+    base = load_base_model(model.source, config_dir=model.config_dir, tokenizer_dir=model.tokenizer_dir,
+                           weight_dtype=TORCH_DTYPES[model.weight_dtype], vae_dtype=TORCH_DTYPES[model.vae_dtype])
+    for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+        module.to(device)
+    return base
+
+
+def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: bool) -> list[dict]:
+    """Add LoRA adapters (B = 0, so step 0 is the base model); return optimizer param groups.
+
+    Trainable parameters are kept in float32 whatever the frozen weights' dtype.
+    """
+    from train.lora import add_text_encoder_lora, add_unet_lora
+
+    add_unet_lora(base.unet, preset=lora.preset, rank=lora.rank, alpha=lora.alpha, dora=lora.dora)
+    encoders = (base.text_encoder, base.text_encoder_2) if lora.train_text_encoder else ()
+    for encoder in encoders:
+        add_text_encoder_lora(encoder, rank=lora.rank, alpha=lora.alpha, dora=lora.dora)
+    if gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable()
+    groups = [{"params": _trainable(base.unet), "lr": lr}]
+    te_params = [p for encoder in encoders for p in _trainable(encoder)]
+    if te_params:
+        groups.append({"params": te_params, "lr": lora.text_encoder_lr or lr})
+    return groups
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def build_data(data: DataConfig, base, accelerator: Accelerator) -> TrainingData:
+    """Rows of the prepped dataset with every latent cached (encoded here when missing)."""
+    rows = load_rows(data.dataset, data.split)
+    cache = LatentCache(data.dataset, base.vae_fingerprint, base.vae.config.scaling_factor, data.resolution_scale)
+    cache_latents(rows, base.vae, cache, flip=data.flip, rank=accelerator.process_index,
+                  world_size=accelerator.num_processes, progress=accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    augment = CaptionAugment(data.shuffle_captions, data.tag_dropout, data.caption_dropout)
+    return TrainingData(rows, cache, augment, flip=data.flip)
+
+
+def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, cache_outputs: bool):
+    """captions -> (prompt_embeds, pooled): `encode_prompts` bound to the model, memoised if asked."""
+    from train.text_encoding import encode_prompts
+
+    tokenizers = (base.tokenizer, base.tokenizer_2)
+    encoders = (base.text_encoder, base.text_encoder_2)
+
+    def encode(captions: list[str]):
+        with torch.set_grad_enabled(train_text_encoder and torch.is_grad_enabled()):
+            return encode_prompts(captions, tokenizers, encoders, max_chunks=max_chunks)
+
+    return TextEmbeddingCache(encode) if cache_outputs else encode
+
+
+def build_sampler(rows: list[dict], *, batch_size: int, seed: int, accelerator: Accelerator) -> BucketBatchSampler:
+    sampler = BucketBatchSampler(
+        [(r["bucket_width"], r["bucket_height"]) for r in rows], [r["repeats"] for r in rows],
+        batch_size=batch_size, num_replicas=accelerator.num_processes, rank=accelerator.process_index, seed=seed)
+    for line in sampler.report():
+        logger.warning("%s", line)
+    return sampler
+
+
+def register_lora_checkpointing(accelerator: Accelerator) -> None:
+    """Make `save_state`/`load_state` store only the trainable (LoRA) weights of each model.
+
+    Without this a checkpoint would hold the whole frozen UNet (5 GB for SDXL) every time.
+    """
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            if accelerator.is_main_process:
+                save_file(_trainable_state(accelerator.unwrap_model(model)), str(Path(output_dir) / f"adapter_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"adapter_{i}.safetensors"
+            state = load_file(str(path))
+            unwrapped = accelerator.unwrap_model(model)
+            expected = set(_trainable_state(unwrapped))
+            if set(state) != expected:
+                raise ValueError(f"{path}: LoRA weights do not match this config's adapters "
+                                 f"({len(set(state) ^ expected)} keys differ); same lora.* settings needed to resume")
+            unwrapped.load_state_dict(state, strict=False)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- one step
+
+
+def micro_batch_seed(seed: int, micro_batch: int, rank: int) -> int:
+    """A well-mixed 63-bit seed for one rank's micro-batch (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cumprod: torch.Tensor,
+              generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The diffusion loss of one micro-batch (scalar, float32)."""
+    latents = batch.latents.to(device)  # (B, 4, H/8, W/8)
+    noise = diffusion.sample_noise(latents, generator, settings.noise_offset)
+    timesteps = diffusion.sample_timesteps(len(latents), generator, settings.timestep_min, settings.timestep_max)
+    noisy = diffusion.add_noise(latents, noise, timesteps, alphas_cumprod)
+    prompt_embeds, pooled = text(batch.captions)  # (B, 77k, D), (B, P)
+    prediction = unet(
+        noisy.to(unet.dtype), timesteps.to(device), encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(device)},
+    ).sample
+    target = diffusion.training_target(settings.prediction_type, latents, noise, timesteps, alphas_cumprod)
+    weights = None
+    if settings.min_snr_gamma:
+        weights = diffusion.min_snr_weight(diffusion.snr(timesteps, alphas_cumprod), settings.min_snr_gamma,
+                                           settings.prediction_type)
+    return diffusion.weighted_mse(prediction, target, weights)
+
+
+# ---------------------------------------------------------------- checkpoints and export
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, export, keep: int | None) -> None:
+    """accelerate state + LoRA files into a temp folder, then an atomic rename (see train.checkpoint)."""
+    temp = checkpoint.temp_dir(run_dir, state.step)
+    if accelerator.is_main_process and temp.exists():
+        import shutil
+
+        shutil.rmtree(temp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export(temp)
+        final = checkpoint.publish(temp, run_dir, state.step, state)
+        checkpoint.rotate(run_dir, keep)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+
+
+def make_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
+                  resolution: tuple[int, int]):
+    """`export(folder)`: the WebUI file and the diffusers folder of the current LoRA into `folder`."""
+    from train.export import save_diffusers_lora, save_webui_lora, webui_metadata
+
+    tag_frequency: dict[str, Counter] = {}
+    for row in rows:
+        tags = [*row["caption_head"], *row["caption_body"], *row["caption_tail"]]
+        tag_frequency.setdefault(row.get("source") or "dataset", Counter()).update(tags)
+
+    def export(folder: Path) -> None:
+        encoders = {}
+        if lora.train_text_encoder:
+            encoders = {"text_encoder": accelerator.unwrap_model(base.text_encoder),
+                        "text_encoder_2": accelerator.unwrap_model(base.text_encoder_2)}
+        unet = accelerator.unwrap_model(base.unet)
+        metadata = webui_metadata(rank=lora.rank, alpha=lora.alpha, output_name=output.name,
+                                  resolution=resolution, tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
+                                  comment=f"animagine-lora, preset {lora.preset}")
+        save_webui_lora(Path(folder) / f"{output.name}.safetensors", unet=unet, metadata=metadata, **encoders)
+        save_diffusers_lora(Path(folder) / "diffusers", unet=unet, **encoders)
+
+    return export
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Train a LoRA as configured; returns the run folder (exports at its top level).
+
+    Raises:
+        TrainingStopped: non-finite loss or out of memory, with what to do next.
+    """
+    run_dir = Path(config.output.dir)
+    tc = config.train
+    accelerator = build_accelerator(run_dir, mixed_precision=tc.mixed_precision,
+                                    gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                                    log_with=config.output.log_with)
+    # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts it).
+    torch.manual_seed(tc.seed)
+    base = build_model(config.model, accelerator.device)
+    param_groups = build_lora(base, config.lora, lr=config.optimizer.lr, gradient_checkpointing=tc.gradient_checkpointing)
+    # The latents are cached before the loop so the VAE is needed only here.
+    data = build_data(config.data, base, accelerator)
+    text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks, train_text_encoder=config.lora.train_text_encoder,
+                                 cache_outputs=config.data.cache_text_outputs and not data.augment.active
+                                 and not config.lora.train_text_encoder)
+    sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
+    oc = config.optimizer
+    optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
+    lr_scheduler = build_lr_scheduler(oc.scheduler, optimizer, warmup_steps=oc.warmup_steps, total_steps=tc.max_steps)
+
+    # Only models with adapters are prepared (DDP-wrapped); the scheduler is stepped by us once per
+    # optimizer step and saved as a registered object, not through accelerate's per-process stepping.
+    trained = [base.unet] + ([base.text_encoder, base.text_encoder_2] if config.lora.train_text_encoder else [])
+    prepared = accelerator.prepare(*trained, optimizer)
+    base.unet, optimizer = prepared[0], prepared[-1]
+    if config.lora.train_text_encoder:
+        base.text_encoder, base.text_encoder_2 = prepared[1], prepared[2]
+    state = TrainState(seed=tc.seed)
+    register_lora_checkpointing(accelerator)
+    accelerator.register_for_checkpointing(state, lr_scheduler)
+
+    resume_from = checkpoint.resolve_resume(resume, run_dir) if resume else None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        sampler.load_state_dict(state.sampler)
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    elif resume:
+        logger.info("no checkpoint in %s: starting from scratch", run_dir)
+
+    first = data.rows[0]
+    export = make_exporter(accelerator, base, config.lora, config.output, data.rows,
+                           (first["bucket_width"], first["bucket_height"]))
+    settings = LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min, tc.timestep_max)
+    alphas_cumprod = base.noise_scheduler.alphas_cumprod
+    params = [p for group in param_groups for p in group["params"]]
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.init_trackers(config.output.name, config=_flat(config.model_dump()))
+    draws = DrawLog(run_dir / "draws" / f"rank{accelerator.process_index}.jsonl")
+    log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process)
+    progress = _progress_bar(tc.max_steps, state.step, accelerator.is_main_process)
+
+    batches = sampler.batches()
+    base.unet.train()
+    started, images_at_start = time.perf_counter(), state.images_seen
+    while state.step < tc.max_steps:
+        for k in range(tc.gradient_accumulation_steps):
+            batch: Batch = next(batches)
+            micro = state.step * tc.gradient_accumulation_steps + k  # micro-batches drawn before this one
+            seed = micro_batch_seed(tc.seed, micro, accelerator.process_index)
+            generator = torch.Generator().manual_seed(seed)
+            train_batch = data.batch(batch.rows, random.Random(seed))
+            draws.write(state.step + 1, batch, train_batch.ids)
+            with accelerator.accumulate(*trained):
+                try:
+                    loss = loss_step(base.unet, train_batch, text, settings, alphas_cumprod, generator, accelerator.device)
+                    stop_if_not_finite(accelerator, loss, state, batch, train_batch.ids, run_dir, export, config.output)
+                    accelerator.backward(loss)
+                except torch.cuda.OutOfMemoryError as err:
+                    raise TrainingStopped(f"out of memory at step {state.step + 1}: {MEMORY_ADVICE}") from err
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        state.step += 1
+        state.epoch = batch.epoch
+        state.sampler = sampler.state_dict()
+        state.images_seen += tc.batch_size * tc.gradient_accumulation_steps * accelerator.num_processes
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}", epoch=state.epoch)
+
+        if should_log(state.step, config.output.log_every_n_steps, tc.max_steps):
+            elapsed = time.perf_counter() - started
+            metrics = {"loss": accelerator.gather(loss.detach()[None]).mean().item(),
+                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "images_per_s": (state.images_seen - images_at_start) / max(elapsed, 1e-9),
+                       "epoch": state.epoch}
+            if torch.cuda.is_available():
+                metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            accelerator.log(metrics, step=state.step)
+            log.write(state.step, metrics)
+        if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
+            save_checkpoint(accelerator, run_dir, state, export, config.output.checkpoints_total_limit)
+
+    progress.close()
+    if accelerator.is_main_process:
+        export(run_dir)
+    _write_rank_weights(run_dir, accelerator, base.unet)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def should_log(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+def should_save(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+def stop_if_not_finite(accelerator: Accelerator, loss: torch.Tensor, state: TrainState, batch: Batch,
+                       ids: list[str], run_dir: Path, export, output: OutputConfig) -> None:
+    """Stop every rank when any rank's loss is NaN/inf, keeping a checkpoint from before the step.
+
+    The optimizer has not stepped yet, so the weights and `state` are still those after step
+    `state.step`; they are checkpointed unless that checkpoint already exists.
+    """
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=accelerator.device)
+    bad_ranks = accelerator.gather(bad)
+    if not bad_ranks.any():
+        return
+    kept = checkpoint.list_checkpoints(run_dir)
+    if state.step > 0 and not any(p.name == checkpoint.checkpoint_name(state.step) for p in kept):
+        save_checkpoint(accelerator, run_dir, state, export, None)
+    kept = checkpoint.list_checkpoints(run_dir)
+    where = kept[-1] if kept else "none (the failure came before the first step)"
+    images = ", ".join(ids) if bad.item() else "(on another rank)"
+    raise TrainingStopped(
+        f"loss is {loss.item()} at step {state.step + 1} (epoch {batch.epoch}, batch {batch.index}); "
+        f"images: {images}; last checkpoint: {where}. Check those images and their cached latents, "
+        "or lower optimizer.lr / use mixed_precision = 'bf16' instead of 'fp16'"
+    )
+
+
+def _write_rank_weights(run_dir: Path, accelerator: Accelerator, unet) -> None:
+    """Each rank's final LoRA weights, so a multi-process run can show they agree."""
+    path = run_dir / "ranks" / f"lora_rank{accelerator.process_index}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_trainable_state(accelerator.unwrap_model(unet)), str(path))
+
+
+class DrawLog:
+    """One JSON line per micro-batch drawn by this rank: step, epoch, batch, entries, image ids."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, step: int, batch: Batch, ids: list[str]) -> None:
+        record = {"step": step, "epoch": batch.epoch, "batch": batch.index, "entries": list(batch.entries), "ids": ids}
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+
+class MetricsLog:
+    """`RUN/log.jsonl`: the logged metrics as plain JSON lines (main process)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, step: int, metrics: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", disable=not enabled, dynamic_ncols=True)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config -> {"section.key": scalar} for trackers (lists/None as strings)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
