@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 # CLIP uses the first 49152 - 256 - 2 merge rules of the BPE file (OpenAI CLIP, clip/simple_tokenizer.py).
 CLIP_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
 DEFAULT_TOKENIZER_REPO = "cagliostrolab/animagine-xl-4.0-zero"
@@ -117,10 +118,19 @@ class TokenCounter:
         try:
             if path.is_dir():
                 folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
-                return cls(CLIPTokenizerFast.from_pretrained(folder))
-            return cls(CLIPTokenizerFast.from_pretrained(str(path_or_repo), subfolder="tokenizer"))
+                if not any((folder / name).exists() for name in ("tokenizer.json", "vocab.json")):
+                    raise TokenizerError(f"{folder}: no tokenizer.json or vocab.json")
+                tokenizer = CLIPTokenizerFast.from_pretrained(folder)
+            else:
+                tokenizer = CLIPTokenizerFast.from_pretrained(str(path_or_repo), subfolder="tokenizer")
+        except TokenizerError as error:
+            raise TokenizerError(f"cannot load a CLIP tokenizer: {error}") from None
         except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, HTTP errors
             raise TokenizerError(f"{path_or_repo}: cannot load a CLIP tokenizer ({error})") from None
+        if len(tokenizer) != CLIP_VOCAB_SIZE:
+            raise TokenizerError(f"{path_or_repo}: not a CLIP tokenizer ({len(tokenizer)} tokens, "
+                                 f"expected {CLIP_VOCAB_SIZE})")
+        return cls(tokenizer)
 
     @classmethod
     def from_bpe(cls, bpe_gz: str | Path, cache_dir: str | Path | None = None) -> TokenCounter:
