@@ -80,7 +80,11 @@ def _histogram(values: list[int], bins: int = 10) -> dict[str, int]:
     low, high = min(values), max(values)
     width = max(1, -(-(high - low + 1) // bins))
     counts = Counter((v - low) // width for v in values)
-    return {f"{low + b * width}-{low + (b + 1) * width - 1}": counts[b] for b in sorted(counts)}
+    def label(b: int) -> str:
+        start = low + b * width
+        return str(start) if width == 1 else f"{start}-{start + width - 1}"
+
+    return {label(b): counts[b] for b in sorted(counts)}
 
 
 def _plots(stats: PrepStats, plot_dir: Path) -> list[tuple[str, str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import multiprocessing
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -139,11 +138,9 @@ def validate_many(
         for item in items:
             yield item, validate_image(path_of(item), options)
         return
-    # spawn, not fork: the parent may hold threads (Arrow, tokenizers) that fork would copy mid-lock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=set_pixel_limit, initargs=(max_image_pixels,)
-    ) as pool:
+    # The platform's default start method: fork on Linux starts workers in milliseconds and needs
+    # no `if __name__ == "__main__"` guard in user scripts; workers only touch PIL and hashlib.
+    with ProcessPoolExecutor(workers, initializer=set_pixel_limit, initargs=(max_image_pixels,)) as pool:
         yield from _pooled(pool, items, path_of, options, workers, chunk_size)
 
 
