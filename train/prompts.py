@@ -1,0 +1,119 @@
+"""Prompts and sizes at the Animagine XL 4.0 model card's settings.
+
+What the card recommends (see docs/animagine_captions.md, "Recommended generation settings"):
+the negative prompt, the quality tail, the resolution table. Prompts given as tags are put in the
+card's order by the captioning step (`Captioner.caption_tags`), the same order the LoRA's training
+captions had, with the quality tail appended.
+
+Prompt text convention: WebUI/ComfyUI prompts escape parentheses (`herta \\(honkai: star rail\\)`)
+because `( )` means attention weight there; the text encoder saw literal parentheses in training.
+`parse_tags` accepts either form and the text given to the encoder is always the literal one.
+Attention-weight syntax (`(tag:1.2)`) is not interpreted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+CARD_NEGATIVE = (
+    "lowres, bad anatomy, bad hands, text, error, missing finger, extra digits, fewer digits, cropped, "
+    "worst quality, low quality, low score, bad score, average score, signature, watermark, username, blurry"
+)
+QUALITY_TAIL = ("masterpiece", "high score", "great score", "absurdres")
+# (width, height), from the model card.
+CARD_RESOLUTIONS = (
+    (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
+    (1344, 768), (768, 1344), (1536, 640), (640, 1536),
+)
+SIZE_ALIASES = {"square": (1024, 1024), "portrait": (832, 1216), "landscape": (1216, 832)}
+CARD_STEPS = 28
+CARD_CFG = 5.0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"832x1216"`, `"portrait"`, `"landscape"` or `"square"` -> (width, height).
+
+    Sizes off the card's table are allowed (tests use 64x64) but logged: the model degrades there.
+
+    Raises:
+        ValueError: not WxH with positive multiples of 8, nor an alias.
+    """
+    key = text.strip().lower()
+    if key in SIZE_ALIASES:
+        return SIZE_ALIASES[key]
+    parts = key.split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"size {text!r}: expected WIDTHxHEIGHT (e.g. 832x1216) or one of {sorted(SIZE_ALIASES)}"
+        ) from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ValueError(f"size {text!r}: width and height must be positive multiples of 8 (the VAE's factor)")
+    if (width, height) not in CARD_RESOLUTIONS:
+        logger.info("size %dx%d is not in the model card's resolution table", width, height)
+    return width, height
+
+
+def split_tags(prompt: str) -> list[str]:
+    """Comma-separated tags, stripped, WebUI escapes `\\(` `\\)` undone, empty pieces dropped."""
+    tags = [t.strip().replace("\\(", "(").replace("\\)", ")") for t in prompt.split(",")]
+    return [t for t in tags if t]
+
+
+def with_quality_tail(tags: Sequence[str], tail: Sequence[str] = QUALITY_TAIL) -> list[str]:
+    """`tags` followed by the tail tags they do not already contain."""
+    present = {t.lower() for t in tags}
+    return list(tags) + [t for t in tail if t.lower() not in present]
+
+
+class PromptOrderer:
+    """Puts a tag prompt in the card's order with the captioning step, then the quality tail.
+
+    `captioner` is a `captioning.Captioner`; its `caption_tags` decides the head (people count,
+    character, copyright, rating), body and tail, exactly as for training captions.
+    """
+
+    def __init__(self, captioner, tail: Sequence[str] = QUALITY_TAIL) -> None:
+        self.captioner = captioner
+        self.tail = tuple(tail)
+
+    @classmethod
+    def load(cls, tag_db: str | None = None, profile: str = "animagine-xl-4.0") -> PromptOrderer:
+        """A captioner with the given tag database (default: the captioning step's download)."""
+        from captioning import Captioner, TagDatabase, load_profile
+
+        if tag_db is None:
+            from captioning.tag_db import fetch_tag_database
+
+            tag_db = fetch_tag_database()
+        return cls(Captioner(load_profile(profile), TagDatabase.load(tag_db), None))
+
+    def order(self, prompt: str) -> str:
+        """The prompt re-ordered, in training form (literal parentheses), quality tail appended."""
+        result = self.captioner.caption_tags(split_tags(prompt))
+        for warning in getattr(result, "warnings", []):
+            logger.warning("prompt %r: %s", prompt, warning)
+        return ", ".join(with_quality_tail(result.caption.tags, self.tail))
+
+
+def prepare_prompt(prompt: str, orderer: PromptOrderer | None) -> str:
+    """The text to encode: ordered by `orderer`, or as given (escapes undone) when it is None."""
+    if orderer is not None:
+        return orderer.order(prompt)
+    return ", ".join(split_tags(prompt)) if "," in prompt else prompt.strip()
+
+
+def default_prompts(heads: Iterable[Sequence[str]], count: int = 2,
+                    tail: Sequence[str] = QUALITY_TAIL) -> list[str]:
+    """The `count` most frequent caption heads of a dataset, each with the quality tail.
+
+    `heads` are the rows' `caption_head` lists (display form): for a character LoRA the most
+    frequent head is "1girl, <character>, <series>, <rating>", the prompt a user tries first.
+    """
+    counts = Counter(tuple(h) for h in heads if h)
+    return [", ".join(with_quality_tail(head, tail)) for head, _ in counts.most_common(count)]

@@ -1,0 +1,197 @@
+"""Sample grids during training, on the Opt model or on the model being trained.
+
+The training loop builds one `TrainingSampler` and, on the main process, calls
+`sampler.render_grid(step, unet=..., text_encoder=..., text_encoder_2=...)` when
+`should_sample(step)`; the returned PIL grid also goes to the trackers.
+
+- `sample_model = "train"`: the pipeline wraps the training components themselves (the LoRA is
+  active in them, nothing is copied or loaded).
+- `sample_model = "opt"`: the current LoRA is exported to a WebUI file (train.export) and loaded on
+  the Opt pipeline with `load_lora_weights`, the path users take, then removed again. The Opt
+  model is loaded once, on first use. Its VAE and text encoders are replaced by the training
+  model's when their weight hashes are identical (Zero and Opt may share them), so they are not
+  held twice; what remains is CPU-offloaded on CUDA (`enable_model_cpu_offload`: one Opt
+  component on the GPU at a time), and the memory cost is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+
+from train.models import vae_fingerprint
+from train.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, default_prompts, parse_size
+from train.sampling import (
+    SampleSettings,
+    build_pipeline,
+    load_lora,
+    render_grid,
+    resolve_model_source,
+    unload_lora,
+)
+
+logger = logging.getLogger(__name__)
+
+_SHAREABLE = ("vae", "text_encoder", "text_encoder_2")
+
+
+class SampleConfig(Schema):
+    """The `[sample]` table of a training config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every_n_steps: int = Field(0, ge=0, description="0 turns sampling off")
+    prompts: list[str] = Field(default_factory=list, description="empty: the dataset's most frequent heads")
+    num_default_prompts: int = Field(2, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    size: str = "square"
+    steps: int = Field(CARD_STEPS, ge=1)
+    cfg: float = Field(CARD_CFG, ge=0)
+    negative: str = CARD_NEGATIVE
+    strength: float = 1.0
+    batch_size: int = Field(4, ge=1)
+    sample_model: Literal["opt", "train"] = "opt"
+    opt_model: str = Field("opt", description="'opt', 'zero', a Hub id, a diffusers folder or a .safetensors")
+    opt_config_dir: str | None = None
+    opt_tokenizer_dir: str | None = None
+
+    def settings(self) -> SampleSettings:
+        width, height = parse_size(self.size)
+        return SampleSettings(width=width, height=height, steps=self.steps, cfg=self.cfg,
+                              negative=self.negative, seeds=list(self.seeds), batch_size=self.batch_size)
+
+
+def should_sample(step: int, config: SampleConfig) -> bool:
+    return config.every_n_steps > 0 and step % config.every_n_steps == 0
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's weights (names, dtypes, shapes, bytes): equal hash = same weights."""
+    return vae_fingerprint(module)  # the hash is generic over any module's state dict
+
+
+def share_components(sample_model, train_model) -> list[str]:
+    """Replace `sample_model`'s VAE/text encoders by `train_model`'s where the weights are equal.
+
+    Returns the names shared. Both are `train.models.BaseModel`s; a training text encoder that
+    carries LoRA layers hashes differently and is therefore never shared.
+    """
+    shared = []
+    for name in _SHAREABLE:
+        ours, theirs = getattr(sample_model, name), getattr(train_model, name)
+        if ours is theirs or module_fingerprint(ours) == module_fingerprint(theirs):
+            setattr(sample_model, name, theirs)
+            shared.append(name)
+    return shared
+
+
+def _gib(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
+
+
+class TrainingSampler:
+    """Renders the sample grid of a training step and writes it under `out_dir/samples/`."""
+
+    def __init__(self, config: SampleConfig, *, train_model, out_dir: str | Path,
+                 device: str | torch.device = "cpu", dataset_heads=(), weight_dtype: torch.dtype | None = None) -> None:
+        self.config = config
+        self.train_model = train_model
+        self.out_dir = Path(out_dir) / "samples"
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype or train_model.unet.dtype
+        self.settings = config.settings()
+        self.prompts = list(config.prompts) or default_prompts(dataset_heads, config.num_default_prompts)
+        if not self.prompts:
+            raise ValueError("sample: no prompts configured and the dataset has no caption heads")
+        self._opt_pipe = None
+
+    def _opt_pipeline(self):
+        if self._opt_pipe is not None:
+            return self._opt_pipe
+        from train.models import load_base_model
+
+        source = resolve_model_source(self.config.opt_model)
+        model = load_base_model(source, config_dir=self.config.opt_config_dir,
+                                tokenizer_dir=self.config.opt_tokenizer_dir,
+                                weight_dtype=self.weight_dtype, vae_dtype=self.train_model.vae.dtype)
+        shared = share_components(model, self.train_model)
+        own = [n for n in ("unet", *_SHAREABLE) if n not in shared]
+        logger.info(
+            "sample model %s: shares %s with the training model; holds %.2f GiB of its own (%s)",
+            source, ", ".join(shared) or "nothing", sum(_gib(getattr(model, n)) for n in own), ", ".join(own),
+        )
+        if self.device.type == "cuda":
+            pipe = build_pipeline(model, device="cpu", timestep_spacing=self.settings.timestep_spacing)
+            # Shared modules stay where training keeps them; the rest visit the GPU one at a time.
+            pipe._exclude_from_cpu_offload = list(shared)
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe = build_pipeline(model, device=self.device, timestep_spacing=self.settings.timestep_spacing)
+        self._opt_pipe = pipe
+        return pipe
+
+    @torch.no_grad()
+    def render_grid(self, step: int, *, unet, text_encoder=None, text_encoder_2=None):
+        """The grid (prompts x seeds) of `step`, written to `samples/step-NNNNNN.png`; returns it.
+
+        `unet` and the text encoders are the unwrapped training modules with their LoRA layers.
+        """
+        path = self.out_dir / f"step-{step:06d}.png"
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        if self.config.sample_model == "train":
+            model = self.train_model
+            components = {"unet": unet, "text_encoder": text_encoder or model.text_encoder,
+                              "text_encoder_2": text_encoder_2 or model.text_encoder_2}
+            pipe = build_pipeline(_Components(model, **components), device=self.device,
+                                  timestep_spacing=self.settings.timestep_spacing)
+            was_training = unet.training
+            unet.eval()
+            try:
+                grid = render_grid(pipe, self.prompts, self.settings, path, progress=False)
+            finally:
+                unet.train(was_training)
+        else:
+            grid = self._render_on_opt(step, path, unet, text_encoder, text_encoder_2)
+        if torch.cuda.is_available():
+            logger.info("sampling at step %d: peak GPU memory %.2f GiB above the %.2f GiB in use",
+                        step, (torch.cuda.max_memory_allocated() - before) / 2**30, before / 2**30)
+        logger.info("step %d: sample grid %s", step, path)
+        return grid
+
+    def _render_on_opt(self, step, path, unet, text_encoder, text_encoder_2):
+        from train.export import save_webui_lora, webui_metadata
+        from train.lora import lora_config
+
+        pipe = self._opt_pipeline()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        adapter = f"step_{step}"
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as temp:
+            lora_file = Path(temp) / f"{adapter}.safetensors"
+            peft_config = lora_config(unet)
+            metadata = webui_metadata(rank=peft_config.r, alpha=peft_config.lora_alpha, output_name=adapter,
+                                      resolution=(self.settings.width, self.settings.height), tag_frequency={},
+                                      comment=f"training-time sample at step {step}")
+            # fp32 in the file: the sample shows exactly the weights being trained.
+            save_webui_lora(lora_file, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                            metadata=metadata, dtype=torch.float32)
+            load_lora(pipe, lora_file, adapter, self.config.strength)
+        try:
+            return render_grid(pipe, self.prompts, self.settings, path, progress=False)
+        finally:
+            unload_lora(pipe, adapter)
+
+
+class _Components:
+    """A `BaseModel`-shaped view with some modules replaced (for `build_pipeline`)."""
+
+    def __init__(self, model, **replacements) -> None:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "noise_scheduler"):
+            setattr(self, name, replacements.get(name, getattr(model, name)))
