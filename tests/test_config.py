@@ -1,0 +1,90 @@
+"""train.config: shipped configs validate; wrong keys give one clear line each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, load_config, parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+MINIMAL = {"data": {"dataset": "prep"}, "train": {"max_steps": 10}, "output": {"dir": "run"}}
+
+
+def _training_configs():
+    # configs/ may also hold sampling/eval configs (other tools); those have no [train] table.
+    return [p for p in CONFIGS if "[train]" in p.read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("path", _training_configs(), ids=lambda p: p.name)
+def test_every_shipped_training_config_validates(path):
+    config = load_config(path)
+    assert Path(config.output.dir).is_absolute()
+    assert Path(config.data.dataset).is_absolute()
+
+
+def test_shipped_training_configs_exist():
+    names = {p.name for p in _training_configs()}
+    assert {"tiny.toml", "zero_lora.toml"} <= names
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    raw = {**MINIMAL, "train": {"max_steps": 10, "lerning_rate": 1e-4, "batch_sise": 2}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "my.toml", tmp_path)
+    lines = str(err.value).splitlines()
+    assert "my.toml: train.batch_sise: unknown key (did you mean 'batch_size'?)" in lines
+    assert any(line.startswith("my.toml: train.lerning_rate: unknown key") for line in lines)
+    assert len(lines) == 2
+
+
+def test_unknown_section_and_wrong_type_name_the_key(tmp_path):
+    raw = {**MINIMAL, "optimiser": {}, "train": {"max_steps": "many"}, "lora": {"rank": 0}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "my.toml", tmp_path)
+    text = str(err.value)
+    assert "my.toml: optimiser: unknown key (did you mean 'optimizer'?)" in text
+    assert "my.toml: train.max_steps: Input should be a valid integer" in text and "'many'" in text
+    assert "my.toml: lora.rank: Input should be greater than or equal to 1" in text
+
+
+def test_missing_required_and_bad_choice(tmp_path):
+    raw = {"data": {"dataset": "x"}, "train": {"max_steps": 1}, "optimizer": {"name": "sgd"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "c.toml", tmp_path)
+    text = str(err.value)
+    assert "c.toml: output: required key missing" in text
+    assert "c.toml: optimizer.name:" in text and "'adamw'" in text
+
+
+def test_timestep_range_checked(tmp_path):
+    raw = {**MINIMAL, "train": {"max_steps": 1, "timestep_min": 500, "timestep_max": 400}}
+    with pytest.raises(ConfigError, match="timestep_min must be smaller"):
+        parse_config(raw, "c.toml", tmp_path)
+
+
+def test_paths_resolve_against_the_config_file_and_hub_ids_stay(tmp_path):
+    path = tmp_path / "sub" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[model]\nsource = "owner/model"\n[data]\ndataset = "../prep"\n'
+                    '[train]\nmax_steps = 1\n[output]\ndir = "run"\n', encoding="utf-8")
+    config = load_config(path)
+    assert config.model.source == "owner/model"
+    assert config.data.dataset == str(tmp_path / "prep")
+    assert config.output.dir == str(tmp_path / "sub" / "run")
+
+
+def test_config_is_frozen(tmp_path):
+    config = parse_config(MINIMAL, "c.toml", tmp_path)
+    with pytest.raises(Exception):
+        config.train.max_steps = 5
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="bad.toml: invalid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
