@@ -146,7 +146,7 @@ class _Reader:
         self.used: set[str] = set()
 
     def fail(self, key: str, message: str):
-        raise ProfileError(f"{self.source}: {self.where}{key}: {message}")
+        raise ProfileError(f"{self.source}: {(self.where + key).rstrip('.')}: {message}")
 
     def get(self, key: str, kind: type | tuple, default: Any = ...) -> Any:
         self.used.add(key)
