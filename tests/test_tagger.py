@@ -137,3 +137,21 @@ def test_tag_cli_writes_sidecars_outside_input(tagger_dir, tmp_path):
     assert "blue tag" in (tmp_path / "tags" / "sub" / "b.txt").read_text(encoding="utf-8")
     inside = parser.parse_args([str(images), "-o", str(images / "tags"), "--model", str(tagger_dir)])
     assert tagger_cli.run(inside) == 2
+
+
+def test_prep_auto_tags_untagged_images(tagger_dir, tmp_path):
+    from train.prep.pipeline import RunOptions, prepare
+    from train.prep.recipe import parse_recipe
+
+    Image.new("RGB", (128, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("RGB", (96, 96), (0, 0, 255)).save(tmp_path / "blue.png")
+    recipe = parse_recipe({"sources": [{"name": "s", "path": str(tmp_path)}], "dataset": {"min_side": 64},
+                           "caption": {"tagger": str(tagger_dir)}}, "test")
+    result = prepare(recipe, tmp_path.parent / f"{tmp_path.name}_out", RunOptions(show_summary=False))
+    assert result.stats.auto_tagged == 2 and result.stats.untagged == 0
+    import datasets
+
+    rows = {r["id"]: r for r in datasets.load_from_disk(str(result.out / "dataset"))}
+    assert "red tag" in rows["s/red.png"]["caption_body"] and rows["s/red.png"]["rating"] == "s"
+    assert "red girl (sample)" in rows["s/red.png"]["caption_head"]
+    assert "blue tag" in rows["s/blue.png"]["caption_body"] and rows["s/blue.png"]["rating"] == "g"

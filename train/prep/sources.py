@@ -286,7 +286,12 @@ def read_hf(path: str, split: str, source: str, repeats: int, cache_dir: Path) -
                 yield Rejected(origin, "row has no image")
                 continue
             name = Path(file_path).name if file_path else f"{index}.png"
-            record_id = f"{source}/{index:08d}_{name}" if data else f"{source}/{name}"
+            if data:
+                record_id = f"{source}/{index:08d}_{name}"
+            elif Path(file_path).is_relative_to(Path(path).resolve()):
+                record_id = f"{source}/{Path(file_path).relative_to(Path(path).resolve()).as_posix()}"
+            else:
+                record_id = f"{source}/{index:08d}_{name}"
             image_path = file_path
             if data:
                 digest = hashlib.sha256(data).hexdigest()
