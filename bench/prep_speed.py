@@ -30,11 +30,21 @@ from train.prep.pipeline import RunOptions, prepare
 from train.prep.recipe import parse_recipe
 from train.prep.validate import ValidateOptions, validate_many
 
-SIZES = [(832, 1216), (1024, 1024), (1216, 832), (1536, 640), (896, 1152), (2048, 1536), (1344, 768)]
+SIZES = [
+    (832, 1216),
+    (1024, 1024),
+    (1216, 832),
+    (1536, 640),
+    (896, 1152),
+    (2048, 1536),
+    (1344, 768),
+]
 TINY_SIZES = [(512, 640), (640, 512), (512, 512)]
 
 
-def make_images(folder: Path, count: int, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
+def make_images(
+    folder: Path, count: int, sizes: list[tuple[int, int]], seed: int = 0
+) -> list[Path]:
     rng = np.random.default_rng(seed)
     paths = []
     for index in range(count):
@@ -43,7 +53,9 @@ def make_images(folder: Path, count: int, sizes: list[tuple[int, int]], seed: in
         noise = rng.normal(0, 40, (height, width, 3)).astype(np.float32)
         pixels = np.clip(gradient + noise, 0, 255).astype(np.uint8)
         path = folder / f"{index:05d}.{'jpg' if index % 2 else 'png'}"
-        Image.fromarray(pixels).save(path, quality=90) if index % 2 else Image.fromarray(pixels).save(path, compress_level=1)
+        Image.fromarray(pixels).save(path, quality=90) if index % 2 else Image.fromarray(
+            pixels
+        ).save(path, compress_level=1)
         path.with_suffix(".txt").write_text("1girl, solo, smile, long hair", encoding="utf-8")
         paths.append(path)
     return paths
@@ -61,7 +73,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "prep_speed.json"))
     args = parser.parse_args()
     count, sizes = (16, TINY_SIZES) if args.tiny else (args.images, SIZES)
-    results: dict = {"images": count, "cpu_count": os.cpu_count(), "machine": platform.platform(), "runs": []}
+    results: dict = {
+        "images": count,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp) / "images"
         folder.mkdir()
@@ -71,19 +88,41 @@ def main() -> None:
         start = time.perf_counter()
         for path in paths:
             load_rgb(path)
-        results["runs"].append({"stage": "decode", "workers": 1, "images_per_s": rate(count, time.perf_counter() - start)})
+        results["runs"].append(
+            {
+                "stage": "decode",
+                "workers": 1,
+                "images_per_s": rate(count, time.perf_counter() - start),
+            }
+        )
         for workers in sorted({1, args.workers}):
             start = time.perf_counter()
-            for _ in validate_many(map(str, paths), str, ValidateOptions(min_side=512), workers=workers):
+            for _ in validate_many(
+                map(str, paths), str, ValidateOptions(min_side=512), workers=workers
+            ):
                 pass
-            results["runs"].append({"stage": "validate", "workers": workers,
-                                    "images_per_s": rate(count, time.perf_counter() - start)})
+            results["runs"].append(
+                {
+                    "stage": "validate",
+                    "workers": workers,
+                    "images_per_s": rate(count, time.perf_counter() - start),
+                }
+            )
         recipe = parse_recipe({"sources": [{"name": "bench", "path": str(folder)}]}, "bench")
         for workers in sorted({1, args.workers}):
             start = time.perf_counter()
-            prepare(recipe, Path(temp) / f"out{workers}", RunOptions(workers=workers, force=True, show_summary=False))
-            results["runs"].append({"stage": "prep", "workers": workers,
-                                    "images_per_s": rate(count, time.perf_counter() - start)})
+            prepare(
+                recipe,
+                Path(temp) / f"out{workers}",
+                RunOptions(workers=workers, force=True, show_summary=False),
+            )
+            results["runs"].append(
+                {
+                    "stage": "prep",
+                    "workers": workers,
+                    "images_per_s": rate(count, time.perf_counter() - start),
+                }
+            )
     decode = results["runs"][0]["images_per_s"]
     for run in results["runs"]:
         run["images_per_s"] = round(run["images_per_s"], 1)
@@ -95,11 +134,18 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"prep speed: {count} images, {results['megabytes']} MB, {os.cpu_count()} CPUs")
+    table = Table(
+        title=f"prep speed: {count} images, {results['megabytes']} MB, {os.cpu_count()} CPUs"
+    )
     for column in ("stage", "workers", "images/s", "per worker / decode"):
         table.add_column(column, justify="right")
     for run in results["runs"]:
-        table.add_row(run["stage"], str(run["workers"]), f"{run['images_per_s']:.1f}", f"{run['per_worker_vs_decode']:.2f}")
+        table.add_row(
+            run["stage"],
+            str(run["workers"]),
+            f"{run['images_per_s']:.1f}",
+            f"{run['per_worker_vs_decode']:.2f}",
+        )
     Console().print(table)
     print(f"written {args.out}")
 

@@ -49,7 +49,9 @@ def read_labels(path: Path) -> list[Label]:
             try:
                 labels.append(Label(row["name"], int(row["category"])))
             except (TypeError, ValueError):
-                raise ValueError(f"{path}:{line}: category {row.get('category')!r} is not an integer") from None
+                raise ValueError(
+                    f"{path}:{line}: category {row.get('category')!r} is not an integer"
+                ) from None
     return labels
 
 
@@ -63,7 +65,9 @@ def resolve_model(path_or_repo: str) -> tuple[Path, Path]:
                 raise FileNotFoundError(f"{required}: missing from the tagger folder")
         return model, labels
     if local.exists() or path_or_repo.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_repo}: not a tagger folder (model.onnx + selected_tags.csv) or Hub repo id")
+        raise FileNotFoundError(
+            f"{path_or_repo}: not a tagger folder (model.onnx + selected_tags.csv) or Hub repo id"
+        )
     from huggingface_hub import hf_hub_download
 
     return (
@@ -83,8 +87,16 @@ def pad_to_square(image: Image.Image) -> Image.Image:
 class WDTagger:
     """A loaded tagger; `tag_images`/`tag_files` return one captioning `Post` per image."""
 
-    def __init__(self, session, labels: Sequence[Label], *, general_threshold: float = 0.35,
-                 character_threshold: float = 0.85, batch_size: int = 8, name: str = "") -> None:
+    def __init__(
+        self,
+        session,
+        labels: Sequence[Label],
+        *,
+        general_threshold: float = 0.35,
+        character_threshold: float = 0.85,
+        batch_size: int = 8,
+        name: str = "",
+    ) -> None:
         self.session = session
         self.labels = list(labels)
         self.general_threshold = general_threshold
@@ -99,10 +111,12 @@ class WDTagger:
         self.input_size = int(shape[1])
         outputs = session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.labels):
-            raise ValueError(f"{name}: model has {outputs} outputs but {LABEL_FILE} has {len(self.labels)} tags")
+            raise ValueError(
+                f"{name}: model has {outputs} outputs but {LABEL_FILE} has {len(self.labels)} tags"
+            )
 
     @classmethod
-    def load(cls, path_or_repo: str = DEFAULT_MODEL, **options) -> "WDTagger":
+    def load(cls, path_or_repo: str = DEFAULT_MODEL, **options) -> WDTagger:
         import onnxruntime
 
         model, labels = resolve_model(path_or_repo)
@@ -123,7 +137,9 @@ class WDTagger:
         """(N, n_tags) probabilities, run in batches of `batch_size`."""
         outputs = []
         for start in range(0, len(images), self.batch_size):
-            batch = np.stack([self.preprocess(im) for im in images[start:start + self.batch_size]])
+            batch = np.stack(
+                [self.preprocess(im) for im in images[start : start + self.batch_size]]
+            )
             outputs.append(self.session.run(None, {self.input_name: batch})[0])
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.labels)), np.float32)
 
@@ -140,7 +156,9 @@ class WDTagger:
         rating_name = max(ratings, key=ratings.get) if ratings else None
         tags: dict[Category, list[str]] = {}
         if character:
-            tags[Category.CHARACTER] = [normalize_tag(n) for _, n in sorted(character, reverse=True)]
+            tags[Category.CHARACTER] = [
+                normalize_tag(n) for _, n in sorted(character, reverse=True)
+            ]
         if general:
             tags[Category.GENERAL] = [normalize_tag(n) for _, n in sorted(general, reverse=True)]
         return Post(
@@ -153,7 +171,9 @@ class WDTagger:
             created_at=None,
             metadata={
                 "tagger": self.name,
-                "tagger_probabilities": {n: round(p, 4) for p, n in sorted(character + general, reverse=True)},
+                "tagger_probabilities": {
+                    n: round(p, 4) for p, n in sorted(character + general, reverse=True)
+                },
                 "tagger_ratings": {n: round(p, 4) for n, p in ratings.items()},
             },
         )
@@ -168,6 +188,6 @@ class WDTagger:
 
         posts = []
         for start in range(0, len(paths), self.batch_size):
-            chunk = paths[start:start + self.batch_size]
+            chunk = paths[start : start + self.batch_size]
             posts += self.tag_images([load_rgb(p) for p in chunk], [str(p) for p in chunk])
         return posts

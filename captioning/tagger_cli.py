@@ -20,16 +20,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from captioning.tagger import DEFAULT_MODEL
 
     parser.add_argument("folder", help="folder of images (searched recursively)")
-    parser.add_argument("-o", "--out", required=True, help="folder for the .txt files (not inside FOLDER)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"tagger folder or Hub repo (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "-o", "--out", required=True, help="folder for the .txt files (not inside FOLDER)"
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"tagger folder or Hub repo (default {DEFAULT_MODEL})",
+    )
     parser.add_argument("--general-threshold", type=float, default=0.35)
     parser.add_argument("--character-threshold", type=float, default=0.85)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--profile", default="animagine-xl-4.0", help="caption profile for tag order")
+    parser.add_argument(
+        "--profile", default="animagine-xl-4.0", help="caption profile for tag order"
+    )
 
 
 def find_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,11 +54,19 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s: not a folder", folder)
         return 2
     if out == folder or out.is_relative_to(folder):
-        logger.error("--out %s: must not be inside the input folder %s (originals are never touched)", out, folder)
+        logger.error(
+            "--out %s: must not be inside the input folder %s (originals are never touched)",
+            out,
+            folder,
+        )
         return 2
     try:
-        tagger = WDTagger.load(args.model, general_threshold=args.general_threshold,
-                               character_threshold=args.character_threshold, batch_size=args.batch_size)
+        tagger = WDTagger.load(
+            args.model,
+            general_threshold=args.general_threshold,
+            character_threshold=args.character_threshold,
+            batch_size=args.batch_size,
+        )
         captioner = Captioner(load_profile(args.profile), None, None)
     except (OSError, ValueError) as error:
         logger.error("--model %s: %s", args.model, error)
@@ -58,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s: no images found", folder)
         return 1
     failed = 0
-    for start in tqdm(range(0, len(images), args.batch_size), desc="tag", unit="batch", disable=None):
+    for start in tqdm(
+        range(0, len(images), args.batch_size), desc="tag", unit="batch", disable=None
+    ):
         batch, pictures = [], []
-        for path in images[start:start + args.batch_size]:
+        for path in images[start : start + args.batch_size]:
             try:
                 pictures.append(load_rgb(path))
                 batch.append(path)
@@ -73,5 +93,8 @@ def run(args: argparse.Namespace) -> int:
             temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             temp.write_text(captioner.caption(post).caption.training() + "\n", encoding="utf-8")
             os.replace(temp, target)
-    print(f"tagged {len(images) - failed} images into {out}" + (f"; {failed} skipped" if failed else ""))
+    print(
+        f"tagged {len(images) - failed} images into {out}"
+        + (f"; {failed} skipped" if failed else "")
+    )
     return 0 if not failed else 1

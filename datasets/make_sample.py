@@ -27,7 +27,16 @@ BACKGROUNDS = {
     "yellow_background": (245, 225, 130),
 }
 SHIRTS = {"white_shirt": (245, 245, 245), "red_shirt": (200, 50, 60), "blue_shirt": (60, 80, 170)}
-SIZES = [(768, 768), (640, 896), (896, 640), (576, 1024), (1024, 576), (704, 832), (832, 704), (512, 768)]
+SIZES = [
+    (768, 768),
+    (640, 896),
+    (896, 640),
+    (576, 1024),
+    (1024, 576),
+    (704, 832),
+    (832, 704),
+    (512, 768),
+]
 RATINGS = ["g", "g", "g", "s"]
 
 
@@ -41,30 +50,63 @@ def draw(width: int, height: int, rng: random.Random) -> tuple[Image.Image, list
     cx, head = width // 2 + rng.randint(-width // 10, width // 10), min(width, height) // 4
     cy = height // 2 - head // 2
     # Hair behind the head, long: down to the shoulders and past them.
-    pen.rounded_rectangle([cx - head * 1.3, cy - head * 1.2, cx + head * 1.3, cy + head * 2.6],
-                          radius=head, fill=HAIR)
+    pen.rounded_rectangle(
+        [cx - head * 1.3, cy - head * 1.2, cx + head * 1.3, cy + head * 2.6], radius=head, fill=HAIR
+    )
     # Body (shirt) as a trapezoid from the neck to the bottom edge.
-    pen.polygon([(cx - head * 0.5, cy + head), (cx + head * 0.5, cy + head),
-                 (cx + head * 1.8, height), (cx - head * 1.8, height)], fill=SHIRTS[shirt])
+    pen.polygon(
+        [
+            (cx - head * 0.5, cy + head),
+            (cx + head * 0.5, cy + head),
+            (cx + head * 1.8, height),
+            (cx - head * 1.8, height),
+        ],
+        fill=SHIRTS[shirt],
+    )
     pen.ellipse([cx - head, cy - head, cx + head, cy + head], fill=SKIN)
     # Blunt bangs across the forehead.
-    pen.chord([cx - head * 1.05, cy - head * 1.15, cx + head * 1.05, cy + head * 0.2], 180, 360, fill=HAIR)
+    pen.chord(
+        [cx - head * 1.05, cy - head * 1.15, cx + head * 1.05, cy + head * 0.2], 180, 360, fill=HAIR
+    )
     for side in (-1, 1):
         ex = cx + side * head * 0.4
         pen.ellipse([ex - head * 0.16, cy, ex + head * 0.16, cy + head * 0.36], fill=EYES)
-        pen.ellipse([ex - head * 0.07, cy + head * 0.1, ex + head * 0.07, cy + head * 0.3], fill=(40, 30, 20))
+        pen.ellipse(
+            [ex - head * 0.07, cy + head * 0.1, ex + head * 0.07, cy + head * 0.3],
+            fill=(40, 30, 20),
+        )
     mouth = [cx - head * 0.25, cy + head * 0.45, cx + head * 0.25, cy + head * 0.7]
     if smiling:
         pen.arc(mouth, 20, 160, fill=(150, 60, 60), width=max(2, head // 25))
     else:
-        pen.line([mouth[0] + head * 0.1, mouth[1] + head * 0.15, mouth[2] - head * 0.1, mouth[1] + head * 0.15],
-                 fill=(150, 60, 60), width=max(2, head // 25))
+        pen.line(
+            [
+                mouth[0] + head * 0.1,
+                mouth[1] + head * 0.15,
+                mouth[2] - head * 0.1,
+                mouth[1] + head * 0.15,
+            ],
+            fill=(150, 60, 60),
+            width=max(2, head // 25),
+        )
     # Hair ornament: a small star-like diamond on the right of the bangs.
     ox, oy = cx + head * 0.7, cy - head * 0.6
     pen.polygon([(ox, oy - 18), (ox + 14, oy), (ox, oy + 18), (ox - 14, oy)], fill=(250, 240, 120))
-    tags = ["1girl", "solo", "long_hair", "blue_hair", "yellow_eyes", "hair_ornament", "blunt_bangs",
-            "looking_at_viewer", "upper_body", "shirt", shirt, background,
-            "smile" if smiling else "closed_mouth"]
+    tags = [
+        "1girl",
+        "solo",
+        "long_hair",
+        "blue_hair",
+        "yellow_eyes",
+        "hair_ornament",
+        "blunt_bangs",
+        "looking_at_viewer",
+        "upper_body",
+        "shirt",
+        shirt,
+        background,
+        "smile" if smiling else "closed_mouth",
+    ]
     if background == "white_background":
         tags.append("simple_background")
     return image, sorted(set(tags))
@@ -104,7 +146,9 @@ def main(count: int = 14) -> None:
             "tag_string_meta": "",
         }
         post["tag_string"] = " ".join(
-            t for k in ("general", "character", "copyright", "artist", "meta") for t in post[f"tag_string_{k}"].split()
+            t
+            for k in ("general", "character", "copyright", "artist", "meta")
+            for t in post[f"tag_string_{k}"].split()
         )
         (OUT / f"{name}.json").write_text(json.dumps(post, indent=1) + "\n", encoding="utf-8")
 
@@ -117,7 +161,8 @@ def _encode(image: Image.Image, extension: str) -> bytes:
         image.save(buffer, "JPEG", quality=85)
     else:
         image.quantize(colors=32, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            buffer, "PNG", optimize=True)
+            buffer, "PNG", optimize=True
+        )
     return buffer.getvalue()
 
 

@@ -10,8 +10,17 @@ from train.prep.buckets import CARD_BUCKETS, all_buckets, bucket_set, closest_bu
 
 
 def test_card_set_is_the_model_cards():
-    assert set(CARD_BUCKETS) == {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
-                                 (1344, 768), (768, 1344), (1536, 640), (640, 1536)}
+    assert set(CARD_BUCKETS) == {
+        (1024, 1024),
+        (1152, 896),
+        (896, 1152),
+        (1216, 832),
+        (832, 1216),
+        (1344, 768),
+        (768, 1344),
+        (1536, 640),
+        (640, 1536),
+    }
 
 
 def test_all_set_properties():
@@ -28,8 +37,14 @@ def test_all_set_properties():
 
 @pytest.mark.parametrize(
     "size, expected",
-    [((1000, 1000), (1024, 1024)), ((1920, 1080), (1344, 768)), ((1080, 1920), (768, 1344)),
-     ((3000, 1000), (1536, 640)), ((900, 1200), (896, 1152)), ((1300, 900), (1216, 832))],
+    [
+        ((1000, 1000), (1024, 1024)),
+        ((1920, 1080), (1344, 768)),
+        ((1080, 1920), (768, 1344)),
+        ((3000, 1000), (1536, 640)),
+        ((900, 1200), (896, 1152)),
+        ((1300, 900), (1216, 832)),
+    ],
 )
 def test_closest_card_bucket(size, expected):
     assert closest_bucket(*size, CARD_BUCKETS) == expected
@@ -39,7 +54,9 @@ def test_closest_is_minimal_log_distance():
     for width, height in [(731, 1290), (1600, 1100), (517, 2000)]:
         chosen = closest_bucket(width, height, CARD_BUCKETS)
         best = min(abs(math.log(w / h) - math.log(width / height)) for w, h in CARD_BUCKETS)
-        assert abs(math.log(chosen[0] / chosen[1]) - math.log(width / height)) == pytest.approx(best)
+        assert abs(math.log(chosen[0] / chosen[1]) - math.log(width / height)) == pytest.approx(
+            best
+        )
 
 
 def test_all_set_prefers_largest_area_on_ties():

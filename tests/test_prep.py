@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-import datasets
 import pytest
 from PIL import Image
 
+import datasets
 from train.prep import pipeline
 from train.prep.pipeline import RunOptions, prepare
 from train.prep.recipe import RecipeError, load_recipe, parse_recipe, resolve_paths
@@ -33,12 +33,24 @@ def image(path: Path, size=(96, 80), colour=(200, 30, 30), **save) -> Path:
     return path
 
 
-def post_json(path: Path, general: str, rating="g", score=10, created="2023-04-01T10:00:00.000-04:00"):
-    path.write_text(json.dumps({
-        "id": 1, "tag_string_general": general, "tag_string_character": "mira_(animagine_sample)",
-        "tag_string_copyright": "animagine_sample", "rating": rating, "score": score,
-        "created_at": created, "media_asset": {"created_at": created},
-    }), encoding="utf-8")
+def post_json(
+    path: Path, general: str, rating="g", score=10, created="2023-04-01T10:00:00.000-04:00"
+):
+    path.write_text(
+        json.dumps(
+            {
+                "id": 1,
+                "tag_string_general": general,
+                "tag_string_character": "mira_(animagine_sample)",
+                "tag_string_copyright": "animagine_sample",
+                "rating": rating,
+                "score": score,
+                "created_at": created,
+                "media_asset": {"created_at": created},
+            }
+        ),
+        encoding="utf-8",
+    )
 
 
 def rows(out: Path) -> list[dict]:
@@ -46,13 +58,20 @@ def rows(out: Path) -> list[dict]:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def test_sample_dataset_end_to_end(tmp_path, tag_db_path, clip_bpe_path):
     recipe = load_recipe(REPO / "datasets" / "sample.toml")
-    recipe = recipe.model_copy(update={"caption": recipe.caption.model_copy(
-        update={"tags_db": str(tag_db_path), "clip_bpe": str(clip_bpe_path)})})
+    recipe = recipe.model_copy(
+        update={
+            "caption": recipe.caption.model_copy(
+                update={"tags_db": str(tag_db_path), "clip_bpe": str(clip_bpe_path)}
+            )
+        }
+    )
     before = snapshot(REPO / "datasets" / "sample")
     result = prepare(recipe, tmp_path / "out", RunOptions(workers=2, show_summary=False))
     assert snapshot(REPO / "datasets" / "sample") == before
@@ -63,8 +82,15 @@ def test_sample_dataset_end_to_end(tmp_path, tag_db_path, clip_bpe_path):
     assert Path(row["image_path"]).is_file() and row["repeats"] == 10
     assert any("mira" in tag for tag in row["caption_head"])
     assert row["year"] in range(2021, 2025) and row["rating"] in "gs"
-    assert (row["bucket_width"], row["bucket_height"]) in {(1024, 1024), (1152, 896), (896, 1152), (1216, 832),
-                                                            (832, 1216), (1344, 768), (768, 1344)}
+    assert (row["bucket_width"], row["bucket_height"]) in {
+        (1024, 1024),
+        (1152, 896),
+        (896, 1152),
+        (1216, 832),
+        (832, 1216),
+        (1344, 768),
+        (768, 1344),
+    }
     assert set(data["split"]) <= {"train", "val"}
     assert len(set(data["id"])) == 14
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -110,8 +136,13 @@ def test_layouts_repeats_and_bad_input(tmp_path, tag_db_path):
     result = prepare(recipe, out, QUIET)
     assert snapshot(root / "gallery") == before
     by_id = {row["id"]: row for row in rows(out)}
-    assert set(by_id) == {"s/10_mira/a.png", "s/10_mira/classonly.png", "s/gallery/b.jpg", "s/gallery/c.png",
-                          "s/plain/untagged.png"}
+    assert set(by_id) == {
+        "s/10_mira/a.png",
+        "s/10_mira/classonly.png",
+        "s/gallery/b.jpg",
+        "s/gallery/c.png",
+        "s/plain/untagged.png",
+    }
     assert by_id["s/10_mira/a.png"]["repeats"] == 10 and by_id["s/gallery/b.jpg"]["repeats"] == 1
     assert "blue hair" in by_id["s/10_mira/a.png"]["caption_body"]
     assert "mira" in by_id["s/10_mira/classonly.png"]["caption_body"]
@@ -139,7 +170,9 @@ def test_folder_without_images(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     parser = __import__("argparse").ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args([str(tmp_path / "empty"), "-o", str(tmp_path / "out"), "--workers", "1"])
+    args = parser.parse_args(
+        [str(tmp_path / "empty"), "-o", str(tmp_path / "out"), "--workers", "1"]
+    )
     assert cli.run(args) == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "no images found" in report["rejected"][0]["reason"]
@@ -174,8 +207,11 @@ def test_rerun_reuses_until_input_changes(tmp_path):
     recipe = recipe_for({"name": "s", "path": str(tmp_path / "in")})
     assert not prepare(recipe, tmp_path / "out", QUIET).up_to_date
     assert prepare(recipe, tmp_path / "out", QUIET).up_to_date
-    assert not prepare(recipe_for({"name": "s", "path": str(tmp_path / "in")}, min_side=65),
-                       tmp_path / "out", QUIET).up_to_date
+    assert not prepare(
+        recipe_for({"name": "s", "path": str(tmp_path / "in")}, min_side=65),
+        tmp_path / "out",
+        QUIET,
+    ).up_to_date
     image(tmp_path / "in" / "b.png", colour=(0, 0, 0))
     result = prepare(recipe, tmp_path / "out", QUIET)
     assert not result.up_to_date and result.rows == 2
@@ -210,7 +246,11 @@ def test_hf_imagefolder_and_parquet_sources(tmp_path):
     for index in range(2):
         image(folder / f"{index}.png", colour=(0, 0, 100 + index))
     (folder / "metadata.jsonl").write_text(
-        "".join(json.dumps({"file_name": f"{i}.png", "tags": "1girl, smile", "rating": "g"}) + "\n" for i in range(2)))
+        "".join(
+            json.dumps({"file_name": f"{i}.png", "tags": "1girl, smile", "rating": "g"}) + "\n"
+            for i in range(2)
+        )
+    )
     buffer = io.BytesIO()
     Image.new("RGB", (90, 90), (9, 9, 9)).save(buffer, "PNG")
     import pyarrow as pa
@@ -218,9 +258,16 @@ def test_hf_imagefolder_and_parquet_sources(tmp_path):
 
     parquet = tmp_path / "pq" / "train.parquet"
     parquet.parent.mkdir()
-    pq.write_table(pa.table({"image": [{"bytes": buffer.getvalue(), "path": "x.png"}], "text": ["1girl, sky"]}), parquet)
+    pq.write_table(
+        pa.table(
+            {"image": [{"bytes": buffer.getvalue(), "path": "x.png"}], "text": ["1girl, sky"]}
+        ),
+        parquet,
+    )
     before = snapshot(tmp_path / "pq")
-    recipe = recipe_for({"name": "folder", "path": str(folder)}, {"name": "pq", "path": str(parquet.parent)})
+    recipe = recipe_for(
+        {"name": "folder", "path": str(folder)}, {"name": "pq", "path": str(parquet.parent)}
+    )
     out = tmp_path / "out"
     prepare(recipe, out, QUIET)
     assert snapshot(tmp_path / "pq") == before

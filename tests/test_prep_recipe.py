@@ -44,10 +44,22 @@ def test_unknown_keys_suggest(tmp_path):
         ({"sources": []}, "sources"),
         ({}, "sources"),
         ({"sources": [{"name": "a", "path": "x", "repeats": 0}]}, "sources.0.repeats"),
-        ({"sources": [{"name": "a", "path": "x"}], "dataset": {"buckets": "square"}}, "dataset.buckets"),
-        ({"sources": [{"name": "a", "path": "x"}], "dataset": {"val_fraction": 1.5}}, "dataset.val_fraction"),
-        ({"sources": [{"name": "a", "path": "x"}], "caption": {"general_threshold": 2}}, "caption.general_threshold"),
-        ({"sources": [{"name": "a", "path": "x", "caption": {"extra": 1}}]}, "sources.0.caption.extra"),
+        (
+            {"sources": [{"name": "a", "path": "x"}], "dataset": {"buckets": "square"}},
+            "dataset.buckets",
+        ),
+        (
+            {"sources": [{"name": "a", "path": "x"}], "dataset": {"val_fraction": 1.5}},
+            "dataset.val_fraction",
+        ),
+        (
+            {"sources": [{"name": "a", "path": "x"}], "caption": {"general_threshold": 2}},
+            "caption.general_threshold",
+        ),
+        (
+            {"sources": [{"name": "a", "path": "x", "caption": {"extra": 1}}]},
+            "sources.0.caption.extra",
+        ),
     ],
 )
 def test_bad_values_name_the_field(data, field):
@@ -83,8 +95,18 @@ def test_unusable_config_stops_before_work(tmp_path, caplog):
 def test_command_line_overrides_recipe(tmp_path):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args([str(REPO / "datasets" / "sample.toml"), "-o", "x", "--buckets", "all",
-                              "--max-tokens", "150", "--near-dup"])
+    args = parser.parse_args(
+        [
+            str(REPO / "datasets" / "sample.toml"),
+            "-o",
+            "x",
+            "--buckets",
+            "all",
+            "--max-tokens",
+            "150",
+            "--near-dup",
+        ]
+    )
     recipe = cli.recipe_from_args(args)
     assert recipe.dataset.buckets == "all" and recipe.dataset.near_dup
     assert recipe.caption.max_tokens == 150 and recipe.dataset.val_fraction == 0.15

@@ -30,11 +30,19 @@ def _jpeg(size=(96, 80)) -> bytes:
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares `width` x `height` (valid CRC) but holds almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_good_image(tmp_path):
@@ -116,7 +124,11 @@ def test_parallel_matches_serial_and_keeps_order(tmp_path):
 def test_exact_and_near_duplicates(tmp_path):
     base = Image.radial_gradient("L").convert("RGB").resize((128, 128))
     paths = {}
-    for name, image in {"a": base, "b": base.point(lambda v: min(255, v + 3)), "c": base.rotate(90)}.items():
+    for name, image in {
+        "a": base,
+        "b": base.point(lambda v: min(255, v + 3)),
+        "c": base.rotate(90),
+    }.items():
         paths[name] = tmp_path / f"{name}.png"
         image.save(paths[name])
     paths["a_copy"] = tmp_path / "a_copy.png"

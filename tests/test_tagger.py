@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto, helper
 
-from captioning import Category  # noqa: E402
-from captioning.tagger import WDTagger, read_labels  # noqa: E402
+from captioning import Category
+from captioning.tagger import WDTagger, read_labels
 
 SIDE = 32
 # name, WD category, weights on (B, G, R) channel means in [0, 1], bias
@@ -51,14 +51,18 @@ def tagger_dir(tmp_path_factory):
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(LABELS)])],
         initializer=[
             helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
-            helper.make_tensor("weights", TensorProto.FLOAT, weights.shape, weights.flatten().tolist()),
+            helper.make_tensor(
+                "weights", TensorProto.FLOAT, weights.shape, weights.flatten().tolist()
+            ),
             helper.make_tensor("bias", TensorProto.FLOAT, bias.shape, bias.tolist()),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     onnx.save(model, folder / "model.onnx")
-    rows = ["tag_id,name,category,count"] + [f"{i},{n},{c},100" for i, (n, c, _, _) in enumerate(LABELS)]
+    rows = ["tag_id,name,category,count"] + [
+        f"{i},{n},{c},100" for i, (n, c, _, _) in enumerate(LABELS)
+    ]
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
 
@@ -66,7 +70,10 @@ def tagger_dir(tmp_path_factory):
 def test_input_size_read_from_model(tagger_dir):
     tagger = WDTagger.load(str(tagger_dir))
     assert tagger.input_size == SIDE
-    assert [label.name for label in read_labels(tagger_dir / "selected_tags.csv")][:2] == ["general", "sensitive"]
+    assert [label.name for label in read_labels(tagger_dir / "selected_tags.csv")][:2] == [
+        "general",
+        "sensitive",
+    ]
 
 
 def test_preprocessing_pads_white_and_feeds_bgr(tagger_dir):
@@ -84,10 +91,13 @@ def test_preprocessing_pads_white_and_feeds_bgr(tagger_dir):
 
 
 def test_thresholds_rating_and_categories(tagger_dir):
-    post = WDTagger.load(str(tagger_dir)).tag_images([Image.new("RGB", (64, 32), (255, 0, 0))], ["x"])[0]
+    post = WDTagger.load(str(tagger_dir)).tag_images(
+        [Image.new("RGB", (64, 32), (255, 0, 0))], ["x"]
+    )[0]
     # blue/green at 0.5 >= 0.35, red at 1.0; character 0.9 >= 0.85; ":d" at 0.2 is below.
-    assert post.tags[Category.GENERAL] == ["red_tag", "blue_tag", "green_tag"] or \
-        post.tags[Category.GENERAL] == ["red_tag", "green_tag", "blue_tag"]
+    assert post.tags[Category.GENERAL] == ["red_tag", "blue_tag", "green_tag"] or post.tags[
+        Category.GENERAL
+    ] == ["red_tag", "green_tag", "blue_tag"]
     assert post.tags[Category.CHARACTER] == ["red_girl_(sample)"]
     assert post.rating == "s"  # sensitive 0.5 beats general 0.3
     strict = WDTagger.load(str(tagger_dir), general_threshold=0.6, character_threshold=0.95)
@@ -100,7 +110,9 @@ def test_thresholds_rating_and_categories(tagger_dir):
 def test_batches_match_single_images(tagger_dir):
     images = [Image.new("RGB", (40 + 9 * i, 48), (40 * i, 200 - 30 * i, 90)) for i in range(5)]
     batched = WDTagger.load(str(tagger_dir), batch_size=2).predict(images)
-    single = np.concatenate([WDTagger.load(str(tagger_dir), batch_size=1).predict([im]) for im in images])
+    single = np.concatenate(
+        [WDTagger.load(str(tagger_dir), batch_size=1).predict([im]) for im in images]
+    )
     np.testing.assert_allclose(batched, single, rtol=1e-6)
 
 
@@ -129,13 +141,17 @@ def test_tag_cli_writes_sidecars_outside_input(tagger_dir, tmp_path):
     before = sorted(p.name for p in images.rglob("*"))
     parser = argparse.ArgumentParser()
     tagger_cli.add_arguments(parser)
-    args = parser.parse_args([str(images), "-o", str(tmp_path / "tags"), "--model", str(tagger_dir)])
+    args = parser.parse_args(
+        [str(images), "-o", str(tmp_path / "tags"), "--model", str(tagger_dir)]
+    )
     assert tagger_cli.run(args) == 1  # one file skipped
     assert sorted(p.name for p in images.rglob("*")) == before
     text_a = (tmp_path / "tags" / "a.txt").read_text(encoding="utf-8")
     assert "red tag" in text_a and "red girl (sample)" in text_a
     assert "blue tag" in (tmp_path / "tags" / "sub" / "b.txt").read_text(encoding="utf-8")
-    inside = parser.parse_args([str(images), "-o", str(images / "tags"), "--model", str(tagger_dir)])
+    inside = parser.parse_args(
+        [str(images), "-o", str(images / "tags"), "--model", str(tagger_dir)]
+    )
     assert tagger_cli.run(inside) == 2
 
 
@@ -145,9 +161,17 @@ def test_prep_auto_tags_untagged_images(tagger_dir, tmp_path):
 
     Image.new("RGB", (128, 64), (255, 0, 0)).save(tmp_path / "red.png")
     Image.new("RGB", (96, 96), (0, 0, 255)).save(tmp_path / "blue.png")
-    recipe = parse_recipe({"sources": [{"name": "s", "path": str(tmp_path)}], "dataset": {"min_side": 64},
-                           "caption": {"tagger": str(tagger_dir)}}, "test")
-    result = prepare(recipe, tmp_path.parent / f"{tmp_path.name}_out", RunOptions(show_summary=False))
+    recipe = parse_recipe(
+        {
+            "sources": [{"name": "s", "path": str(tmp_path)}],
+            "dataset": {"min_side": 64},
+            "caption": {"tagger": str(tagger_dir)},
+        },
+        "test",
+    )
+    result = prepare(
+        recipe, tmp_path.parent / f"{tmp_path.name}_out", RunOptions(show_summary=False)
+    )
     assert result.stats.auto_tagged == 2 and result.stats.untagged == 0
     import datasets
 

@@ -39,7 +39,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         # A palette may carry transparency (tRNS): expand it to RGBA so it is composited below.
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("LA", "La", "PA", "RGBa") or (image.mode == "L" and "transparency" in image.info):
+    if image.mode in ("LA", "La", "PA", "RGBa") or (
+        image.mode == "L" and "transparency" in image.info
+    ):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, WHITE)

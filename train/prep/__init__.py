@@ -10,4 +10,12 @@ Heavy modules (datasets, captioning) are imported by the submodules, not here.
 from train.prep.buckets import CARD_BUCKETS, all_buckets, closest_bucket, place
 from train.prep.recipe import Recipe, RecipeError, load_recipe
 
-__all__ = ["CARD_BUCKETS", "Recipe", "RecipeError", "all_buckets", "closest_bucket", "load_recipe", "place"]
+__all__ = [
+    "CARD_BUCKETS",
+    "Recipe",
+    "RecipeError",
+    "all_buckets",
+    "closest_bucket",
+    "load_recipe",
+    "place",
+]

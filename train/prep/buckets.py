@@ -51,7 +51,9 @@ def closest_bucket(width: int, height: int, buckets: tuple[Bucket, ...]) -> Buck
     the `all` set) go to the largest area, so a square image gets 1024x1024, not 512x512.
     """
     aspect = math.log(width / height)
-    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 12), -b[0] * b[1]))
+    return min(
+        buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 12), -b[0] * b[1])
+    )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,7 +64,9 @@ class CaptionTools:
     def captioner(self, profile: str, max_tokens: int) -> Captioner:
         key = (profile, max_tokens)
         if key not in self._captioners:
-            self._captioners[key] = Captioner(load_profile(profile), self.tag_db, self.token_counter, max_tokens)
+            self._captioners[key] = Captioner(
+                load_profile(profile), self.tag_db, self.token_counter, max_tokens
+            )
         return self._captioners[key]
 
     def category_name(self, tag: str) -> str:
@@ -81,7 +82,7 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
     def checked(field_name: str, loader, value):
         try:
             return loader(value)
-        except Exception as error:  # any failure here means the configuration is unusable
+        except Exception as error:  # noqa: BLE001 - any failure here means an unusable setting
             raise RecipeError(f"caption.{field_name}: cannot load {value!r}: {error}") from None
 
     tag_db = checked("tags_db", TagDatabase.load, options.tags_db) if options.tags_db else None
@@ -96,8 +97,11 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
 
         tagger = checked(
             "tagger",
-            lambda v: WDTagger.load(v, general_threshold=options.general_threshold,
-                                    character_threshold=options.character_threshold),
+            lambda v: WDTagger.load(
+                v,
+                general_threshold=options.general_threshold,
+                character_threshold=options.character_threshold,
+            ),
             options.tagger,
         )
     tools = CaptionTools(options, tag_db, counter, tagger)
@@ -106,7 +110,7 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
             where = "caption.profile" if index == 0 else f"sources.{index - 1}.caption.profile"
             try:
                 load_profile(profile)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - reported as an unusable setting
                 raise RecipeError(f"{where}: cannot load profile {profile!r}: {error}") from None
     return tools
 
@@ -123,8 +127,14 @@ def check_sources(recipe: Recipe) -> list[str]:
             kind = src.detect_kind(source.path)
         except FileNotFoundError as error:
             raise RecipeError(f"sources.{index}.path: {error}") from None
-        if source.type != "auto" and source.type != kind and not (source.type == "hf" and kind == "folder"):
-            raise RecipeError(f"sources.{index}.type: {source.path} looks like {kind!r}, not {source.type!r}")
+        if (
+            source.type != "auto"
+            and source.type != kind
+            and not (source.type == "hf" and kind == "folder")
+        ):
+            raise RecipeError(
+                f"sources.{index}.type: {source.path} looks like {kind!r}, not {source.type!r}"
+            )
         kinds.append("hf" if source.type == "hf" else kind)
     return kinds
 
@@ -132,7 +142,9 @@ def check_sources(recipe: Recipe) -> list[str]:
 def fingerprint(recipe: Recipe, run: RunOptions) -> str:
     """Hash of everything the result depends on: input files (path, size, mtime), options, code."""
     digest = hashlib.sha256()
-    digest.update(f"v{FORMAT_VERSION}\n{recipe_to_toml(recipe)}\n{run.shard_index}/{run.num_shards}\n".encode())
+    digest.update(
+        f"v{FORMAT_VERSION}\n{recipe_to_toml(recipe)}\n{run.shard_index}/{run.num_shards}\n".encode()
+    )
     caption = recipe.caption
     paths = [s.path for s in recipe.sources] + [
         p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger) if p
@@ -155,14 +167,17 @@ def unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def _records(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOptions,
-             stats: PrepStats) -> Iterator[tuple[src.Record, str]]:
+def _records(
+    recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOptions, stats: PrepStats
+) -> Iterator[tuple[src.Record, str]]:
     """(record, path to read it from now) for this shard; listing problems go to `stats`."""
     for source, kind in zip(recipe.sources, kinds):
         if kind == "folder":
             listing = src.walk_folder(Path(source.path), source.name, source.repeats)
         else:
-            listing = src.read_hf(source.path, source.split, source.name, source.repeats, out / IMAGE_CACHE)
+            listing = src.read_hf(
+                source.path, source.split, source.name, source.repeats, out / IMAGE_CACHE
+            )
         found = 0
         for item in listing:
             if isinstance(item, src.Rejected):
@@ -190,19 +205,45 @@ def _post_with_extras(record: src.Record, source: Source) -> Post | None:
     if record.post is None and not extras:
         return None
     if record.post is None:
-        return Post(id=record.id, origin=record.image_path, tags={}, uncategorised=extras, rating=None,
-                    score=None, created_at=None, metadata={})
+        return Post(
+            id=record.id,
+            origin=record.image_path,
+            tags={},
+            uncategorised=extras,
+            rating=None,
+            score=None,
+            created_at=None,
+            metadata={},
+        )
     return dataclasses.replace(record.post, uncategorised=list(record.post.uncategorised) + extras)
 
 
-def _row(record: src.Record, info: ImageInfo, post: Post | None, recipe: Recipe, source: Source,
-         tools: CaptionTools, buckets, stats: PrepStats) -> dict:
+def _row(
+    record: src.Record,
+    info: ImageInfo,
+    post: Post | None,
+    recipe: Recipe,
+    source: Source,
+    tools: CaptionTools,
+    buckets,
+    stats: PrepStats,
+) -> dict:
     if post is None:
         stats.untagged += 1
-        post = Post(id=record.id, origin=record.image_path, tags={}, uncategorised=[], rating=None,
-                    score=None, created_at=None, metadata={})
-    captioner = tools.captioner(source.caption.profile or recipe.caption.profile,
-                                source.caption.max_tokens or recipe.caption.max_tokens)
+        post = Post(
+            id=record.id,
+            origin=record.image_path,
+            tags={},
+            uncategorised=[],
+            rating=None,
+            score=None,
+            created_at=None,
+            metadata={},
+        )
+    captioner = tools.captioner(
+        source.caption.profile or recipe.caption.profile,
+        source.caption.max_tokens or recipe.caption.max_tokens,
+    )
     result = captioner.caption(post)
     stats.token_lengths.append(result.tokens)
     stats.captions_cut += bool(result.cut)
@@ -244,8 +285,15 @@ def _row(record: src.Record, info: ImageInfo, post: Post | None, recipe: Recipe,
     }
 
 
-def _build(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOptions,
-           tools: CaptionTools, stats: PrepStats) -> int:
+def _build(
+    recipe: Recipe,
+    kinds: list[str],
+    out: Path,
+    temp: Path,
+    run: RunOptions,
+    tools: CaptionTools,
+    stats: PrepStats,
+) -> int:
     sources = {s.name: s for s in recipe.sources}
     buckets = bucket_set(recipe.dataset.buckets)
     options = ValidateOptions(min_side=recipe.dataset.min_side, phash=recipe.dataset.near_dup)
@@ -258,13 +306,28 @@ def _build(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOpti
         for (record, _, info), tagged in zip(pending, posts):
             stats.auto_tagged += 1
             record.post = dataclasses.replace(tagged, id=record.id)
-            spool.append(_row(record, info, _post_with_extras(record, sources[record.source]), recipe,
-                              sources[record.source], tools, buckets, stats))
+            spool.append(
+                _row(
+                    record,
+                    info,
+                    _post_with_extras(record, sources[record.source]),
+                    recipe,
+                    sources[record.source],
+                    tools,
+                    buckets,
+                    stats,
+                )
+            )
         pending.clear()
 
     listed = _records(recipe, kinds, out, temp, run, stats)
-    results = validate_many(listed, path_of=lambda pair: pair[1], options=options, workers=run.workers,
-                            max_image_pixels=recipe.dataset.max_image_pixels)
+    results = validate_many(
+        listed,
+        path_of=lambda pair: pair[1],
+        options=options,
+        workers=run.workers,
+        max_image_pixels=recipe.dataset.max_image_pixels,
+    )
     for (record, read_path), info in tqdm(results, desc="prep", unit="img", disable=None):
         if isinstance(info, str):
             stats.reject(src.display_path(record.image_path), info)
@@ -279,8 +342,18 @@ def _build(recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOpti
             if len(pending) >= run.tagger_batch_size:
                 flush_tagger()
             continue
-        spool.append(_row(record, info, _post_with_extras(record, sources[record.source]), recipe,
-                          sources[record.source], tools, buckets, stats))
+        spool.append(
+            _row(
+                record,
+                info,
+                _post_with_extras(record, sources[record.source]),
+                recipe,
+                sources[record.source],
+                tools,
+                buckets,
+                stats,
+            )
+        )
     if pending:
         flush_tagger()
     spool.close()
@@ -306,11 +379,15 @@ def prepare(recipe: Recipe, out: Path, run: RunOptions = RunOptions()) -> PrepRe
     try:
         rows = _build(recipe, kinds, out, temp, run, tools, stats)
         write_text_atomic(temp / "recipe.toml", recipe_to_toml(recipe))
-        write_reports(stats, temp, {
-            "fingerprint": expected,
-            "format_version": FORMAT_VERSION,
-            "shard": {"index": run.shard_index, "num_shards": run.num_shards},
-        })
+        write_reports(
+            stats,
+            temp,
+            {
+                "fingerprint": expected,
+                "format_version": FORMAT_VERSION,
+                "shard": {"index": run.shard_index, "num_shards": run.num_shards},
+            },
+        )
         publish(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

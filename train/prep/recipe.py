@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
@@ -145,7 +148,10 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
 
     sources = [s.model_copy(update={"path": absolute(s.path)}) for s in recipe.sources]
     caption = recipe.caption.model_copy(
-        update={k: absolute(getattr(recipe.caption, k)) for k in ("tags_db", "clip_bpe", "tokenizer", "tagger")}
+        update={
+            k: absolute(getattr(recipe.caption, k))
+            for k in ("tags_db", "clip_bpe", "tokenizer", "tagger")
+        }
     )
     return recipe.model_copy(update={"sources": sources, "caption": caption})
 

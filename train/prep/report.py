@@ -80,6 +80,7 @@ def _histogram(values: list[int], bins: int = 10) -> dict[str, int]:
     low, high = min(values), max(values)
     width = max(1, -(-(high - low + 1) // bins))
     counts = Counter((v - low) // width for v in values)
+
     def label(b: int) -> str:
         start = low + b * width
         return str(start) if width == 1 else f"{start}-{start + width - 1}"
@@ -132,21 +133,31 @@ def _plots(stats: PrepStats, plot_dir: Path) -> list[tuple[str, str]]:
     bar("years", "Years", dict(sorted(stats.years.items())))
     hist("scores", "Scores", stats.scores)
     hist("token_lengths", "Caption length (CLIP tokens)", stats.token_lengths)
-    bar("head_tags", "Head tags (trigger / character / copyright)", dict(stats.head_tags.most_common(TOP_TAGS)), True)
+    bar(
+        "head_tags",
+        "Head tags (trigger / character / copyright)",
+        dict(stats.head_tags.most_common(TOP_TAGS)),
+        True,
+    )
     for category, counter in sorted(stats.tags.items()):
         bar(f"tags_{category}", f"Top {category} tags", dict(counter.most_common(TOP_TAGS)), True)
     return written
 
 
 def _table(title: str, rows: dict) -> str:
-    cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    cells = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
     return f"<h2>{html.escape(title)}</h2><table>{cells}</table>"
 
 
 def write_reports(stats: PrepStats, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """`report.json`, `report.html` and `plots/*.png` under `out`; returns the JSON data."""
     data = {**extra, **stats.to_json()}
-    (out / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "report.json").write_text(
+        json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     plots = _plots(stats, out / "plots")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>animagine-lora prep report</title>",
@@ -155,11 +166,18 @@ def write_reports(stats: PrepStats, out: Path, extra: dict[str, Any]) -> dict[st
         _table("Counts", data["counts"]),
         _table("Rejected by reason", data["rejected_by_reason"]),
     ]
-    parts += [f"<h2>{html.escape(t)}</h2><img src='plots/{html.escape(f)}' alt='{html.escape(t)}'>" for t, f in plots]
+    parts += [
+        f"<h2>{html.escape(t)}</h2><img src='plots/{html.escape(f)}' alt='{html.escape(t)}'>"
+        for t, f in plots
+    ]
     if stats.rejected:
         parts.append(_table("Rejected files", {p: r for p, r in stats.rejected[:1000]}))
     if stats.duplicates:
-        parts.append(_table("Duplicates (kept id)", {i: f"{k} of {o}" for i, k, o in stats.duplicates[:1000]}))
+        parts.append(
+            _table(
+                "Duplicates (kept id)", {i: f"{k} of {o}" for i, k, o in stats.duplicates[:1000]}
+            )
+        )
     parts.append("</body></html>")
     (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
     return data

@@ -25,7 +25,9 @@ from typing import Any
 from captioning import Category, Post
 from captioning.readers import read_danbooru_json, read_tag_file
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"})
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
+)
 SIDECAR_SUFFIXES = (".json", ".txt", ".caption")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 TAG_COLUMNS = ("tags", "tag_string", "text", "caption", "prompt")
@@ -36,8 +38,16 @@ DANBOORU_FIELDS = {
     "tag_string_character": Category.CHARACTER,
     "tag_string_meta": Category.META,
 }
-RATINGS = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q", "questionable": "q",
-           "e": "e", "explicit": "e"}
+RATINGS = {
+    "g": "g",
+    "general": "g",
+    "s": "s",
+    "sensitive": "s",
+    "q": "q",
+    "questionable": "q",
+    "e": "e",
+    "explicit": "e",
+}
 
 
 @dataclass
@@ -112,7 +122,11 @@ def _scan(directory: str) -> tuple[list[os.DirEntry], list[os.DirEntry], list[Re
 
 
 def _sidecar_post(sidecar: Path, image_id: str) -> Post | Rejected:
-    reader = read_danbooru_json(sidecar) if sidecar.suffix == ".json" else read_tag_file(sidecar, image_id)
+    reader = (
+        read_danbooru_json(sidecar)
+        if sidecar.suffix == ".json"
+        else read_tag_file(sidecar, image_id)
+    )
     try:
         results = list(reader)
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -159,7 +173,11 @@ def _folder_records(
         candidates = [entry.name + ".json", stem + ".json", stem + ".txt", stem + ".caption"]
         present = [name for name in candidates if name in by_name]
         claimed.update(present)
-        relative = Path(entry.path).relative_to(root).as_posix() if Path(entry.path).is_relative_to(root) else entry.name
+        relative = (
+            Path(entry.path).relative_to(root).as_posix()
+            if Path(entry.path).is_relative_to(root)
+            else entry.name
+        )
         record_id = f"{source}/{relative}"
         post: Post | None = None
         if present:
@@ -186,7 +204,9 @@ def _folder_records(
 
 
 def _is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("metadata.jsonl", "metadata.csv"))
+    return path.is_dir() and any(
+        (path / name).exists() for name in ("metadata.jsonl", "metadata.csv")
+    )
 
 
 def _parquet_files(path: Path) -> list[str]:
@@ -214,7 +234,9 @@ def _open_hf(path: str, split: str):
 
     local = Path(path)
     if _is_hf_folder(local):
-        return datasets.load_dataset("imagefolder", data_dir=str(local), split=split, streaming=True)
+        return datasets.load_dataset(
+            "imagefolder", data_dir=str(local), split=split, streaming=True
+        )
     parquet = _parquet_files(local)
     if parquet:
         return datasets.load_dataset("parquet", data_files=parquet, split="train", streaming=True)
@@ -253,7 +275,9 @@ def _row_post(row: dict[str, Any], record_id: str, origin: str) -> Post | None:
     rating = RATINGS.get(str(row.get("rating", "")).lower())
     score = row.get("score") if isinstance(row.get("score"), int) else None
     created = row.get("media_asset", {}) or {}
-    created_text = (created.get("created_at") if isinstance(created, dict) else None) or row.get("created_at")
+    created_text = (created.get("created_at") if isinstance(created, dict) else None) or row.get(
+        "created_at"
+    )
     created_at = None
     if isinstance(created_text, str):
         try:
@@ -261,11 +285,21 @@ def _row_post(row: dict[str, Any], record_id: str, origin: str) -> Post | None:
         except ValueError:
             created_at = None
     used = {k: v for k, v in row.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    return Post(id=record_id, origin=origin, tags=tags, uncategorised=uncategorised, rating=rating,
-                score=score, created_at=created_at, metadata=used)
+    return Post(
+        id=record_id,
+        origin=origin,
+        tags=tags,
+        uncategorised=uncategorised,
+        rating=rating,
+        score=score,
+        created_at=created_at,
+        metadata=used,
+    )
 
 
-def read_hf(path: str, split: str, source: str, repeats: int, cache_dir: Path) -> Iterator[Record | Rejected]:
+def read_hf(
+    path: str, split: str, source: str, repeats: int, cache_dir: Path
+) -> Iterator[Record | Rejected]:
     """Rows of a Hugging Face dataset; embedded image bytes are destined for `cache_dir`
     (under the output folder, never inside the input)."""
     import datasets
@@ -289,7 +323,9 @@ def read_hf(path: str, split: str, source: str, repeats: int, cache_dir: Path) -
             if data:
                 record_id = f"{source}/{index:08d}_{name}"
             elif Path(file_path).is_relative_to(Path(path).resolve()):
-                record_id = f"{source}/{Path(file_path).relative_to(Path(path).resolve()).as_posix()}"
+                record_id = (
+                    f"{source}/{Path(file_path).relative_to(Path(path).resolve()).as_posix()}"
+                )
             else:
                 record_id = f"{source}/{index:08d}_{name}"
             image_path = file_path

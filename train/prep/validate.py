@@ -100,7 +100,7 @@ def _validate_chunk(paths: list[str], options: ValidateOptions) -> list[ImageInf
 
 
 def ordered_chunked_map(
-    submit: Callable[[list[T]], "object"], items: Iterable[T], chunk_size: int, window: int
+    submit: Callable[[list[T]], object], items: Iterable[T], chunk_size: int, window: int
 ) -> Iterator[tuple[list[T], list[R]]]:
     """Lazily map over `items` in chunks, at most `window` chunks in flight, in input order.
 
@@ -140,7 +140,9 @@ def validate_many(
         return
     # The platform's default start method: fork on Linux starts workers in milliseconds and needs
     # no `if __name__ == "__main__"` guard in user scripts; workers only touch PIL and hashlib.
-    with ProcessPoolExecutor(workers, initializer=set_pixel_limit, initargs=(max_image_pixels,)) as pool:
+    with ProcessPoolExecutor(
+        workers, initializer=set_pixel_limit, initargs=(max_image_pixels,)
+    ) as pool:
         yield from _pooled(pool, items, path_of, options, workers, chunk_size)
 
 

@@ -51,7 +51,8 @@ class RowSpool:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = open(path, "w", encoding="utf-8")
+        # Held open across many appends; closed by `close()` (the spool lives in the temp folder).
+        self._handle = open(path, "w", encoding="utf-8")  # noqa: SIM115
         self.count = 0
 
     def append(self, row: dict[str, Any]) -> None:
