@@ -1,0 +1,171 @@
+"""Sampling: the hook equals a plain diffusers call, long prompts, tag order, LoRA file checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
+from sample_eval_helpers import HEAD, lora_model, write_lora
+
+from train.models import load_base_model
+from train.prompts import (
+    CARD_NEGATIVE,
+    QUALITY_TAIL,
+    PromptOrderer,
+    default_prompts,
+    parse_size,
+    prepare_prompt,
+    split_tags,
+)
+from train.sample_hook import SampleConfig, TrainingSampler, share_components
+from train.sampling import (
+    LoraFileError,
+    SampleSettings,
+    build_pipeline,
+    encode,
+    generate,
+    load_lora,
+    unload_lora,
+)
+
+PROMPT = "1girl, herta (honkai: star rail), honkai: star rail, safe, smile"
+SETTINGS = SampleSettings(width=64, height=64, steps=3, seeds=[3, 11], batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_model, tmp_path_factory):
+    model = lora_model(tiny_model, seed=1, text_encoder=True)
+    return write_lora(tmp_path_factory.mktemp("lora") / "herta.safetensors", model, text_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return build_pipeline(load_base_model(str(tiny_model.diffusers_dir), weight_dtype=torch.float32))
+
+
+def _arrays(images):
+    return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def test_hook_sample_equals_plain_diffusers_call_with_webui_lora(tiny_model, pipe, lora_file):
+    load_lora(pipe, lora_file, "herta", strength=0.8)
+    try:
+        ours = generate(pipe, [PROMPT], SETTINGS, progress=False)[0]
+    finally:
+        unload_lora(pipe, "herta")
+    bare = generate(pipe, [PROMPT], SETTINGS, progress=False)[0]
+
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_model.diffusers_dir, dtype=torch.float32)
+    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(
+        reference.scheduler.config, timestep_spacing="linspace")
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(lora_file), adapter_name="x")
+    reference.set_adapters(["x"], adapter_weights=[0.8])
+    expected = reference(
+        prompt=[PROMPT] * 2, negative_prompt=[CARD_NEGATIVE] * 2, width=64, height=64, num_inference_steps=3,
+        guidance_scale=5.0, generator=[torch.Generator("cpu").manual_seed(s) for s in SETTINGS.seeds],
+    ).images
+    for got, want, without in zip(_arrays(ours), _arrays(expected), _arrays(bare)):
+        assert np.abs(got - want).max() <= 1
+        assert np.abs(got - without).max() > 5  # the LoRA changes the image: the comparison means something
+
+
+def test_same_seed_same_image_and_seeds_are_per_image(pipe):
+    first = generate(pipe, [PROMPT], SampleSettings(width=64, height=64, steps=2, seeds=[5, 6], batch_size=2),
+                     progress=False)[0]
+    alone = generate(pipe, [PROMPT], SampleSettings(width=64, height=64, steps=2, seeds=[6], batch_size=1),
+                     progress=False)[0]
+    assert np.abs(_arrays(first)[1] - _arrays(alone)[0]).max() <= 1  # seed 6 alone == seed 6 in a batch
+    assert np.abs(_arrays(first)[0] - _arrays(first)[1]).max() > 5
+
+
+def test_long_prompt_is_chunked_not_cut(pipe):
+    tags = [f"tag{i} word{i}" for i in range(20)]  # about 120 tokens: two chunks
+    long = ", ".join(tags)
+    changed_end = ", ".join(tags[:-1] + ["blue sky"])
+    embeds = encode(pipe, [long, changed_end, "1girl"], CARD_NEGATIVE)
+    assert embeds["prompt_embeds"].shape[1] == 154
+    assert embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape
+    # The last tag sits past the first 77 positions: changing it must change the embeddings.
+    assert not torch.allclose(embeds["prompt_embeds"][0], embeds["prompt_embeds"][1])
+    assert torch.equal(embeds["prompt_embeds"][0, :77], embeds["prompt_embeds"][1, :77])
+
+
+def test_prompt_tags_are_put_in_card_order_with_quality_tail(tag_db_path):
+    orderer = PromptOrderer.load(str(tag_db_path))
+    text = prepare_prompt("smile, safe, herta \\(honkai: star rail\\), 1girl, honkai: star rail", orderer)
+    tags = split_tags(text)
+    assert tags[:4] == HEAD
+    assert "smile" in tags[4:]
+    assert tuple(tags[-len(QUALITY_TAIL):]) == QUALITY_TAIL
+    assert "\\" not in text  # literal parentheses, as in training captions
+    assert prepare_prompt("smile, 1girl", None) == "smile, 1girl"  # --no-reorder keeps the order
+    assert prepare_prompt("1girl, masterpiece", orderer).count("masterpiece") == 1
+
+
+def test_sizes_and_default_prompts():
+    assert parse_size("portrait") == (832, 1216)
+    assert parse_size("1216x832") == (1216, 832)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        parse_size("100x100")
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("big")
+    heads = [HEAD, HEAD, ["1girl", "safe"]]
+    assert default_prompts(heads, 1) == [", ".join(HEAD + list(QUALITY_TAIL))]
+
+
+def test_sample_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="every_n_step"):
+        SampleConfig(every_n_step=10)
+    assert SampleConfig(size="64x64").settings().width == 64
+
+
+def test_lora_file_problems_are_named(pipe, tiny_model, lora_file, tmp_path):
+    with pytest.raises(LoraFileError, match="full model checkpoint"):
+        load_lora(pipe, tiny_model.single_file, "full")
+    tensors = load_file(lora_file)
+    up = next(k for k in tensors if k.endswith(".lora_up.weight"))
+    missing = {k: v for k, v in tensors.items() if k != up}
+    save_file(missing, tmp_path / "missing.safetensors")
+    with pytest.raises(LoraFileError, match="missing.safetensors: 1 module"):
+        load_lora(pipe, tmp_path / "missing.safetensors", "missing")
+    prefix = up[: -len(".lora_up.weight")]
+    unknown = {k.replace(prefix, "lora_unet_no_such_block_to_q"): v for k, v in tensors.items()}
+    save_file(unknown, tmp_path / "unknown.safetensors")
+    with pytest.raises(LoraFileError, match="unknown.safetensors"):
+        load_lora(pipe, tmp_path / "unknown.safetensors", "unknown")
+    wide = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("lora_down.weight") and v.ndim == 2 else v)
+            for k, v in tensors.items()}  # another architecture: layer widths that do not fit
+    save_file(wide, tmp_path / "other_arch.safetensors")
+    with pytest.raises(LoraFileError, match="other_arch.safetensors"):
+        load_lora(pipe, tmp_path / "other_arch.safetensors", "other")
+    assert not any(pipe.get_list_adapters().values())  # failed loads leave no adapter behind
+
+
+def test_training_hook_on_opt_model_matches_training_model(tiny_model, tmp_path):
+    train_model = lora_model(tiny_model, seed=2)  # UNet LoRA only: VAE and text encoders shareable
+    config = SampleConfig(every_n_steps=5, prompts=[PROMPT], seeds=[1], size="64x64", steps=2,
+                          sample_model="opt", opt_model=str(tiny_model.diffusers_dir))
+    sampler = TrainingSampler(config, train_model=train_model, out_dir=tmp_path, weight_dtype=torch.float32)
+    on_opt = sampler.render_grid(5, unet=train_model.unet)
+    assert (tmp_path / "samples" / "step-000005.png").is_file()
+    opt_pipe = sampler._opt_pipe
+    assert opt_pipe.vae is train_model.vae and opt_pipe.text_encoder_2 is train_model.text_encoder_2
+    assert opt_pipe.unet is not train_model.unet
+    assert not any(opt_pipe.get_list_adapters().values())  # the step's LoRA was removed again
+
+    on_train = TrainingSampler(config.model_copy(update={"sample_model": "train"}), train_model=train_model,
+                               out_dir=tmp_path / "t").render_grid(5, unet=train_model.unet)
+    # Same base weights here, so "opt" (exported file) and "train" (PEFT in place) agree.
+    assert np.abs(np.asarray(on_opt, np.int16) - np.asarray(on_train, np.int16)).max() <= 2
+
+
+def test_share_components_keeps_different_weights(tiny_model):
+    a = load_base_model(str(tiny_model.diffusers_dir), weight_dtype=torch.float32)
+    b = load_base_model(str(tiny_model.diffusers_dir), weight_dtype=torch.float32)
+    with torch.no_grad():
+        next(b.text_encoder.parameters()).add_(1.0)
+    assert share_components(a, b) == ["vae", "text_encoder_2"]
+    assert a.text_encoder is not b.text_encoder
