@@ -9,6 +9,7 @@ Exit status: 0 all records written, 1 some skipped, 2 a fatal problem (any probl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -56,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--percentiles", choices=("table", "dataset"),
                         help="score cut points: the profile's table, or computed from INPUT per rating")
     parser.add_argument("--workers", type=int, default=1, help="processes for JSON-lines input (order is kept)")
+    parser.add_argument("--max-messages", type=int, default=100,
+                        help="problems logged one per line before the rest are only counted (0: all)")
     parser.add_argument("--strict", action="store_true", help="any problem (even a warning) is fatal: exit 2")
     parser.add_argument("--format", choices=("jsonl", "txt"),
                         help="jsonl (default), or txt: one caption file per image (folder input only)")
@@ -89,9 +92,9 @@ def _run(args: argparse.Namespace) -> int:
         records = _jsonl_records(args.input, captioner, args.workers, summary)
     try:
         if output_format == "jsonl":
-            _write_jsonl(records, args.output, summary, args.strict)
+            _write_jsonl(records, args.output, summary, args.strict, args.max_messages)
         else:
-            _write_txt(records, args.input, args.output, args.txt_style, summary, args.strict)
+            _write_txt(records, args.output, args.txt_style, summary, args.strict, args.max_messages)
     except _StrictStop as stop:
         logger.error("--strict: %s", stop.problem)
         return 2
@@ -107,7 +110,7 @@ def build_captioner(args: argparse.Namespace) -> Captioner:
         raise CaptionCliError(str(error)) from None
     if args.tags_db is not None:
         try:
-            tag_db = TagDatabase.load(args.tags_db)
+            tag_db = _load_tag_db(args.tags_db)
         except TagDatabaseError as error:
             raise CaptionCliError(str(error)) from None
         if tag_db.problems and args.strict:
@@ -128,11 +131,40 @@ def _token_counter(args: argparse.Namespace) -> TokenCounter:
         if args.tokenizer:
             return TokenCounter.from_pretrained(args.tokenizer)
         if args.clip_bpe:
-            return TokenCounter.from_bpe(args.clip_bpe)
+            return _counter_from_bpe(args.clip_bpe)
         return TokenCounter.from_pretrained(DEFAULT_TOKENIZER_REPO)
     except TokenizerError as error:
         raise CaptionCliError(f"{error}; offline, pass --tokenizer DIR or --clip-bpe "
                               "bpe_simple_vocab_16e6.txt.gz (or --max-tokens 0 for no budget)") from None
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+# Loaded once per process and file version: repeated runs in one process (tests, notebooks)
+# skip re-reading the 140k-row database and rebuilding the tokenizer.
+@functools.lru_cache(maxsize=4)
+def _cached_tag_db(key: tuple[str, int, int]) -> TagDatabase:
+    return TagDatabase.load(key[0])
+
+
+def _load_tag_db(path: Path) -> TagDatabase:
+    if not path.is_file():
+        raise TagDatabaseError(f"{path}: tag database not found")
+    return _cached_tag_db(_file_key(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_counter(key: tuple[str, int, int]) -> TokenCounter:
+    return TokenCounter.from_bpe(key[0])
+
+
+def _counter_from_bpe(path: Path) -> TokenCounter:
+    if not path.is_file():
+        raise TokenizerError(f"{path}: CLIP BPE file not found")
+    return _cached_counter(_file_key(path))
 
 
 def _check_output(source: Path, output: Path, output_format: str) -> None:
@@ -238,21 +270,26 @@ class _StrictStop(Exception):
         self.problem = problem
 
 
-def _accepted(records, summary: CaptionSummary, strict: bool) -> Iterator[dict]:
+def _accepted(records, summary: CaptionSummary, strict: bool, max_messages: int) -> Iterator[dict]:
     """Records to write, after duplicate-id checks, with everything counted in the summary."""
     from tqdm import tqdm
 
     seen: set[str] = set()
+    messages = 0
     for problems, record in tqdm(records, desc="captioning", unit=" records", disable=not sys.stderr.isatty()):
         if record is not None and record["id"] in seen:
             problems = [*problems, Problem(record["_origin"], f"duplicate id {record['id']!r} (first record kept)")]
             record = None
+        if record is not None:
+            problems = problems + [Problem(record["_origin"], w, skipped=False) for w in record["warnings"]]
         for problem in problems:
             if strict:
                 raise _StrictStop(problem)
-            logger.warning("%s", problem)
-        if record is not None and strict and record["warnings"]:
-            raise _StrictStop(Problem(record["_origin"], record["warnings"][0]))
+            messages += 1
+            if max_messages <= 0 or messages <= max_messages:
+                logger.warning("%s", problem)
+            elif messages == max_messages + 1:
+                logger.warning("more problems: counted in the summary only (--max-messages 0 shows all)")
         summary.add(problems, record)
         if record is not None:
             seen.add(record["id"])
@@ -263,12 +300,12 @@ def _public(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
-def _write_jsonl(records, output: Path, summary: CaptionSummary, strict: bool) -> None:
+def _write_jsonl(records, output: Path, summary: CaptionSummary, strict: bool, max_messages: int) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in _accepted(records, summary, strict):
+            for record in _accepted(records, summary, strict, max_messages):
                 f.write(json.dumps(_public(record), ensure_ascii=False) + "\n")
                 summary.written += 1
         os.replace(tmp, output)
@@ -277,10 +314,11 @@ def _write_jsonl(records, output: Path, summary: CaptionSummary, strict: bool) -
             os.unlink(tmp)
 
 
-def _write_txt(records, source: Path, output: Path, style: str, summary: CaptionSummary, strict: bool) -> None:
+def _write_txt(records, output: Path, style: str, summary: CaptionSummary, strict: bool,
+               max_messages: int) -> None:
     """One `.txt` per image, mirroring the input's sub-folders; each file written atomically."""
     key = "sd_scripts" if style == "sd-scripts" else "caption"
-    for record in _accepted(records, summary, strict):
+    for record in _accepted(records, summary, strict, max_messages):
         target = (output / record["id"]).with_suffix(".txt")
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

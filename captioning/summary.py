@@ -45,8 +45,6 @@ class CaptionSummary:
             if not any(p.skipped for p in problems):
                 self.skipped["no record"] += 1
             return
-        for warning in record["warnings"]:
-            self.warnings[reason_kind(warning)] += 1
         self.cut += bool(record["cut"])
         self.unknown_tags.update(record["unknown_tags"])
         rating, year, score_tag, quality_tag = record["_stats"]
