@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,12 +146,16 @@ def load_lora(pipe: StableDiffusionXLPipeline, path: str | Path, adapter_name: s
         LoraFileError: naming `path`, for every reason the LoRA cannot be used.
     """
     expected = len(lora_modules(path))
+    peft_logger = logging.getLogger("diffusers.loaders.peft")
+    level = peft_logger.level
+    peft_logger.setLevel(logging.CRITICAL)  # it logs the whole module set; the error below says it briefly
     try:
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except Exception as err:  # noqa: BLE001 - diffusers/peft raise many types on a foreign file
         _delete_adapter(pipe, adapter_name)
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise LoraFileError(f"{path}: cannot be loaded on this SDXL model: {first}") from None
+        raise LoraFileError(f"{path}: {_short_reason(err, expected)}") from None
+    finally:
+        peft_logger.setLevel(level)
     loaded = _adapter_layer_count(pipe, adapter_name)
     if loaded != expected:
         _delete_adapter(pipe, adapter_name)
@@ -160,6 +165,21 @@ def load_lora(pipe: StableDiffusionXLPipeline, path: str | Path, adapter_name: s
         )
     pipe.set_adapters([adapter_name], adapter_weights=[strength])
     logger.info("loaded LoRA %s (%d modules) at strength %g", path, expected, strength)
+
+
+def _short_reason(err: Exception, expected: int) -> str:
+    """One readable line for a load failure (peft's messages can list hundreds of modules)."""
+    text = str(err).strip()
+    unknown = re.search(r"Target modules \{'([^']+)'", text)
+    if unknown:
+        return (f"LoRA modules match no layer of this SDXL model (unknown keys, e.g. {unknown.group(1)}; "
+                f"{expected} modules in the file): a LoRA for another architecture?")
+    if "size mismatch" in text:
+        shape = re.search(r"size mismatch for ([^:]+): copying a param with shape (\S+ \S+)", text)
+        detail = f" ({shape.group(1)}: {shape.group(2)})" if shape else ""
+        return f"layer shapes do not fit this SDXL model{detail}: a LoRA for another architecture?"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return f"cannot be loaded on this SDXL model: {first[:200]}"
 
 
 def _delete_adapter(pipe: StableDiffusionXLPipeline, adapter_name: str) -> None:

@@ -1,0 +1,150 @@
+"""Checkpoint evaluation on a tiny run: rows, determinism, recommendation, bad inputs, report files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sample_eval_helpers import build_tiny_tagger, lora_model, make_dataset, write_lora
+
+from train.cli import main
+from train.evaluate import (
+    EvalRow,
+    character_tags,
+    discover_checkpoints,
+    read_prompt_file,
+    recommend,
+)
+from train.models import load_base_model
+from train.validation import ValidationLoss, dataset_sources, encode_items, folder_sources
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model, tmp_path_factory):
+    """checkpoint-000010 and -000020 with WebUI LoRAs, -000030 with a LoRA whose keys match nothing."""
+    root = tmp_path_factory.mktemp("run")
+    for step, seed in ((10, 1), (20, 2)):
+        folder = root / f"checkpoint-{step:06d}"
+        folder.mkdir()
+        write_lora(folder / "herta.safetensors", lora_model(tiny_model, seed=seed, scale=0.2 * seed))
+    bad = {k.replace("lora_unet_", "lora_unet_other_arch_"): v
+           for k, v in load_file(root / "checkpoint-000010" / "herta.safetensors").items()}
+    (root / "checkpoint-000030").mkdir()
+    save_file(bad, root / "checkpoint-000030" / "herta.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepped(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("prepped"))
+
+
+@pytest.fixture(scope="module")
+def tagger_dir(tmp_path_factory):
+    return build_tiny_tagger(tmp_path_factory.mktemp("tagger"))
+
+
+def _eval(tiny_model, run_dir, prepped, tagger_dir, out, *extra):
+    return main(["eval", str(run_dir), "--dataset", str(prepped), "--model", str(tiny_model.diffusers_dir),
+                 "--size", "64x64", "--steps", "2", "--seeds", "0", "1", "--tagger", str(tagger_dir),
+                 "--device", "cpu", "-o", str(out), *extra])
+
+
+def test_eval_run_dir_rows_report_and_determinism(tiny_model, run_dir, prepped, tagger_dir, tmp_path):
+    status = _eval(tiny_model, run_dir, prepped, tagger_dir, tmp_path / "a")
+    assert status == 1  # the foreign checkpoint is reported ...
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["base", "checkpoint-000010", "checkpoint-000020", "checkpoint-000030"]
+    assert "checkpoint-000030" in rows and "match no layer" in rows["checkpoint-000030"]["error"]
+    for name in ("base", "checkpoint-000010", "checkpoint-000020"):  # ... and the others still evaluated
+        row = rows[name]
+        assert row["error"] is None and row["val_loss"] > 0 and row["grid"]
+        assert row["prompt_recall"] is not None and row["character_recall"] is not None
+        assert row["negative_rate"] is not None
+    losses = [rows[n]["val_loss"] for n in ("base", "checkpoint-000010", "checkpoint-000020")]
+    assert len(set(losses)) == 3
+    assert report["recommended"] in ("checkpoint-000010", "checkpoint-000020") and report["reason"]
+    for name in ("report.csv", "index.html", "comparison.png", "plots/val_loss.png", "plots/tag_fidelity.png"):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert "checkpoint-000020" in (tmp_path / "a" / "report.csv").read_text()
+
+    _eval(tiny_model, run_dir, prepped, tagger_dir, tmp_path / "b", "--no-images")
+    again = {r["name"]: r for r in json.loads((tmp_path / "b" / "report.json").read_text())["rows"]}
+    assert [again[n]["val_loss"] for n in ("base", "checkpoint-000010", "checkpoint-000020")] == losses
+
+
+def test_validation_loss_is_deterministic_and_sees_the_val_split(tiny_model, prepped):
+    model = load_base_model(str(tiny_model.diffusers_dir), weight_dtype=torch.float32)
+    sources = dataset_sources(prepped)
+    assert [s[0] for s in sources] == ["3.png", "4.png"]  # the split == "val" rows only
+    assert sources[0][3].tolist() == [72.0, 64.0, 4.0, 0.0, 64.0, 64.0]  # original, crop, target
+    items = encode_items(sources, model.vae)
+    first = ValidationLoss(items, model.noise_scheduler, model.prediction_type, seed=3)
+    second = ValidationLoss(encode_items(sources, model.vae), model.noise_scheduler, model.prediction_type, seed=3)
+    encoders = ([model.tokenizer, model.tokenizer_2], [model.text_encoder, model.text_encoder_2])
+    assert first(model.unet, *encoders) == second(model.unet, *encoders)
+    other_seed = ValidationLoss(items, model.noise_scheduler, model.prediction_type, seed=4)
+    assert other_seed(model.unet, *encoders) != first(model.unet, *encoders)
+
+
+def test_recommendation_prefers_val_loss_within_fidelity_margin():
+    rows = [
+        EvalRow("base", 0, None, val_loss=0.10, tag_fidelity=0.2),
+        EvalRow("a", 100, "a", val_loss=0.09, tag_fidelity=0.60),  # best loss but poor fidelity
+        EvalRow("b", 200, "b", val_loss=0.12, tag_fidelity=0.90),
+        EvalRow("c", 300, "c", val_loss=0.11, tag_fidelity=0.88),  # within 0.05 of the best, lower loss
+        EvalRow("d", 400, "d", error="bad file"),
+    ]
+    pick, reason = recommend(rows, margin=0.05)
+    assert pick.name == "c" and "validation loss" in reason and "0.900" in reason
+    assert recommend(rows, margin=0.5)[0].name == "a"
+    assert recommend(rows, margin=0.0)[0].name == "b"
+    no_loss = [EvalRow("x", 1, "x", tag_fidelity=0.5), EvalRow("y", 2, "y", tag_fidelity=0.7)]
+    assert recommend(no_loss)[0].name == "y"
+    no_fidelity = [EvalRow("x", 1, "x", val_loss=0.2), EvalRow("y", 2, "y", val_loss=0.1)]
+    assert recommend(no_fidelity)[0].name == "y"
+    tie = [EvalRow("x", 1, "x", val_loss=0.1), EvalRow("y", 2, "y", val_loss=0.1)]
+    assert recommend(tie)[0].name == "x"
+    assert recommend([EvalRow("base", 0, None, val_loss=0.1)])[0] is None
+
+
+def test_bad_inputs_are_named(tmp_path, run_dir, tiny_model):
+    checkpoints, problems = discover_checkpoints([tmp_path / "no_run", run_dir / "checkpoint-000010" / "herta.safetensors"])
+    assert [c.name for c in checkpoints] == ["base", "herta"]
+    assert problems == [f"{tmp_path / 'no_run'}: no such run folder or LoRA file"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1girl, smile\n\nsolo\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"prompts.txt:2: empty line"):
+        read_prompt_file(prompts)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"empty: no images"):
+        folder_sources(tmp_path / "empty")
+    status = main(["eval", str(tmp_path / "no_run"), "--model", str(tiny_model.diffusers_dir), "-o", str(tmp_path / "o")])
+    assert status == 1
+
+
+def test_lora_files_list_and_val_folder(tiny_model, run_dir, tmp_path, prepped):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for source in (prepped / "images").glob("[34].png"):
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "3.txt").write_text("1girl, smile", encoding="utf-8")
+    files = [run_dir / f"checkpoint-0000{s}0" / "herta.safetensors" for s in (2, 1)]
+    status = main(["eval", *map(str, files), "--val-folder", str(folder), "--val-scale", "0.0625", "--no-images",
+                   "--model", str(tiny_model.diffusers_dir), "--device", "cpu", "-o", str(tmp_path / "out")])
+    assert status == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["val_loss"] is not None for r in report["rows"]] == [True, True, True]
+    assert report["recommended"] == "herta"
+
+
+def test_character_tags_are_the_common_head_tags():
+    heads = [["1girl", "herta", "safe"], ["1girl", "herta", "safe"], ["1girl", "safe"]]
+    assert set(character_tags(heads)) == {"1girl", "herta", "safe"}
+    assert set(character_tags(heads, min_share=0.9)) == {"1girl", "safe"}
