@@ -128,6 +128,8 @@ def test_layouts_repeats_and_bad_input(tmp_path, tag_db_path):
     os.symlink(root / "plain" / "l1.png", root / "plain" / "l2.png")  # file symlink loop
     image(Path(os.fsdecode(bytes(root / "plain") + b"/bad\xffname.png")), colour=(7, 7, 7))
     image(root / "plain" / "dup.png")  # same bytes as 10_mira/a.png
+    image(root / "plain" / "emptycap.png", colour=(1, 99, 1))
+    (root / "plain" / "emptycap.txt").write_text("\n", encoding="utf-8")  # untagged, as sd-scripts
     (root / "empty").mkdir()
     before = snapshot(root / "gallery")
 
@@ -142,6 +144,7 @@ def test_layouts_repeats_and_bad_input(tmp_path, tag_db_path):
         "s/gallery/b.jpg",
         "s/gallery/c.png",
         "s/plain/untagged.png",
+        "s/plain/emptycap.png",
     }
     assert by_id["s/10_mira/a.png"]["repeats"] == 10 and by_id["s/gallery/b.jpg"]["repeats"] == 1
     assert "blue hair" in by_id["s/10_mira/a.png"]["caption_body"]
@@ -159,7 +162,8 @@ def test_layouts_repeats_and_bad_input(tmp_path, tag_db_path):
     assert "cannot stat" in reasons["l1.png"] and "cannot stat" in reasons["l2.png"]
     assert reasons["bad\\xffname.png"] == "file name is not valid UTF-8"
     assert result.stats.duplicates == [("s/plain/dup.png", "exact duplicate", "s/10_mira/a.png")]
-    assert result.stats.untagged == 1
+    assert result.stats.untagged == 2
+    assert any("emptycap.txt: empty sidecar" in w for w in result.stats.warnings)
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["duplicates"] == 1 and report["rejected_by_reason"]["too small"] == 1
 

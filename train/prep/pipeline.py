@@ -146,9 +146,12 @@ def fingerprint(recipe: Recipe, run: RunOptions) -> str:
         f"v{FORMAT_VERSION}\n{recipe_to_toml(recipe)}\n{run.shard_index}/{run.num_shards}\n".encode()
     )
     caption = recipe.caption
-    paths = [s.path for s in recipe.sources] + [
-        p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger) if p
-    ]
+    profiles = [caption.profile] + [s.caption.profile for s in recipe.sources if s.caption.profile]
+    paths = (
+        [s.path for s in recipe.sources]
+        + [p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger) if p]
+        + [p for p in profiles if Path(p).exists()]
+    )  # profile TOML files; built-in names are code
     for line in src.listing_fingerprint(paths):
         digest.update(line.encode("utf-8") + b"\n")
     return digest.hexdigest()
@@ -186,6 +189,7 @@ def _records(
             if run.num_shards > 1 and src.shard_of(item.id, run.num_shards) != run.shard_index:
                 continue
             found += 1
+            stats.warnings.extend(item.warnings)
             read_path = item.image_path
             if item.image_bytes is not None:
                 # Embedded bytes: written into the output's cache, never inside the input.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ class PrepStats:
     token_lengths: list[int] = field(default_factory=list)
 
     def reject(self, path: str, reason: str) -> None:
-        self.rejected.append((path, reason))
+        # Non-UTF-8 names arrive surrogate-escaped: shown as \xNN so the JSON/HTML can be written.
+        self.rejected.append((os.fsencode(path).decode("utf-8", errors="backslashreplace"), reason))
 
     def rejected_by_reason(self) -> Counter:
         """Counts by the reason's kind (the text before the first colon)."""

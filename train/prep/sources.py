@@ -61,6 +61,7 @@ class Record:
     post: Post | None  # None: no tags at all (auto-tag or report)
     extra_tags: list[str] = field(default_factory=list)  # folder class tokens, recipe extra tags
     image_bytes: bytes | None = None  # embedded image (parquet) still to be written to the cache
+    warnings: list[str] = field(default_factory=list)  # sidecar problems that did not reject it
 
 
 @dataclass(frozen=True)
@@ -121,21 +122,26 @@ def _scan(directory: str) -> tuple[list[os.DirEntry], list[os.DirEntry], list[Re
     return files, folders, rejected
 
 
-def _sidecar_post(sidecar: Path, image_id: str) -> Post | Rejected:
-    reader = (
-        read_danbooru_json(sidecar)
-        if sidecar.suffix == ".json"
-        else read_tag_file(sidecar, image_id)
-    )
+def _sidecar_post(sidecar: Path, image_id: str) -> tuple[Post | None, list[str]] | Rejected:
+    """(post, warnings) from a sidecar; (None, [...]) for an empty one; Rejected if unreadable.
+
+    An empty caption file means "no tags" to sd-scripts users (the image still trains), so it
+    makes the image untagged rather than rejected.
+    """
     try:
-        results = list(reader)
+        if not sidecar.read_bytes().strip():
+            return None, [f"{sidecar}: empty sidecar, image treated as untagged"]
+        if sidecar.suffix == ".json":
+            results = list(read_danbooru_json(sidecar))
+        else:
+            results = list(read_tag_file(sidecar, image_id))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         return Rejected(str(sidecar), f"unreadable sidecar: {error}")
     posts = [r for r in results if isinstance(r, Post)]
+    problems = [str(r) for r in results if not isinstance(r, Post)]
     if not posts:
-        reason = "; ".join(getattr(r, "reason", str(r)) for r in results) or "no post in sidecar"
-        return Rejected(str(sidecar), f"unreadable sidecar: {reason}")
-    return posts[0]
+        return Rejected(str(sidecar), "unreadable sidecar: " + ("; ".join(problems) or "no post"))
+    return posts[0], problems
 
 
 def walk_folder(root: Path, source: str, repeats: int = 1) -> Iterator[Record | Rejected]:
@@ -180,12 +186,13 @@ def _folder_records(
         )
         record_id = f"{source}/{relative}"
         post: Post | None = None
+        warnings: list[str] = []
         if present:
             result = _sidecar_post(Path(by_name[present[0]].path), record_id)
             if isinstance(result, Rejected):
                 yield Rejected(entry.path, result.reason + f" ({result.path})")
                 continue
-            post = result
+            post, warnings = result
         yield Record(
             id=record_id,
             image_path=os.path.abspath(entry.path),
@@ -193,6 +200,7 @@ def _folder_records(
             repeats=repeats,
             post=post,
             extra_tags=[] if post is not None else list(class_tokens),
+            warnings=warnings,
         )
     for entry in files:
         suffix = Path(entry.name).suffix.lower()
