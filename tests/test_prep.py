@@ -216,9 +216,13 @@ def test_rerun_reuses_until_input_changes(tmp_path):
         tmp_path / "out",
         QUIET,
     ).up_to_date
+    cached = tmp_path / "out" / "latents" / "vae" / "x.safetensors"  # the trainer's latent cache
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"latents")
     image(tmp_path / "in" / "b.png", colour=(0, 0, 0))
     result = prepare(recipe, tmp_path / "out", QUIET)
     assert not result.up_to_date and result.rows == 2
+    assert cached.read_bytes() == b"latents"
 
 
 def test_shards_are_disjoint_and_complete(tmp_path):

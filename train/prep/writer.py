@@ -90,13 +90,23 @@ def make_temp_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
+# Folders later stages write inside OUT, kept across re-preps: the latent cache is keyed by
+# sha256 + geometry + VAE (train.latents), so entries stay valid for rows that did not change.
+CARRIED_OVER = ("latents",)
+
+
 def publish(temp: Path, out: Path) -> None:
     """Rename the complete `temp` folder to `out`, replacing a previous result.
+
+    `CARRIED_OVER` folders of the previous result move into the new one first.
 
     A directory cannot be os.replace'd onto a non-empty one, so an old result is first moved
     aside; at every instant either the old or the new complete result is at a known path.
     """
     old = None
+    for name in CARRIED_OVER:
+        if (out / name).is_dir() and not (temp / name).exists():
+            os.replace(out / name, temp / name)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "previous")
