@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from train.prep.buckets import CARD_BUCKETS, all_buckets, bucket_set, closest_bucket, place
+from train.prep.buckets import (
+    CARD_BUCKETS,
+    all_buckets,
+    bucket_set,
+    closest_bucket,
+    largest_buckets,
+    place,
+)
 
 
 def test_card_set_is_the_model_cards():
@@ -61,6 +68,18 @@ def test_closest_is_minimal_log_distance():
 
 def test_all_set_prefers_largest_area_on_ties():
     assert closest_bucket(600, 600, all_buckets()) == (1024, 1024)
+
+
+def test_all_set_only_chooses_largest_sizes():
+    largest = largest_buckets(all_buckets())
+    assert set(CARD_BUCKETS) == set(largest_buckets(CARD_BUCKETS))
+    for w, h in largest:  # no side can grow by a step within the area limit
+        assert (w + 64) * h > 1024 * 1024 or w == 2048
+        assert w * (h + 64) > 1024 * 1024 or h == 2048
+    # A 5:7 photo: not the exact-aspect 640x896, but a ~1 megapixel bucket.
+    w, h = closest_bucket(3000, 4200, all_buckets())
+    assert w * h >= 0.9 * 1024 * 1024
+    assert abs(math.log(w / h) - math.log(3000 / 4200)) < 0.05
 
 
 def test_place_covers_and_centers():

@@ -9,6 +9,7 @@ target_size=(bucket_height, bucket_width).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,16 +45,31 @@ def bucket_set(name: str) -> tuple[Bucket, ...]:
     return table[name]()
 
 
-def closest_bucket(width: int, height: int, buckets: tuple[Bucket, ...]) -> Bucket:
-    """The bucket whose aspect ratio is closest in log space to `width/height`.
+@functools.lru_cache(maxsize=8)
+def largest_buckets(buckets: tuple[Bucket, ...]) -> tuple[Bucket, ...]:
+    """The buckets no other bucket contains (neither side can grow within the set).
 
-    Log-ratio distance treats 2:1 and 1:2 symmetrically. Ties (same aspect at several sizes, as in
-    the `all` set) go to the largest area, so a square image gets 1024x1024, not 512x512.
+    For `all_buckets()` this is sd-scripts' bucket list (for each width, the tallest height under
+    the area limit); the card set is already all largest. Only these are ever chosen: images are
+    resized anyway, and a smaller bucket of a slightly closer aspect would throw away resolution
+    (a 3000x4200 photo trained at 640x896).
+    """
+    return tuple(
+        b for b in buckets if not any(c != b and c[0] >= b[0] and c[1] >= b[1] for c in buckets)
+    )
+
+
+def closest_bucket(width: int, height: int, buckets: tuple[Bucket, ...]) -> Bucket:
+    """The largest bucket whose aspect ratio is closest in log space to `width/height`.
+
+    Log-ratio distance treats 2:1 and 1:2 symmetrically; ties go to the larger area.
     """
     aspect = math.log(width / height)
-    return min(
-        buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 12), -b[0] * b[1])
-    )
+
+    def key(bucket: Bucket) -> tuple[float, int]:
+        return round(abs(math.log(bucket[0] / bucket[1]) - aspect), 12), -bucket[0] * bucket[1]
+
+    return min(largest_buckets(tuple(buckets)), key=key)
 
 
 @dataclass(frozen=True)
