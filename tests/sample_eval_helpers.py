@@ -121,3 +121,23 @@ def build_tiny_tagger(folder: Path) -> Path:
     rows = ["tag_id,name,category,count"] + [f"{i},{n},{c},100" for i, (n, c, _, _) in enumerate(TAGGER_LABELS)]
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
+
+
+def build_tiny_clip(folder: Path, clip_bpe: Path) -> Path:
+    """A tiny transformers CLIPModel + CLIPProcessor folder (32 px images, the real BPE vocabulary)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from captioning import build_clip_tokenizer_files
+
+    tokenizer_dir = build_clip_tokenizer_files(clip_bpe, folder / "tokenizer")
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "projection_dim": 16}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "image_size": 32, "patch_size": 8, "projection_dim": 16}
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)))
+    processor.save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sample_eval_helpers import build_tiny_tagger, lora_model, make_dataset, write_lora
+from sample_eval_helpers import build_tiny_clip, build_tiny_tagger, lora_model, make_dataset, write_lora
 
 from train.cli import main
 from train.evaluate import (
@@ -54,8 +54,9 @@ def _eval(tiny_model, run_dir, prepped, tagger_dir, out, *extra):
                  "--device", "cpu", "-o", str(out), *extra])
 
 
-def test_eval_run_dir_rows_report_and_determinism(tiny_model, run_dir, prepped, tagger_dir, tmp_path):
-    status = _eval(tiny_model, run_dir, prepped, tagger_dir, tmp_path / "a")
+def test_eval_run_dir_rows_report_and_determinism(tiny_model, run_dir, prepped, tagger_dir, tmp_path, clip_bpe_path):
+    clip = build_tiny_clip(tmp_path / "clip", clip_bpe_path)
+    status = _eval(tiny_model, run_dir, prepped, tagger_dir, tmp_path / "a", "--clip", str(clip))
     assert status == 1  # the foreign checkpoint is reported ...
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
@@ -66,6 +67,7 @@ def test_eval_run_dir_rows_report_and_determinism(tiny_model, run_dir, prepped, 
         assert row["error"] is None and row["val_loss"] > 0 and row["grid"]
         assert row["prompt_recall"] is not None and row["character_recall"] is not None
         assert row["negative_rate"] is not None
+        assert row["clip_image"] is not None and row["clip_text"] is not None
     losses = [rows[n]["val_loss"] for n in ("base", "checkpoint-000010", "checkpoint-000020")]
     assert len(set(losses)) == 3
     assert report["recommended"] in ("checkpoint-000010", "checkpoint-000020") and report["reason"]

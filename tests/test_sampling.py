@@ -169,3 +169,18 @@ def test_share_components_keeps_different_weights(tiny_model):
         next(b.text_encoder.parameters()).add_(1.0)
     assert share_components(a, b) == ["vae", "text_encoder_2"]
     assert a.text_encoder is not b.text_encoder
+
+
+def test_sample_cli_writes_images_grid_and_prompts(tiny_model, lora_file, tag_db_path, tmp_path):
+    from train.cli import main
+
+    out = tmp_path / "out"
+    status = main(["sample", "--lora", str(lora_file), "--model", str(tiny_model.diffusers_dir), "--size", "64x64",
+                   "--steps", "2", "--seed", "1", "2", "--tag-db", str(tag_db_path), "--device", "cpu",
+                   "smile, herta \\(honkai: star rail\\), 1girl", "-o", str(out)])
+    assert status == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-s1.png", "p00-s2.png", "prompts.txt"]
+    assert (out / "prompts.txt").read_text().startswith("1girl, herta (honkai: star rail), smile")
+    bad = main(["sample", "--lora", str(tiny_model.single_file), "--model", str(tiny_model.diffusers_dir),
+                "--size", "64x64", "--steps", "1", "--no-reorder", "--device", "cpu", "1girl", "-o", str(tmp_path / "b")])
+    assert bad == 1 and not (tmp_path / "b").exists()

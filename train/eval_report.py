@@ -12,28 +12,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from train.evaluate import METRICS, EvalRow
+from train.sampling import save_text as write_text
 
 logger = logging.getLogger(__name__)
 _COLUMNS = ("name", "step", *METRICS, "lora", "grid", "error")
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Atomic text write: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _cell(value) -> str:

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         make_grid,
         resolve_model_source,
         save_png,
+        save_text,
     )
 
     try:
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         for seed, image in zip(settings.seeds, row):
             save_png(image, args.out / f"p{p:02d}-s{seed}.png")
     save_png(make_grid(images, col_labels=[f"seed {s}" for s in settings.seeds]), args.out / "grid.png")
-    (args.out / "prompts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    save_text(args.out / "prompts.txt", "\n".join(texts) + "\n")
     for p, text in enumerate(texts):
         print(f"p{p:02d}: {text}")
     print(f"{len(texts) * len(settings.seeds)} image(s) in {args.out}")

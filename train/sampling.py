@@ -286,6 +286,21 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return path
 
 
+def save_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def render_grid(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], settings: SampleSettings,
                 path: str | Path, *, progress: bool = True) -> Image.Image:
     """Prompts (rows) x seeds (columns) generated on `pipe`, written to `path` as PNG; returns it."""
