@@ -204,89 +204,92 @@ def _records(
             logger.warning("source %r (%s): no images found", source.name, source.path)
 
 
-def _post_with_extras(record: src.Record, source: Source) -> Post | None:
-    extras = list(source.caption.extra_tags) + record.extra_tags
-    if record.post is None and not extras:
-        return None
-    if record.post is None:
-        return Post(
-            id=record.id,
-            origin=record.image_path,
-            tags={},
-            uncategorised=extras,
-            rating=None,
-            score=None,
-            created_at=None,
-            metadata={},
-        )
-    return dataclasses.replace(record.post, uncategorised=list(record.post.uncategorised) + extras)
-
-
-def _row(
-    record: src.Record,
-    info: ImageInfo,
-    post: Post | None,
-    recipe: Recipe,
-    source: Source,
-    tools: CaptionTools,
-    buckets,
-    stats: PrepStats,
-) -> dict:
-    if post is None:
-        stats.untagged += 1
-        post = Post(
-            id=record.id,
-            origin=record.image_path,
-            tags={},
-            uncategorised=[],
-            rating=None,
-            score=None,
-            created_at=None,
-            metadata={},
-        )
-    captioner = tools.captioner(
-        source.caption.profile or recipe.caption.profile,
-        source.caption.max_tokens or recipe.caption.max_tokens,
+def _untagged_post(record: src.Record, tags: list[str]) -> Post:
+    return Post(
+        id=record.id,
+        origin=record.image_path,
+        tags={},
+        uncategorised=tags,
+        rating=None,
+        score=None,
+        created_at=None,
+        metadata={},
     )
-    result = captioner.caption(post)
-    stats.token_lengths.append(result.tokens)
-    stats.captions_cut += bool(result.cut)
-    stats.unknown_tags.update(result.unknown_tags)
-    stats.warnings.extend(f"{record.id}: {w}" for w in result.warnings[:5])
-    stats.head_tags.update(result.caption.head)
-    for category, tags in post.tags.items():
-        stats.add_tags(category.name.lower(), tags)
-    for tag in post.uncategorised:
-        stats.add_tags(tools.category_name(tag), [normalize_tag(tag)])
-    placement = place(info.width, info.height, closest_bucket(info.width, info.height, buckets))
-    stats.buckets[f"{placement.bucket_width}x{placement.bucket_height}"] += 1
-    year = post.created_at.year if post.created_at is not None else None
-    if post.rating:
-        stats.ratings[post.rating] += 1
-    if year is not None:
-        stats.years[year] += 1
-    if post.score is not None:
-        stats.scores.append(post.score)
-    split = "val" if unit_hash(record.id) < recipe.dataset.val_fraction else "train"
-    stats.splits[split] += 1
-    return {
-        "id": record.id,
-        "image_path": record.image_path,
-        "sha256": info.sha256,
-        "width": info.width,
-        "height": info.height,
-        **dataclasses.asdict(placement),
-        "caption_head": list(result.caption.head),
-        "caption_body": list(result.caption.body),
-        "caption_tail": list(result.caption.tail),
-        "repeats": record.repeats,
-        "rating": post.rating,
-        "score": post.score,
-        "year": year,
-        "source": record.source,
-        "split": split,
-        "metadata": json.dumps(post.metadata, ensure_ascii=False, default=str, sort_keys=True),
-    }
+
+
+@dataclass
+class RowBuilder:
+    """Caption, bucket and split for each kept image -> one dataset row; fills `stats`."""
+
+    recipe: Recipe
+    tools: CaptionTools
+    stats: PrepStats
+
+    def __post_init__(self) -> None:
+        self.sources = {s.name: s for s in self.recipe.sources}
+        self.buckets = bucket_set(self.recipe.dataset.buckets)
+
+    def post_of(self, record: src.Record) -> Post:
+        """The record's tags plus the source's extra tags and (untagged) folder class tokens."""
+        extras = list(self.sources[record.source].caption.extra_tags) + record.extra_tags
+        if record.post is None:
+            self.stats.untagged += not extras
+            return _untagged_post(record, extras)
+        return dataclasses.replace(
+            record.post, uncategorised=list(record.post.uncategorised) + extras
+        )
+
+    def row(self, record: src.Record, info: ImageInfo) -> dict:
+        post = self.post_of(record)
+        source = self.sources[record.source]
+        captioner = self.tools.captioner(
+            source.caption.profile or self.recipe.caption.profile,
+            source.caption.max_tokens or self.recipe.caption.max_tokens,
+        )
+        result = captioner.caption(post)
+        bucket = closest_bucket(info.width, info.height, self.buckets)
+        placement = place(info.width, info.height, bucket)
+        year = post.created_at.year if post.created_at is not None else None
+        split = "val" if unit_hash(record.id) < self.recipe.dataset.val_fraction else "train"
+        self._count(record, post, result, f"{bucket[0]}x{bucket[1]}", year, split)
+        return {
+            "id": record.id,
+            "image_path": record.image_path,
+            "sha256": info.sha256,
+            "width": info.width,
+            "height": info.height,
+            **dataclasses.asdict(placement),
+            "caption_head": list(result.caption.head),
+            "caption_body": list(result.caption.body),
+            "caption_tail": list(result.caption.tail),
+            "repeats": record.repeats,
+            "rating": post.rating,
+            "score": post.score,
+            "year": year,
+            "source": record.source,
+            "split": split,
+            "metadata": json.dumps(post.metadata, ensure_ascii=False, default=str, sort_keys=True),
+        }
+
+    def _count(self, record, post: Post, result, bucket: str, year: int | None, split: str) -> None:
+        stats = self.stats
+        stats.token_lengths.append(result.tokens)
+        stats.captions_cut += bool(result.cut)
+        stats.unknown_tags.update(result.unknown_tags)
+        stats.warnings.extend(f"{record.id}: {w}" for w in result.warnings[:5])
+        stats.head_tags.update(result.caption.head)
+        for category, tags in post.tags.items():
+            stats.add_tags(category.name.lower(), tags)
+        for tag in post.uncategorised:
+            stats.add_tags(self.tools.category_name(tag), [normalize_tag(tag)])
+        stats.buckets[bucket] += 1
+        stats.splits[split] += 1
+        if post.rating:
+            stats.ratings[post.rating] += 1
+        if year is not None:
+            stats.years[year] += 1
+        if post.score is not None:
+            stats.scores.append(post.score)
 
 
 def _build(
@@ -298,31 +301,20 @@ def _build(
     tools: CaptionTools,
     stats: PrepStats,
 ) -> int:
-    sources = {s.name: s for s in recipe.sources}
-    buckets = bucket_set(recipe.dataset.buckets)
+    """Listing -> validation -> dedupe -> (auto-tag) -> rows -> Arrow; returns the row count."""
+    builder = RowBuilder(recipe, tools, stats)
     options = ValidateOptions(min_side=recipe.dataset.min_side, phash=recipe.dataset.near_dup)
     dedupe = Deduplicator(recipe.dataset.near_dup, recipe.dataset.near_dup_distance)
     spool = RowSpool(temp / "rows.jsonl")
-    pending: list[tuple[src.Record, str, ImageInfo]] = []
+    untagged: list[tuple[src.Record, str, ImageInfo]] = []  # waiting for a tagger batch
 
-    def flush_tagger() -> None:
-        posts = tools.tagger.tag_files([read_path for _, read_path, _ in pending])
-        for (record, _, info), tagged in zip(pending, posts):
+    def tag_pending() -> None:
+        posts = tools.tagger.tag_files([read_path for _, read_path, _ in untagged])
+        for (record, _, info), tagged in zip(untagged, posts):
             stats.auto_tagged += 1
             record.post = dataclasses.replace(tagged, id=record.id)
-            spool.append(
-                _row(
-                    record,
-                    info,
-                    _post_with_extras(record, sources[record.source]),
-                    recipe,
-                    sources[record.source],
-                    tools,
-                    buckets,
-                    stats,
-                )
-            )
-        pending.clear()
+            spool.append(builder.row(record, info))
+        untagged.clear()
 
     listed = _records(recipe, kinds, out, temp, run, stats)
     results = validate_many(
@@ -342,24 +334,13 @@ def _build(
             continue
         stats.kept += 1
         if record.post is None and tools.tagger is not None:
-            pending.append((record, read_path, info))
-            if len(pending) >= run.tagger_batch_size:
-                flush_tagger()
+            untagged.append((record, read_path, info))
+            if len(untagged) >= run.tagger_batch_size:
+                tag_pending()
             continue
-        spool.append(
-            _row(
-                record,
-                info,
-                _post_with_extras(record, sources[record.source]),
-                recipe,
-                sources[record.source],
-                tools,
-                buckets,
-                stats,
-            )
-        )
-    if pending:
-        flush_tagger()
+        spool.append(builder.row(record, info))
+    if untagged:
+        tag_pending()
     spool.close()
     rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
     spool.path.unlink()
