@@ -282,5 +282,5 @@ def comparison_sheet(rows: Sequence[EvalRow], thumbnails: dict[str, list[Image.I
     first = thumbnails[names[0]][0]
     size = (cell, max(8, round(cell * first.height / first.width)))
     grid_rows = [[im.resize(size) for im in thumbnails[n]] for n in names]
-    labels = [f"{r.name} (step {r.step})" for r in rows if r.name in thumbnails]
+    labels = [f"{r.name}\nstep {r.step}" for r in rows if r.name in thumbnails]
     return make_grid(grid_rows, row_labels=labels, col_labels=list(prompts), label_width=160)
