@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 
 from train import checkpoint, diffusion
@@ -65,11 +65,15 @@ class LossSettings:
 
 
 def build_accelerator(run_dir: Path, *, mixed_precision: str, gradient_accumulation_steps: int,
-                      log_with: list[str]) -> Accelerator:
+                      log_with: list[str], train_text_encoder: bool) -> Accelerator:
+    # text_encoder's last layer feeds nothing (SDXL uses its penultimate hidden states), so its
+    # LoRA gets no gradient and DDP must be told to expect unused parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=train_text_encoder)
     return Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with or None,
+        kwargs_handlers=[ddp],
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
 
@@ -189,15 +193,15 @@ def micro_batch_seed(seed: int, micro_batch: int, rank: int) -> int:
 
 
 def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cumprod: torch.Tensor,
-              generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """The diffusion loss of one micro-batch (scalar, float32)."""
+              generator: torch.Generator, device: torch.device, model_dtype: torch.dtype) -> torch.Tensor:
+    """The diffusion loss of one micro-batch (scalar, float32); `unet` may be DDP-wrapped."""
     latents = batch.latents.to(device)  # (B, 4, H/8, W/8)
     noise = diffusion.sample_noise(latents, generator, settings.noise_offset)
     timesteps = diffusion.sample_timesteps(len(latents), generator, settings.timestep_min, settings.timestep_max)
     noisy = diffusion.add_noise(latents, noise, timesteps, alphas_cumprod)
     prompt_embeds, pooled = text(batch.captions)  # (B, 77k, D), (B, P)
     prediction = unet(
-        noisy.to(unet.dtype), timesteps.to(device), encoder_hidden_states=prompt_embeds,
+        noisy.to(model_dtype), timesteps.to(device), encoder_hidden_states=prompt_embeds,
         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(device)},
     ).sample
     target = diffusion.training_target(settings.prediction_type, latents, noise, timesteps, alphas_cumprod)
@@ -222,7 +226,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
     accelerator.save_state(str(temp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export(temp)
+        export(temp, state.step)
         final = checkpoint.publish(temp, run_dir, state.step, state)
         checkpoint.rotate(run_dir, keep)
         logger.info("saved %s", final)
@@ -230,8 +234,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
 
 
 def make_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
-                  resolution: tuple[int, int]):
-    """`export(folder)`: the WebUI file and the diffusers folder of the current LoRA into `folder`."""
+                  *, source: str, resolution: tuple[int, int]):
+    """`export(folder, step)`: the WebUI file and the diffusers folder of the current LoRA."""
     from train.export import save_diffusers_lora, save_webui_lora, webui_metadata
 
     tag_frequency: dict[str, Counter] = {}
@@ -239,15 +243,18 @@ def make_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Outp
         tags = [*row["caption_head"], *row["caption_body"], *row["caption_tail"]]
         tag_frequency.setdefault(row.get("source") or "dataset", Counter()).update(tags)
 
-    def export(folder: Path) -> None:
+    def export(folder: Path, step: int) -> None:
         encoders = {}
         if lora.train_text_encoder:
             encoders = {"text_encoder": accelerator.unwrap_model(base.text_encoder),
                         "text_encoder_2": accelerator.unwrap_model(base.text_encoder_2)}
         unet = accelerator.unwrap_model(base.unet)
-        metadata = webui_metadata(rank=lora.rank, alpha=lora.alpha, output_name=output.name,
-                                  resolution=resolution, tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
-                                  comment=f"animagine-lora, preset {lora.preset}")
+        metadata = webui_metadata(
+            rank=lora.rank, alpha=lora.alpha, output_name=output.name, resolution=resolution,
+            tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
+            comment=f"animagine-lora, preset {lora.preset}", base_model=source,
+            prediction_type=base.prediction_type, conv=lora.preset == "attn-mlp-conv",
+            extra={"ss_steps": step, "ss_num_train_images": len(rows)})
         save_webui_lora(Path(folder) / f"{output.name}.safetensors", unet=unet, metadata=metadata, **encoders)
         save_diffusers_lora(Path(folder) / "diffusers", unet=unet, **encoders)
 
@@ -267,16 +274,14 @@ def train(config: Config, resume: str | None = None) -> Path:
     tc = config.train
     accelerator = build_accelerator(run_dir, mixed_precision=tc.mixed_precision,
                                     gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                                    log_with=config.output.log_with)
+                                    log_with=config.output.log_with,
+                                    train_text_encoder=config.lora.train_text_encoder)
     # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts it).
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
     param_groups = build_lora(base, config.lora, lr=config.optimizer.lr, gradient_checkpointing=tc.gradient_checkpointing)
     # The latents are cached before the loop so the VAE is needed only here.
     data = build_data(config.data, base, accelerator)
-    text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks, train_text_encoder=config.lora.train_text_encoder,
-                                 cache_outputs=config.data.cache_text_outputs and not data.augment.active
-                                 and not config.lora.train_text_encoder)
     sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
     oc = config.optimizer
     optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
@@ -289,6 +294,11 @@ def train(config: Config, resume: str | None = None) -> Path:
     base.unet, optimizer = prepared[0], prepared[-1]
     if config.lora.train_text_encoder:
         base.text_encoder, base.text_encoder_2 = prepared[1], prepared[2]
+    model_dtype = TORCH_DTYPES[config.model.weight_dtype]
+    # After prepare: a trained text encoder must be called through its DDP wrapper to sync grads.
+    text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks, train_text_encoder=config.lora.train_text_encoder,
+                                 cache_outputs=config.data.cache_text_outputs and not data.augment.active
+                                 and not config.lora.train_text_encoder)
     state = TrainState(seed=tc.seed)
     register_lora_checkpointing(accelerator)
     accelerator.register_for_checkpointing(state, lr_scheduler)
@@ -301,9 +311,9 @@ def train(config: Config, resume: str | None = None) -> Path:
     elif resume:
         logger.info("no checkpoint in %s: starting from scratch", run_dir)
 
-    first = data.rows[0]
-    export = make_exporter(accelerator, base, config.lora, config.output, data.rows,
-                           (first["bucket_width"], first["bucket_height"]))
+    largest = max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"])
+    export = make_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
+                           resolution=(largest["bucket_width"], largest["bucket_height"]))
     settings = LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min, tc.timestep_max)
     alphas_cumprod = base.noise_scheduler.alphas_cumprod
     params = [p for group in param_groups for p in group["params"]]
@@ -327,7 +337,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             draws.write(state.step + 1, batch, train_batch.ids)
             with accelerator.accumulate(*trained):
                 try:
-                    loss = loss_step(base.unet, train_batch, text, settings, alphas_cumprod, generator, accelerator.device)
+                    loss = loss_step(base.unet, train_batch, text, settings, alphas_cumprod, generator,
+                                     accelerator.device, model_dtype)
                     stop_if_not_finite(accelerator, loss, state, batch, train_batch.ids, run_dir, export, config.output)
                     accelerator.backward(loss)
                 except torch.cuda.OutOfMemoryError as err:
@@ -336,6 +347,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                     grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
         lr_scheduler.step()
         state.step += 1
         state.epoch = batch.epoch
@@ -347,7 +359,7 @@ def train(config: Config, resume: str | None = None) -> Path:
         if should_log(state.step, config.output.log_every_n_steps, tc.max_steps):
             elapsed = time.perf_counter() - started
             metrics = {"loss": accelerator.gather(loss.detach()[None]).mean().item(),
-                       "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "lr": step_lr, "grad_norm": float(grad_norm),
                        "images_per_s": (state.images_seen - images_at_start) / max(elapsed, 1e-9),
                        "epoch": state.epoch}
             if torch.cuda.is_available():
@@ -359,7 +371,7 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     progress.close()
     if accelerator.is_main_process:
-        export(run_dir)
+        export(run_dir, state.step)
     _write_rank_weights(run_dir, accelerator, base.unet)
     accelerator.wait_for_everyone()
     accelerator.end_training()

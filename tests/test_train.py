@@ -1,0 +1,164 @@
+"""End-to-end training of the tiny model: losses, export, exact resume after SIGKILL, NaN stop,
+atomic checkpoints, and two processes under `accelerate launch` (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from train_helpers import make_dataset, popen, run, train_command, write_config
+from train import checkpoint
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("prep") / "out")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, dataset, tmp_path_factory) -> Path:
+    """One complete 6-step run (batch 1 x accumulation 2, checkpoints every 2 steps)."""
+    root = tmp_path_factory.mktemp("full")
+    config = write_config(root / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset, run_dir=root / "run")
+    result = run(train_command(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def _lora(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "ranks" / f"lora_rank{rank}.safetensors"))
+
+
+def test_losses_are_finite_and_logged(uninterrupted):
+    records = [json.loads(line) for line in (uninterrupted / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert all(math.isfinite(r["grad_norm"]) for r in records)
+    assert records[0]["lr"] < records[1]["lr"]  # warm-up, then the cosine decay
+    assert list((uninterrupted / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_lora_b_changed_and_exports_load(uninterrupted, tiny_model):
+    weights = _lora(uninterrupted)
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b and all(torch.isfinite(v).all() for v in b)
+    assert any(v.abs().max() > 0 for v in b), "LoRA B is still zero: nothing trained"
+    webui = uninterrupted / "test_lora.safetensors"
+    assert webui.is_file() and (uninterrupted / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    for ckpt in checkpoint.list_checkpoints(uninterrupted):
+        assert (ckpt / "test_lora.safetensors").is_file()
+    assert [p.name for p in checkpoint.list_checkpoints(uninterrupted)] == ["checkpoint-000004", "checkpoint-000006"]
+
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model.diffusers_dir))
+    pipe.load_lora_weights(str(webui), adapter_name="webui")
+    pipe.load_lora_weights(str(uninterrupted / "diffusers"), adapter_name="peft")
+    assert set(pipe.get_list_adapters()["unet"]) == {"webui", "peft"}
+
+
+def test_resume_after_sigkill_is_bitwise_exact(uninterrupted, tiny_model, dataset, tmp_path):
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run")
+    process = popen(train_command(config))
+    first = tmp_path / "run" / "checkpoint-000002" / checkpoint.COMPLETE_MARKER
+    deadline = time.monotonic() + 150
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "run" / "test_lora.safetensors").exists()
+    killed_at = checkpoint.list_checkpoints(tmp_path / "run")[-1].name
+
+    result = run(train_command(config, "--resume", "latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / killed_at}" in result.stderr
+    expected, resumed = _lora(uninterrupted), _lora(tmp_path / "run")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    assert load_file(str(tmp_path / "run" / "test_lora.safetensors")).keys() == \
+        load_file(str(uninterrupted / "test_lora.safetensors")).keys()
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    state = checkpoint.TrainState(step=2)
+    complete = checkpoint.temp_dir(tmp_path, 2)
+    complete.mkdir()
+    checkpoint.publish(complete, tmp_path, 2, state)
+    (tmp_path / "checkpoint-000004").mkdir()  # crashed before completion (no marker)
+    checkpoint.temp_dir(tmp_path, 6).mkdir()  # crashed mid-write
+    assert checkpoint.resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-000002"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve_resume(str(tmp_path / "checkpoint-000004"), tmp_path)
+    assert checkpoint.resolve_resume("latest", tmp_path / "empty") is None
+    for step in (8, 10):
+        temp = checkpoint.temp_dir(tmp_path, step)
+        temp.mkdir()
+        checkpoint.publish(temp, tmp_path, step, checkpoint.TrainState(step=step))
+    checkpoint.rotate(tmp_path, 2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["checkpoint-000008", "checkpoint-000010"]
+
+
+def test_nan_loss_stops_with_step_images_and_checkpoint(tiny_model, tmp_path):
+    prep = make_dataset(tmp_path / "prep", seed=1)
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=prep,
+                          run_dir=tmp_path / "run", data={"flip": False},
+                          train={"max_steps": 20, "gradient_accumulation_steps": 1}, output={"save_every_n_steps": 50})
+    result = run([sys.executable, "-m", "train.cli", "cache", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    poisoned = sorted((prep / "latents").rglob(f"{_sha(prep, 'd.png')}_*.safetensors"))
+    assert len(poisoned) == 1
+    latents = load_file(str(poisoned[0]))["latents"]
+    save_file({"latents": torch.full_like(latents, float("nan"))}, str(poisoned[0]))
+
+    result = run(train_command(config))
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = next(line for line in result.stderr.splitlines() if "loss is nan" in line)
+    assert "images: d.png" in message and "at step " in message and "last checkpoint:" in message
+    step = int(message.split("at step ")[1].split()[0])
+    if step > 1:  # the weights from before the failing step are kept
+        assert checkpoint.list_checkpoints(tmp_path / "run")[-1].name == checkpoint.checkpoint_name(step - 1)
+    assert not (tmp_path / "run" / "test_lora.safetensors").exists()
+
+
+def _sha(prep: Path, image_id: str) -> str:
+    import datasets
+
+    table = datasets.load_from_disk(str(prep / "dataset"))
+    return next(r["sha256"] for r in table if r["id"] == image_id)
+
+
+def test_two_processes_draw_disjoint_samples_and_agree(tiny_model, dataset, tmp_path):
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.fail("accelerate CLI missing from the venv")
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run", train={"max_steps": 4, "gradient_accumulation_steps": 1},
+                          output={"save_every_n_steps": 4})
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    # `accelerate launch --cpu` starts one process unless MPI is set up; torchrun's multi-process
+    # launcher plus ACCELERATE_USE_CPU gives DDP over gloo on CPU.
+    result = run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                  "-m", "train", str(config)], timeout=240, env={"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    draws = [[json.loads(line) for line in (tmp_path / "run" / "draws" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    assert len(draws[0]) == len(draws[1]) == 4
+    for epoch in {d["epoch"] for d in draws[0]}:
+        entries = [{e for d in rank if d["epoch"] == epoch for e in d["entries"]} for rank in draws]
+        assert not entries[0] & entries[1], f"ranks drew the same samples in epoch {epoch}"
+    lora = [_lora(tmp_path / "run", r) for r in range(2)]
+    assert lora[0].keys() == lora[1].keys()
+    assert all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
+    assert any(v.abs().max() > 0 for k, v in lora[0].items() if "lora_B" in k)
