@@ -89,7 +89,20 @@ def test_unusable_config_stops_before_work(tmp_path, caplog):
     assert "caption.tags_db" in caplog.text
     assert _run([str(tmp_path / "in"), "-o", str(out), "--min-side", "0"]) == 2
     assert "dataset.min_side" in caplog.text
+    (tmp_path / "in" / "keep.png").write_bytes(b"x")
+    assert _run([str(tmp_path / "in"), "-o", str(tmp_path / "in" / "prepped")]) == 2
+    assert "overlaps source 0" in caplog.text
+    assert _run([str(tmp_path / "in"), "-o", str(tmp_path / "in")]) == 2
+    assert _run([str(tmp_path / "in"), "-o", str(tmp_path)]) == 2
+    assert (tmp_path / "in" / "keep.png").read_bytes() == b"x"
+    (tmp_path / "in" / "keep.png").unlink()
+    other = tmp_path.parent / f"{tmp_path.name}_user_folder"
+    other.mkdir()
+    (other / "photo.jpg").write_bytes(b"mine")
+    assert _run([str(tmp_path / "in"), "-o", str(other)]) == 2
+    assert "not a prep output" in caplog.text and (other / "photo.jpg").read_bytes() == b"mine"
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert list((tmp_path / "in").iterdir()) == []
 
 
 def test_command_line_overrides_recipe(tmp_path):

@@ -139,6 +139,26 @@ def check_sources(recipe: Recipe) -> list[str]:
     return kinds
 
 
+def check_output(out: Path, recipe: Recipe) -> None:
+    """Refuse an OUT that would overwrite anything but a previous prep result.
+
+    OUT is replaced as a whole, so it must not be (or contain, or lie inside) a source, and an
+    existing non-empty OUT must be a previous prep output (it has report.json).
+    """
+    for index, source in enumerate(recipe.sources):
+        path = Path(source.path).resolve()
+        if not path.exists():
+            continue  # a Hub id
+        if path.is_relative_to(out) or out.parent.is_relative_to(path):
+            raise RecipeError(f"--out {out}: overlaps source {index} ({path}); write it elsewhere")
+    if out.is_file() or (
+        out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file()
+    ):
+        raise RecipeError(
+            f"--out {out}: exists and is not a prep output; choose a new or empty folder"
+        )
+
+
 def fingerprint(recipe: Recipe, run: RunOptions) -> str:
     """Hash of everything the result depends on: input files (path, size, mtime), options, code."""
     digest = hashlib.sha256()
@@ -354,6 +374,7 @@ def prepare(recipe: Recipe, out: Path, run: RunOptions = RunOptions()) -> PrepRe
         raise RecipeError(f"--shard-index: must be in [0, {run.num_shards}) with --num-shards >= 1")
     out = Path(out).resolve()
     kinds = check_sources(recipe)
+    check_output(out, recipe)
     expected = fingerprint(recipe, run)
     if not run.force and is_up_to_date(out, expected):
         logger.info("%s is up to date (inputs and options unchanged); --force rebuilds", out)
