@@ -288,3 +288,21 @@ def test_hf_imagefolder_and_parquet_sources(tmp_path):
     assert Path(embedded["image_path"]).parent == out.resolve() / "image_cache"
     assert Path(embedded["image_path"]).read_bytes() == buffer.getvalue()
     assert "sky" in embedded["caption_body"]
+
+
+def test_sample_dataset_regenerates_byte_for_byte(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_sample", REPO / "datasets" / "make_sample.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT", tmp_path)
+    module.main()
+    committed = REPO / "datasets" / "sample"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in committed.iterdir())
+    for path in tmp_path.iterdir():
+        assert path.read_bytes() == (committed / path.name).read_bytes(), path.name
+    total = sum(p.stat().st_size for p in committed.iterdir())
+    assert total < 2 * 2**20
