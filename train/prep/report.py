@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 TOP_TAGS = 25
+CATEGORY_ORDER = ("character", "copyright", "artist", "general", "meta")
 
 
 @dataclass
@@ -45,6 +46,11 @@ class PrepStats:
         """Counts by the reason's kind (the text before the first colon)."""
         return Counter(reason.split(":", 1)[0].split(" (")[0] for _, reason in self.rejected)
 
+    def tags_in_order(self) -> list[tuple[str, Counter]]:
+        """Per-category counts, the identity categories (character, copyright, artist) first."""
+        rank = {name: i for i, name in enumerate(CATEGORY_ORDER)}
+        return sorted(self.tags.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
+
     def add_tags(self, category: str, tags: list[str]) -> None:
         self.tags.setdefault(category, Counter()).update(tags)
 
@@ -67,7 +73,7 @@ class PrepStats:
             "buckets": dict(sorted(self.buckets.items())),
             "splits": dict(self.splits),
             "head_tags": dict(self.head_tags.most_common(TOP_TAGS)),
-            "top_tags": {c: dict(n.most_common(TOP_TAGS)) for c, n in sorted(self.tags.items())},
+            "top_tags": {c: dict(n.most_common(TOP_TAGS)) for c, n in self.tags_in_order()},
             "ratings": dict(sorted(self.ratings.items())),
             "years": dict(sorted(self.years.items())),
             "score_histogram": _histogram(self.scores),
@@ -141,7 +147,7 @@ def _plots(stats: PrepStats, plot_dir: Path) -> list[tuple[str, str]]:
         dict(stats.head_tags.most_common(TOP_TAGS)),
         True,
     )
-    for category, counter in sorted(stats.tags.items()):
+    for category, counter in stats.tags_in_order():
         bar(f"tags_{category}", f"Top {category} tags", dict(counter.most_common(TOP_TAGS)), True)
     return written
 
@@ -209,7 +215,7 @@ def print_summary(stats: PrepStats, out: Path) -> None:
     tags.add_column("category")
     tags.add_column("tags")
     tags.add_row("head", ", ".join(f"{t} ({n})" for t, n in stats.head_tags.most_common(8)))
-    for category, counter in sorted(stats.tags.items()):
+    for category, counter in stats.tags_in_order():
         tags.add_row(category, ", ".join(f"{t} ({n})" for t, n in counter.most_common(8)))
     console.print(tags)
     console.print(f"report: {out / 'report.html'}")
