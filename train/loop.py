@@ -320,8 +320,9 @@ def train(config: Config, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers(config.output.name, config=_flat(config.model_dump()))
-    draws = DrawLog(run_dir / "draws" / f"rank{accelerator.process_index}.jsonl")
-    log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process)
+    # A fresh run starts its logs afresh; a resumed one appends.
+    draws = DrawLog(run_dir / "draws" / f"rank{accelerator.process_index}.jsonl", append=resume_from is not None)
+    log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process, append=resume_from is not None)
     progress = _progress_bar(tc.max_steps, state.step, accelerator.is_main_process)
 
     batches = sampler.batches()
@@ -420,9 +421,9 @@ def _write_rank_weights(run_dir: Path, accelerator: Accelerator, unet) -> None:
 class DrawLog:
     """One JSON line per micro-batch drawn by this rank: step, epoch, batch, entries, image ids."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "a", encoding="utf-8")
+        self._handle = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, step: int, batch: Batch, ids: list[str]) -> None:
         record = {"step": step, "epoch": batch.epoch, "batch": batch.index, "entries": list(batch.entries), "ids": ids}
@@ -433,8 +434,10 @@ class DrawLog:
 class MetricsLog:
     """`RUN/log.jsonl`: the logged metrics as plain JSON lines (main process)."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, append: bool):
         self.path, self.enabled = path, enabled
+        if enabled and not append:
+            path.unlink(missing_ok=True)
 
     def write(self, step: int, metrics: dict) -> None:
         if self.enabled:

@@ -1,0 +1,80 @@
+"""The whole path on a fresh machine, on CPU: tiny model, sample dataset prep, training, export.
+
+    python -m train.demo --shared ../shared          (what `make demo` runs)
+
+1. builds the tiny SDXL (`train.tiny`) into OUT/tiny_model (reused when already built);
+2. preps `datasets/sample.toml` into OUT/sample_prep (`animagine-lora prep`; "up to date" on reruns);
+3. trains `configs/tiny.toml` (paths pointed at OUT), which caches latents on first use,
+   checkpoints, and exports the WebUI and diffusers LoRA files;
+4. prints where the files are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+logger = logging.getLogger(__name__)
+
+
+def demo_config(out: Path, model_dir: Path, prep_dir: Path):
+    """configs/tiny.toml with its model, dataset and run folders under `out`."""
+    from train.config import load_config
+
+    config = load_config(REPO / "configs" / "tiny.toml")
+    return config.model_copy(update={
+        "model": config.model.model_copy(update={"source": str(model_dir)}),
+        "data": config.data.model_copy(update={"dataset": str(prep_dir)}),
+        "output": config.output.model_copy(update={"dir": str(out / "tiny_run")}),
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared/ folder (data/ inside)")
+    parser.add_argument("--out", default=str(REPO / "out"), help="where everything is written (default out/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    data = Path(args.shared) / "data"
+    clip_bpe, tags_db = data / "clip_bpe_simple_vocab_16e6.txt.gz", data / "danbooru_tags.csv"
+    for path in (clip_bpe, tags_db):
+        if not path.is_file():
+            logger.error("%s: reference data not found (pass --shared the folder holding data/)", path)
+            return 2
+    out = Path(args.out).resolve()
+
+    from train.cli import main as cli
+    from train.loop import TrainingStopped, train
+    from train.tiny import build_tiny_model
+
+    tiny = build_tiny_model(out / "tiny_model", clip_bpe)
+    prep_dir = out / "sample_prep"
+    status = cli(["prep", str(REPO / "datasets" / "sample.toml"), "-o", str(prep_dir),
+                  "--tags-db", str(tags_db), "--clip-bpe", str(clip_bpe), "--workers", "1"])
+    if status:
+        logger.error("prep failed (exit %d)", status)
+        return status
+    config = demo_config(out, tiny.diffusers_dir, prep_dir)
+    try:
+        run_dir = train(config)
+    except TrainingStopped as err:
+        logger.error("%s", err)
+        return 1
+
+    name = config.output.name
+    print("\nDemo finished. Files:")
+    print(f"  tiny model (diffusers)   {tiny.diffusers_dir}")
+    print(f"  prepped dataset + report {prep_dir}  ({prep_dir / 'report.html'})")
+    print(f"  WebUI / ComfyUI LoRA     {run_dir / f'{name}.safetensors'}")
+    print(f"  diffusers LoRA           {run_dir / 'diffusers'}")
+    print(f"  checkpoints              {', '.join(p.name for p in sorted(run_dir.glob('checkpoint-*')))}")
+    print(f"  metrics                  {run_dir / 'log.jsonl'}  (TensorBoard: {run_dir / 'logs'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
