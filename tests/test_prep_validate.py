@@ -89,7 +89,8 @@ def test_png_bad_crc(tmp_path):
     assert isinstance(result, str) and "corrupt image" in result
 
 
-def test_decompression_bomb_guard_and_override(tmp_path):
+def test_decompression_bomb_guard_and_override(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_declaring(100_000, 100_000))
     result = validate_image(str(path), OPTIONS)
@@ -101,7 +102,6 @@ def test_decompression_bomb_guard_and_override(tmp_path):
     assert "decompression bomb" in results[str(big)]
     results = dict(validate_many([str(big)], str, OPTIONS, workers=1, max_image_pixels=200_000))
     assert isinstance(results[str(big)], ImageInfo)
-    Image.MAX_IMAGE_PIXELS = 89478485  # restore Pillow's default for other tests
 
 
 def test_missing_file(tmp_path):
