@@ -74,7 +74,7 @@ def write_config(path: Path, *, model_dir: Path, dataset: Path, run_dir: Path, *
                    "log_with": ["tensorboard"]},
     }
     for name, values in sections.items():
-        tables[name] = {**tables[name], **values}
+        tables[name] = {**tables.get(name, {}), **values}
     lines = []
     for name, table in tables.items():
         lines.append(f"[{name}]")

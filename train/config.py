@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from train.sample_hook import SampleConfig
+
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -105,6 +107,7 @@ class Config(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig
     output: OutputConfig
+    sample: SampleConfig = SampleConfig()  # sample grids during training (train.sample_hook)
 
 
 # Fields holding filesystem paths, resolved against the config file's folder.
@@ -112,7 +115,10 @@ _PATH_FIELDS = {
     "model": ("source", "config_dir", "tokenizer_dir"),
     "data": ("dataset",),
     "output": ("dir",),
+    "sample": ("opt_model", "opt_config_dir", "opt_tokenizer_dir"),
 }
+# Fields that may also name a Hub id or an alias ("opt"): resolved only when they look like paths.
+_PATH_OR_NAME = {"source", "opt_model"}
 
 
 def _looks_like_path(value: str) -> bool:
@@ -122,7 +128,8 @@ def _looks_like_path(value: str) -> bool:
 def _resolve_paths(raw: dict, base: Path) -> dict:
     """A copy of `raw` with relative path fields made absolute against `base`.
 
-    `model.source` is left alone when it looks like a Hub id ("owner/name").
+    `model.source` and `sample.opt_model` are left alone when they look like a Hub id ("owner/name")
+    or an alias ("opt").
     """
     resolved = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
     for section, keys in _PATH_FIELDS.items():
@@ -131,7 +138,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             continue
         for key in keys:
             value = table.get(key)
-            if not isinstance(value, str) or (key == "source" and not _looks_like_path(value)):
+            if not isinstance(value, str) or (key in _PATH_OR_NAME and not _looks_like_path(value)):
                 continue
             table[key] = str((base / Path(value).expanduser()).resolve())
     return resolved

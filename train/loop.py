@@ -35,6 +35,7 @@ from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConf
 from train.data import CaptionAugment, TextEmbeddingCache, TrainBatch, TrainingData, load_rows
 from train.latents import LatentCache, cache_latents
 from train.optim import build_lr_scheduler, build_optimizer
+from train.sample_hook import should_sample
 from train.sampler import Batch, BucketBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,31 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def build_sample_hook(sample, base, *, run_dir: Path, accelerator: Accelerator, rows: list[dict],
+                      weight_dtype: torch.dtype):
+    """The training-time sampler (main process only), or None when `sample.every_n_steps` is 0."""
+    if sample.every_n_steps == 0 or not accelerator.is_main_process:
+        return None
+    from train.sample_hook import TrainingSampler
+
+    return TrainingSampler(sample, train_model=base, out_dir=run_dir, device=accelerator.device,
+                           dataset_heads=[row["caption_head"] for row in rows], weight_dtype=weight_dtype)
+
+
+def log_sample_grid(accelerator: Accelerator, hook, trained: list, step: int) -> None:
+    """Render the sample grid on the current weights and send it to the trackers."""
+    modules = [accelerator.unwrap_model(m) for m in trained]
+    encoders = dict(zip(("text_encoder", "text_encoder_2"), modules[1:]))
+    grid = np.asarray(hook.render_grid(step, unet=modules[0], **encoders))  # (H, W, 3) uint8
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", grid, step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": wandb.Image(grid)}, step=step)
+
+
 # ---------------------------------------------------------------- one step
 
 
@@ -320,6 +346,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers(config.output.name, config=_flat(config.model_dump()))
+    sample_hook = build_sample_hook(config.sample, base, run_dir=run_dir, accelerator=accelerator, rows=data.rows,
+                                    weight_dtype=model_dtype)
     # A fresh run starts its logs afresh; a resumed one appends.
     draws = DrawLog(run_dir / "draws" / f"rank{accelerator.process_index}.jsonl", append=resume_from is not None)
     log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process, append=resume_from is not None)
@@ -367,6 +395,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                 metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(metrics, step=state.step)
             log.write(state.step, metrics)
+        if sample_hook is not None and should_sample(state.step, config.sample):
+            log_sample_grid(accelerator, sample_hook, trained, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
             save_checkpoint(accelerator, run_dir, state, export, config.output.checkpoints_total_limit)
 
