@@ -150,3 +150,18 @@ def test_character_tags_are_the_common_head_tags():
     heads = [["1girl", "herta", "safe"], ["1girl", "herta", "safe"], ["1girl", "safe"]]
     assert set(character_tags(heads)) == {"1girl", "herta", "safe"}
     assert set(character_tags(heads, min_share=0.9)) == {"1girl", "safe"}
+
+
+def test_val_model_measures_loss_on_a_second_model(tiny_model, tmp_path, prepped):
+    """Images on one model, validation loss on another (here the same weights as a single file)."""
+    lora = write_lora(tmp_path / "te.safetensors", lora_model(tiny_model, seed=3, text_encoder=True),
+                      text_encoder=True)
+    common = [str(lora), "--dataset", str(prepped), "--device", "cpu", "--tokenizer-dir", str(tiny_model.tokenizer_dir),
+              "--config-dir", str(tiny_model.config_dir), "--val-timesteps", "300", "700"]
+    assert main(["eval", *common, "--no-images", "--model", str(tiny_model.diffusers_dir), "-o", str(tmp_path / "one")]) == 0
+    assert main(["eval", *common, "--model", str(tiny_model.diffusers_dir), "--val-model", str(tiny_model.single_file),
+                 "--size", "64x64", "--steps", "1", "--seeds", "0", "-o", str(tmp_path / "two")]) == 0
+    one, two = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("one", "two"))
+    assert two[1]["grid"] and two[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-5)
+    assert two[1]["val_loss"] == pytest.approx(one[1]["val_loss"], rel=1e-5)
+    assert two[1]["val_loss"] != two[0]["val_loss"]

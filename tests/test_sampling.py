@@ -176,7 +176,7 @@ def test_sample_cli_writes_images_grid_and_prompts(tiny_model, lora_file, tag_db
 
     out = tmp_path / "out"
     status = main(["sample", "--lora", str(lora_file), "--model", str(tiny_model.diffusers_dir), "--size", "64x64",
-                   "--steps", "2", "--seed", "1", "2", "--tag-db", str(tag_db_path), "--device", "cpu",
+                   "--steps", "2", "--seed", "1", "2", "--tags-db", str(tag_db_path), "--device", "cpu",
                    "smile, herta \\(honkai: star rail\\), 1girl", "-o", str(out)])
     assert status == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-s1.png", "p00-s2.png", "prompts.txt"]

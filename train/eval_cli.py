@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=2, help="default prompts taken from the dataset")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--model", default="opt", help="opt | zero | Hub id | diffusers folder | .safetensors")
+    parser.add_argument("--val-model", help="model for the validation loss (default: --model); e.g. zero, "
+                        "the model the LoRA was trained on, while images render on --model")
     parser.add_argument("--config-dir", help="component configs for a single-file model")
     parser.add_argument("--tokenizer-dir", help="folder with tokenizer/ and tokenizer_2/")
     parser.add_argument("--size", default="square")
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--no-images", action="store_true", help="validation loss only (no grids, tags, CLIP)")
     parser.add_argument("--no-reorder", action="store_true", help="use prompts as given")
-    parser.add_argument("--tag-db", help="tag database for prompt re-ordering")
+    parser.add_argument("--tags-db", help="tag database for prompt re-ordering")
     parser.add_argument("--tagger", help="WD v3 tagger folder or Hub id (default: none, tag fidelity off)")
     parser.add_argument("--clip", help="local transformers CLIP model folder (CLIP scores)")
     parser.add_argument("--margin", type=float, default=0.05, help="tag fidelity margin for the recommendation")
@@ -67,65 +69,57 @@ def _prompts(args, heads) -> list[str]:
         if not raw:
             raise ValueError("no prompts: pass --prompts FILE or --dataset with captioned training rows")
         return raw  # dataset heads are already in caption order, with the quality tail
-    orderer = None if args.no_reorder else PromptOrderer.load(args.tag_db)
+    orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db)
     return [prepare_prompt(p, orderer) for p in raw]
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(source: str, args, device: str):
+    """A loaded BaseModel and its pipeline (bf16 on CUDA, fp32 on CPU; VAE always fp32)."""
     import torch
 
-    from train import validation
-    from train.eval_report import (
-        log_wandb,
-        print_table,
-        write_csv,
-        write_html,
-        write_json,
-        write_plots,
-    )
-    from train.evaluate import (
-        EvalPlan,
-        character_tags,
-        comparison_sheet,
-        discover_checkpoints,
-        evaluate,
-        recommend,
-        tag_targets,
-    )
     from train.models import load_base_model
-    from train.sampling import SampleSettings, build_pipeline, resolve_model_source, save_png
+    from train.sampling import build_pipeline, resolve_model_source
 
-    checkpoints, problems = discover_checkpoints(args.inputs)
-    for problem in problems:
-        logger.error("%s", problem)
-    if len(checkpoints) == 1:
-        logger.error("nothing to evaluate: no LoRA files found in %s", ", ".join(map(str, args.inputs)))
-        return 1
-    try:
-        width, height = parse_size(args.size)
-        heads = _training_heads(args.dataset)
-        prompts = [] if args.no_images else _prompts(args, heads)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
+    model = load_base_model(resolve_model_source(source), config_dir=args.config_dir,
                             tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
+    return model, build_pipeline(model, device=device)
+
+
+def _validation(args, model):
+    """The ValidationLoss over the val rows or folder, or None when there are none."""
+    from train import validation
+
+    if args.val_folder:
+        sources = validation.folder_sources(args.val_folder, args.val_scale)
+    elif args.dataset:
+        sources = validation.dataset_sources(args.dataset, args.val_scale)
+    else:
+        return None
+    return validation.ValidationLoss(validation.encode_items(sources, model.vae), model.noise_scheduler,
+                                     model.prediction_type, args.val_timesteps or validation.DEFAULT_TIMESTEPS,
+                                     args.val_seed)
+
+
+def _build_plan(args, prompts, heads, device, problems) -> tuple:
+    """(image pipeline, EvalPlan): models loaded once, validation latents encoded once."""
+    from train.evaluate import EvalPlan, character_tags, tag_targets
+    from train.sample_hook import share_components
+    from train.sampling import SampleSettings
+
+    width, height = parse_size(args.size)
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, negative=args.negative,
                               seeds=list(args.seeds), batch_size=args.batch_size)
-    pipe = build_pipeline(model, device=device, timestep_spacing=settings.timestep_spacing)
+    model, pipe = _load(args.val_model if args.no_images and args.val_model else args.model, args, device)
     plan = EvalPlan(prompts=prompts, settings=settings, strength=args.strength)
+    val_model = model
+    if args.val_model and not args.no_images and args.val_model != args.model:
+        val_model, plan.val_pipe = _load(args.val_model, args, device)
+        # Only the VAE: LoRA layers go into both pipelines' text encoders, which must be distinct.
+        shared = share_components(val_model, model, names=("vae",))
+        logger.info("validation model %s shares %s with %s", args.val_model, ", ".join(shared) or "nothing", args.model)
     try:
-        sources = []
-        if args.val_folder:
-            sources = validation.folder_sources(args.val_folder, args.val_scale)
-        elif args.dataset:
-            sources = validation.dataset_sources(args.dataset, args.val_scale)
-        if sources:
-            plan.validation = validation.ValidationLoss(
-                validation.encode_items(sources, model.vae), model.noise_scheduler, model.prediction_type,
-                args.val_timesteps or validation.DEFAULT_TIMESTEPS, args.val_seed)
+        plan.validation = _validation(args, val_model)
     except (ValueError, FileNotFoundError) as err:
         logger.error("validation loss off: %s", err)
         problems.append(f"validation loss off: {err}")
@@ -141,19 +135,50 @@ def run(args: argparse.Namespace) -> int:
 
         references = [load_rgb(r["image_path"]) for r in load_rows(args.dataset)[:32]] if args.dataset else []
         plan.clip = ClipScorer(args.clip, references, device=device)
+    return pipe, plan
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from train.eval_report import (
+        log_wandb,
+        print_table,
+        write_csv,
+        write_html,
+        write_json,
+        write_plots,
+    )
+    from train.evaluate import comparison_sheet, discover_checkpoints, evaluate, recommend
+    from train.sampling import save_png
+
+    checkpoints, problems = discover_checkpoints(args.inputs)
+    for problem in problems:
+        logger.error("%s", problem)
+    if len(checkpoints) == 1:
+        logger.error("nothing to evaluate: no LoRA files found in %s", ", ".join(map(str, args.inputs)))
+        return 1
+    try:
+        parse_size(args.size)
+        heads = _training_heads(args.dataset)
+        prompts = [] if args.no_images else _prompts(args, heads)
+    except (ValueError, OSError) as err:
+        logger.error("%s", err)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, plan = _build_plan(args, prompts, heads, device, problems)
 
     rows = evaluate(pipe, checkpoints, plan, args.out)
     recommended, reason = recommend(rows, args.margin)
     sheet = comparison_sheet(rows, plan.thumbnails, prompts)
     comparison = save_png(sheet, args.out / "comparison.png") if sheet is not None else None
     plots = write_plots(rows, args.out / "plots")
-    extra = {"prompts": prompts, "seeds": settings.seeds, "model": args.model, "problems": problems,
-             "margin": args.margin}
+    extra = {"prompts": prompts, "seeds": plan.settings.seeds, "model": args.model,
+             "val_model": args.val_model or args.model, "problems": problems, "margin": args.margin}
     write_json(rows, recommended, reason, extra, args.out / "report.json")
     write_csv(rows, args.out / "report.csv")
     write_html(rows, recommended, reason, args.out, plots, comparison, problems)
     if args.wandb:
         log_wandb(rows, recommended, reason, args.wandb, comparison)
     print_table(rows, recommended, reason)
-    failed = any(r.error for r in rows) or bool(problems)
-    return 1 if failed else 0
+    return 1 if any(r.error for r in rows) or problems else 0

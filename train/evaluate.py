@@ -227,6 +227,7 @@ class EvalPlan:
     settings: SampleSettings
     strength: float = 1.0
     validation: object | None = None  # train.validation.ValidationLoss
+    val_pipe: object | None = None  # a second pipeline for the validation loss; None: the image one
     tagger: object | None = None  # captioning.tagger.WDTagger
     targets: TagTargets | None = None
     clip: object | None = None  # train.clip_score.ClipScorer
@@ -237,17 +238,23 @@ def evaluate_checkpoint(pipe, checkpoint: Checkpoint, plan: EvalPlan, out_dir: P
     """One row: load the LoRA (if any), measure, unload. LoraFileError becomes the row's error."""
     row = EvalRow(checkpoint.name, checkpoint.step, str(checkpoint.lora) if checkpoint.lora else None)
     adapter = f"ckpt_{checkpoint.step}_{abs(hash(checkpoint.name)) % 10**6}"
+    pipes = [pipe] if plan.val_pipe is None else [pipe, plan.val_pipe]
+    val_pipe = pipes[-1]
+    loaded = []
     try:
-        if checkpoint.lora is not None:
-            load_lora(pipe, checkpoint.lora, adapter, plan.strength)
+        for target in pipes if checkpoint.lora is not None else []:
+            load_lora(target, checkpoint.lora, adapter, plan.strength)
+            loaded.append(target)
     except LoraFileError as err:
+        for target in loaded:
+            unload_lora(target, adapter)
         row.error = str(err)
         logger.error("%s", err)
         return row
     try:
         if plan.validation is not None:
-            row.val_loss = plan.validation(pipe.unet, [pipe.tokenizer, pipe.tokenizer_2],
-                                           [pipe.text_encoder, pipe.text_encoder_2])
+            row.val_loss = plan.validation(val_pipe.unet, [val_pipe.tokenizer, val_pipe.tokenizer_2],
+                                           [val_pipe.text_encoder, val_pipe.text_encoder_2])
         if plan.prompts:
             images = generate(pipe, plan.prompts, plan.settings, description=checkpoint.name)
             grid = make_grid(images, col_labels=[f"seed {s}" for s in plan.settings.seeds])
@@ -259,8 +266,8 @@ def evaluate_checkpoint(pipe, checkpoint: Checkpoint, plan: EvalPlan, out_dir: P
             if plan.clip is not None:
                 row.clip_image, row.clip_text = plan.clip.scores(images, plan.prompts)
     finally:
-        if checkpoint.lora is not None:
-            unload_lora(pipe, adapter)
+        for target in loaded:
+            unload_lora(target, adapter)
     return row
 
 

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=float, default=CARD_CFG)
     parser.add_argument("--negative", default=CARD_NEGATIVE, help="negative prompt (default: the card's)")
     parser.add_argument("--no-reorder", action="store_true", help="encode prompts exactly as given")
-    parser.add_argument("--tag-db", help="tag database for re-ordering (default: the captioning step's)")
+    parser.add_argument("--tags-db", help="tag database for re-ordering (default: the captioning step's)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         width, height = parse_size(args.size)
-    except ValueError as err:
-        logger.error("--size: %s", err)
+        orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db)
+    except (ValueError, OSError) as err:  # bad size; tag database missing, unreadable or offline
+        logger.error("%s", err)
         return 2
-    orderer = None if args.no_reorder else PromptOrderer.load(args.tag_db)
     texts = [prepare_prompt(p, orderer) for p in args.prompts]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -76,14 +76,14 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return vae_fingerprint(module)  # the hash is generic over any module's state dict
 
 
-def share_components(sample_model, train_model) -> list[str]:
-    """Replace `sample_model`'s VAE/text encoders by `train_model`'s where the weights are equal.
+def share_components(sample_model, train_model, names: tuple[str, ...] = _SHAREABLE) -> list[str]:
+    """Replace `sample_model`'s components `names` by `train_model`'s where the weights are equal.
 
     Returns the names shared. Both are `train.models.BaseModel`s; a training text encoder that
     carries LoRA layers hashes differently and is therefore never shared.
     """
     shared = []
-    for name in _SHAREABLE:
+    for name in names:
         ours, theirs = getattr(sample_model, name), getattr(train_model, name)
         if ours is theirs or module_fingerprint(ours) == module_fingerprint(theirs):
             setattr(sample_model, name, theirs)
