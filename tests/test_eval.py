@@ -7,7 +7,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from sample_eval_helpers import build_tiny_clip, build_tiny_tagger, lora_model, make_dataset, write_lora
+from sample_eval_helpers import (
+    build_tiny_clip,
+    build_tiny_tagger,
+    lora_model,
+    make_dataset,
+    write_lora,
+)
 
 from train.cli import main
 from train.evaluate import (
