@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from train.config import ConfigError, load_config, parse_config
 
@@ -77,7 +78,7 @@ def test_paths_resolve_against_the_config_file_and_hub_ids_stay(tmp_path):
 
 def test_config_is_frozen(tmp_path):
     config = parse_config(MINIMAL, "c.toml", tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.train.max_steps = 5
 
 

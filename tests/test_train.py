@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from train_helpers import make_dataset, popen, run, train_command, write_config
+
 from train import checkpoint
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import datasets
 import numpy as np
 from PIL import Image
+
+import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +42,6 @@ def make_dataset(out: Path, seed: int = 0) -> Path:
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         path = images / name
         Image.fromarray(pixels).save(path)
-        import hashlib
-
         row = {
             "id": name, "image_path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "width": width, "height": height, "bucket_width": bw, "bucket_height": bh,
@@ -89,7 +89,7 @@ def train_command(config: Path, *extra: str) -> list[str]:
 
 def run(command: list[str], timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def popen(command: list[str]) -> subprocess.Popen:

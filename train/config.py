@@ -10,10 +10,10 @@ whole tree (see `train.loop`).
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from train.sample_hook import SampleConfig

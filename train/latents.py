@@ -53,7 +53,7 @@ class Geometry:
 
 def _snap(value: float) -> int:
     """Round to the nearest multiple of the VAE's downscale factor (at least one latent pixel)."""
-    return max(VAE_DOWNSCALE, int(round(value / VAE_DOWNSCALE)) * VAE_DOWNSCALE)
+    return max(VAE_DOWNSCALE, round(value / VAE_DOWNSCALE) * VAE_DOWNSCALE)
 
 
 def row_geometry(row: dict, scale: float = 1.0) -> Geometry:
@@ -66,10 +66,10 @@ def row_geometry(row: dict, scale: float = 1.0) -> Geometry:
         return Geometry(row["resize_width"], row["resize_height"], row["crop_left"], row["crop_top"],
                         row["bucket_width"], row["bucket_height"])
     width, height = _snap(row["bucket_width"] * scale), _snap(row["bucket_height"] * scale)
-    resize_w = max(width, int(round(row["resize_width"] * scale)))
-    resize_h = max(height, int(round(row["resize_height"] * scale)))
-    left = min(int(round(row["crop_left"] * scale)), resize_w - width)
-    top = min(int(round(row["crop_top"] * scale)), resize_h - height)
+    resize_w = max(width, round(row["resize_width"] * scale))
+    resize_h = max(height, round(row["resize_height"] * scale))
+    left = min(round(row["crop_left"] * scale), resize_w - width)
+    top = min(round(row["crop_top"] * scale), resize_h - height)
     return Geometry(resize_w, resize_h, left, top, width, height)
 
 

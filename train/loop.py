@@ -453,7 +453,7 @@ class DrawLog:
 
     def __init__(self, path: Path, append: bool):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "a" if append else "w", encoding="utf-8")
+        self._handle = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (open for the run)
 
     def write(self, step: int, batch: Batch, ids: list[str]) -> None:
         record = {"step": step, "epoch": batch.epoch, "batch": batch.index, "entries": list(batch.entries), "ids": ids}
