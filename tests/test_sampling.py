@@ -184,3 +184,18 @@ def test_sample_cli_writes_images_grid_and_prompts(tiny_model, lora_file, tag_db
     bad = main(["sample", "--lora", str(tiny_model.single_file), "--model", str(tiny_model.diffusers_dir),
                 "--size", "64x64", "--steps", "1", "--no-reorder", "--device", "cpu", "1girl", "-o", str(tmp_path / "b")])
     assert bad == 1 and not (tmp_path / "b").exists()
+
+
+@pytest.mark.gpu
+def test_training_hook_offloads_the_opt_model_on_cuda(tiny_model, tmp_path):
+    train_model = lora_model(tiny_model, seed=2)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        getattr(train_model, name).to("cuda")
+    config = SampleConfig(every_n_steps=1, prompts=[PROMPT], seeds=[1], size="64x64", steps=2,
+                          opt_model=str(tiny_model.diffusers_dir))
+    sampler = TrainingSampler(config, train_model=train_model, out_dir=tmp_path, device="cuda",
+                              weight_dtype=torch.float32)
+    grid = sampler.render_grid(1, unet=train_model.unet)
+    assert grid.size == (64, 80)
+    assert train_model.vae.device.type == "cuda"  # shared modules stay where training keeps them
+    assert next(sampler._opt_pipe.unet.parameters()).device.type == "cpu"  # offloaded after use

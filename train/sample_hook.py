@@ -148,8 +148,11 @@ class TrainingSampler:
             before = torch.cuda.memory_allocated()
         if self.config.sample_model == "train":
             model = self.train_model
-            components = {"unet": unet, "text_encoder": text_encoder or model.text_encoder,
-                              "text_encoder_2": text_encoder_2 or model.text_encoder_2}
+            components = {"unet": unet}
+            if text_encoder is not None:
+                components["text_encoder"] = text_encoder
+            if text_encoder_2 is not None:
+                components["text_encoder_2"] = text_encoder_2
             pipe = build_pipeline(_Components(model, **components), device=self.device,
                                   timestep_spacing=self.settings.timestep_spacing)
             was_training = unet.training
