@@ -126,15 +126,28 @@ def test_bad_inputs_are_named(tmp_path, run_dir, tiny_model):
     assert [c.name for c in checkpoints] == ["base", "herta"]
     assert problems == [f"{tmp_path / 'no_run'}: no such run folder or LoRA file"]
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("1girl, smile\n\nsolo\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"prompts.txt:2: empty line"):
-        read_prompt_file(prompts)
+    prompts.write_text("# comment\n1girl, smile\n\nsolo\n", encoding="utf-8")
+    assert read_prompt_file(prompts) == (["1girl, smile", "solo"], [f"{prompts}:3: empty line skipped (one prompt per line)"])
+    (tmp_path / "blank.txt").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"blank.txt: no prompts"):
+        read_prompt_file(tmp_path / "blank.txt")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"empty: no images"):
         folder_sources(tmp_path / "empty")
     status = main(["eval", str(tmp_path / "no_run"), "--model", str(tiny_model.diffusers_dir), "-o", str(tmp_path / "o")])
     assert status == 1
+
+    # A blank prompt line and an empty validation folder are reported; the checkpoints still run.
+    lora = run_dir / "checkpoint-000010" / "herta.safetensors"
+    status = main(["eval", str(lora), "--prompts", str(prompts), "--no-reorder", "--val-folder", str(tmp_path / "empty"),
+                   "--model", str(tiny_model.diffusers_dir), "--size", "64x64", "--steps", "1", "--seeds", "0",
+                   "--device", "cpu", "-o", str(tmp_path / "o")])
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert status == 1 and report["prompts"] == ["1girl, smile", "solo"]
+    assert any("prompts.txt:3: empty line" in p for p in report["problems"])
+    assert any("empty: no images" in p for p in report["problems"])
+    assert all(row["grid"] and row["error"] is None for row in report["rows"])
 
 
 def test_lora_files_list_and_val_folder(tiny_model, run_dir, tmp_path, prepped):

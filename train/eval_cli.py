@@ -58,12 +58,15 @@ def _training_heads(dataset: Path | None) -> list[list[str]]:
     return [row["caption_head"] for row in load_rows(dataset, split="train")]
 
 
-def _prompts(args, heads) -> list[str]:
+def _prompts(args, heads, problems: list[str]) -> list[str]:
     from train.evaluate import read_prompt_file
     from train.prompts import PromptOrderer, default_prompts, prepare_prompt
 
     if args.prompts:
-        raw = read_prompt_file(args.prompts)
+        raw, file_problems = read_prompt_file(args.prompts)
+        for problem in file_problems:
+            logger.error("%s", problem)
+        problems += file_problems
     else:
         raw = default_prompts(heads, args.num_prompts)
         if not raw:
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         parse_size(args.size)
         heads = _training_heads(args.dataset)
-        prompts = [] if args.no_images else _prompts(args, heads)
+        prompts = [] if args.no_images else _prompts(args, heads, problems)
     except (ValueError, OSError) as err:
         logger.error("%s", err)
         return 2

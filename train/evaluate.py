@@ -123,19 +123,29 @@ def discover_checkpoints(inputs: Sequence[str | Path]) -> tuple[list[Checkpoint]
     return [Checkpoint("base", 0, None), *found], problems
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line; `#` comments allowed; an empty line is an error naming file and line."""
+def read_prompt_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """Prompts, one per line (`#` comments allowed), and problems ("file:line: reason").
+
+    An empty line is reported and skipped, so one stray blank line does not stop an evaluation.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no prompt at all.
+    """
     path = Path(path)
-    prompts = []
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    prompts, problems = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.lstrip().startswith("#"):
             continue
         if not line.strip():
-            raise ValueError(f"{path}:{number}: empty line (one prompt per line; remove blank lines)")
+            problems.append(f"{path}:{number}: empty line skipped (one prompt per line)")
+            continue
         prompts.append(line.strip())
     if not prompts:
         raise ValueError(f"{path}: no prompts in the file")
-    return prompts
+    return prompts, problems
 
 
 def character_tags(heads: Sequence[Sequence[str]], min_share: float = 0.5) -> list[str]:
