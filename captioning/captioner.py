@@ -1,17 +1,24 @@
 """Build Animagine captions from posts: sort tags into slots, add rating/year/score/quality, fit the budget.
 
 The rules (../shared/docs/animagine_captions.md, "The project's rules") live in the Profile;
-this module only applies them. Every input tag is classified once and cached by its raw text,
-which is what makes captioning whole booru dumps fast.
+this module only applies them.
+
+Speed (whole booru dumps, issue 2): every distinct input tag is classified once and cached by
+its raw text as a `TagInfo` that carries its canonical name, display form, a sort key (slot
+position in the caption, then rank inside ordered slots) and its CLIP token costs. Captioning a
+post is then one dict lookup per tag, a stable sort by key (input order is kept inside a slot),
+and a sum of cached costs.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime
-from typing import NamedTuple
+from operator import attrgetter
 
 from captioning.caption import Caption, CaptionResult
 from captioning.post import RATINGS, Post
@@ -20,6 +27,8 @@ from captioning.tag_db import TagDatabase
 from captioning.tags import Category, display_tag, normalize_tag
 from captioning.tokens import TokenCounter
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_TOKENS = 225  # three 75-token CLIP chunks
 MIN_POSTS_FOR_PERCENTILES = 20
 _CATEGORY_SLOT = {Category.GENERAL: "general", Category.ARTIST: "artist",
@@ -27,19 +36,35 @@ _CATEGORY_SLOT = {Category.GENERAL: "general", Category.ARTIST: "artist",
                   Category.META: "meta"}
 # WD tagger rating labels (category 9) -> Danbooru rating letters.
 WD_RATING_LABELS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
+SPECIAL_SLOTS = ("rating", "year", "quality", "score")
 _YEAR_TAG = re.compile(r"^year (\d{4})$")
+_SLOT_STRIDE = 100_000  # sort key = slot position * stride + rank inside the slot
+DROPPED, SPECIAL = -1, -2  # sort keys of tags that are not placed directly
+_by_key = attrgetter("key")
+_name = attrgetter("name")
+_display = attrgetter("display")
+_comma_cost = attrgetter("comma_cost")
 
 
-class TagInfo(NamedTuple):
-    """One input tag, classified: where it goes and what it costs."""
+class TagInfo:
+    """One classified tag: where it goes and what it costs (shared by every post using it)."""
 
-    name: str  # canonical
-    display: str
-    slot: str  # a profile slot, "drop", or a special group: "rating", "year", "quality", "score"
-    rank: int  # order inside ordered slots (people, resolution); 0 otherwise
-    post_count: int
-    unknown: bool  # the tag database does not know it
-    value: str  # rating letter for rating words, "" otherwise
+    __slots__ = ("alone_cost", "comma_cost", "display", "key", "name", "post_count", "slot", "unknown", "value")
+
+    def __init__(self, name: str, display: str, slot: str, key: int, post_count: int, unknown: bool,
+                 value: str = "") -> None:
+        self.name = name  # canonical
+        self.display = display
+        self.slot = slot  # a profile slot, "drop", or a special group: rating, year, quality, score
+        self.key = key  # sort key; DROPPED or SPECIAL for tags not placed directly
+        self.post_count = post_count
+        self.unknown = unknown  # categorised by nothing: the database does not know it
+        self.value = value  # rating letter of rating words; the reason for dropped tags
+        self.comma_cost = 0  # CLIP tokens of "display," (filled when a counter is present)
+        self.alone_cost = 0  # CLIP tokens of "display"
+
+    def __repr__(self) -> str:
+        return f"TagInfo({self.name!r}, slot={self.slot!r}, key={self.key})"
 
 
 class Captioner:
@@ -52,7 +77,13 @@ class Captioner:
         self.token_counter = token_counter
         self.max_tokens = max_tokens
         self.percentiles = {r: dict(cuts) for r, cuts in profile.percentile_table.items()}
-        self._cache: dict[tuple[str, int], TagInfo] = {}
+        order = profile.head + profile.body + profile.tail
+        self._position = {slot: i for i, slot in enumerate(order)}
+        self._body_start = len(profile.head) * _SLOT_STRIDE
+        self._tail_start = (len(profile.head) + len(profile.body)) * _SLOT_STRIDE
+        self._caches: dict[Category | None, dict[str, TagInfo]] = defaultdict(dict)
+        self._specials: dict[tuple[str, str], TagInfo] = {}
+        self._uncosted: list[TagInfo] = []
         self._people = {t: i for i, t in enumerate(profile.people_tags)}
         self._resolution = {t: i for i, t in enumerate(profile.resolution_tags)}
         self._rating_of_word: dict[str, str] = {}
@@ -62,17 +93,17 @@ class Captioner:
         self._quality_words = {b.tag for b in profile.quality_bands if b.tag} | {profile.quality_missing} - {""}
         self._score_words = {b.tag for b in profile.score_bands if b.tag} | {profile.score_missing} - {""}
         self._bucket_words = {b.name for b in profile.year_buckets}
-        self._slots = set(profile.head + profile.body + profile.tail)
 
     # ---- classification -------------------------------------------------------------------
 
     def classify(self, raw: str, category: Category | None = None) -> TagInfo:
         """Where one input tag goes (cached per raw text and stated category)."""
-        key = (raw, -1 if category is None else int(category))
-        info = self._cache.get(key)
+        cache = self._caches[category]
+        info = cache.get(raw)
         if info is None:
-            info = self._classify(raw, category)
-            self._cache[key] = info
+            info = cache[raw] = self._classify(raw, category)
+            if self.token_counter is not None and info.key >= 0:
+                self._uncosted.append(info)
         return info
 
     def _classify(self, raw: str, category: Category | None) -> TagInfo:
@@ -85,11 +116,19 @@ class Captioner:
         display = display_tag(name)
 
         def info(slot: str, rank: int = 0, value: str = "") -> TagInfo:
-            return TagInfo(name, display, slot, rank, count, unknown, value)
+            if slot in SPECIAL_SLOTS:
+                key = SPECIAL
+            elif slot in self._position:
+                key = self._position[slot] * _SLOT_STRIDE + rank
+            else:  # "drop", or a slot the profile leaves out
+                key = DROPPED
+            return TagInfo(name, display, slot, key, count, unknown, value)
 
         if not name:
-            return info("drop")
+            return info("drop", value="empty tag")
         if self.profile.drop_backslash_tags and "\\" in name:
+            # Logged once per tag, not per post: `\m/` alone is on thousands of Danbooru posts.
+            logger.info("dropping tag %r wherever it appears: training captions never contain backslashes", name)
             return info("drop", value="contains a backslash")
         if category == Category.RATING:
             letter = WD_RATING_LABELS.get(name) or self._rating_of_word.get(display)
@@ -118,6 +157,45 @@ class Captioner:
             return info("unknown")
         return info("general")
 
+    def prepare(self, posts: Iterable[Post]) -> int:
+        """Classify the tags of many posts and learn their token costs in one tokenizer batch.
+
+        Optional: `caption` does the same per post, but one batch per chunk of posts saves the
+        tokenizer's per-call overhead while the caches are still cold. Returns how many tags
+        were new.
+        """
+        caches = self._caches
+        known = sum(map(len, caches.values()))
+        for post in posts:
+            for category, names in post.tags.items():
+                for raw in set(names).difference(caches[category]):
+                    self.classify(raw, category)
+            if post.uncategorised:
+                for raw in set(post.uncategorised).difference(caches[None]):
+                    self.classify(raw)
+        if self._uncosted:
+            self._learn_costs()
+        return sum(map(len, caches.values())) - known
+
+    def _special(self, slot: str, word: str, rank: int) -> TagInfo:
+        """The TagInfo of a rating/year/quality/score word the captioner adds."""
+        info = self._specials.get((slot, word))
+        if info is None:
+            key = self._position[slot] * _SLOT_STRIDE + rank
+            info = self._specials[(slot, word)] = TagInfo(normalize_tag(word), word, slot, key, 0, False)
+            if self.token_counter is not None:
+                self._uncosted.append(info)
+        return info
+
+    def _learn_costs(self) -> None:
+        """Token costs of newly classified tags, in one tokenizer batch."""
+        infos, self._uncosted = self._uncosted, []
+        self.token_counter.learn(i.display for i in infos)
+        costs = self.token_counter.tag_costs([i.display for i in infos])
+        for info, cost in zip(infos, costs, strict=True):
+            info.comma_cost = cost
+            info.alone_cost = self.token_counter.count_tags([info.display])
+
     # ---- captions -------------------------------------------------------------------------
 
     def caption_tags(self, tags: list[str] | str, rating: str | None = None, score: int | None = None,
@@ -132,60 +210,80 @@ class Captioner:
 
     def caption(self, post: Post) -> CaptionResult:
         """The caption of one post, its token count and what was dropped or unknown."""
-        slots: dict[str, list[TagInfo]] = defaultdict(list)
-        seen: set[str] = set()
-        warnings: list[str] = []
-        unknown: list[str] = []
+        infos: list[TagInfo] = []
         for category, names in post.tags.items():
-            for raw in names:
-                self._place(self.classify(raw, category), slots, seen, unknown, warnings)
-        for raw in post.uncategorised:
-            self._place(self.classify(raw), slots, seen, unknown, warnings)
+            infos.extend(map(self._caches[category].get, names))  # None where not cached yet
+        if post.uncategorised:
+            infos.extend(map(self._caches[None].get, post.uncategorised))
+        if None in infos:
+            raws = [(raw, c) for c, names in post.tags.items() for raw in names]
+            raws += [(raw, None) for raw in post.uncategorised]
+            infos = [info or self.classify(*raw) for info, raw in zip(infos, raws, strict=True)]
+        warnings: list[str] = []
+        placed = [i for i in infos if i.key >= 0]
+        given: dict[str, list[TagInfo]] = {}
+        if len(placed) != len(infos):
+            given = self._set_aside(infos, warnings)
+        if len(set(map(_name, placed))) != len(placed):
+            placed = list({i.name: i for i in reversed(placed)}.values())[::-1]  # first of each name
 
-        rating = self._rating(post.rating, slots.pop("rating", []), warnings)
-        year = _year_of(post.created_at)
-        specials = {
-            "rating": list(self.profile.rating_words[rating]) if rating else [],
-            "year": self._year_tags(year, slots.pop("year", []), warnings),
-            "quality": self._band_tags("quality", post.score, rating, slots.pop("quality", []),
+        rating = self._rating(post.rating, given.get("rating", ()), warnings)
+        year = post.created_at.year if post.created_at is not None else None
+        words = {
+            "rating": self.profile.rating_words[rating] if rating else (),
+            "year": self._year_tags(year, given.get("year", ()), warnings),
+            "quality": self._band_tags("quality", post.score, rating, given.get("quality", ()),
                                        self.profile.quality_bands, self.profile.quality_missing, warnings),
-            "score": self._band_tags("score", post.score, rating, slots.pop("score", []),
+            "score": self._band_tags("score", post.score, rating, given.get("score", ()),
                                      self.profile.score_bands, self.profile.score_missing, warnings),
         }
-        parts = []
-        for order in (self.profile.head, self.profile.body, self.profile.tail):
-            tags: list[str] = []
-            for slot in order:
-                if slot in specials:
-                    tags.extend(t for t in specials[slot] if t not in tags)
-                    continue
-                infos = slots.get(slot, ())
-                if slot in ("people", "resolution"):
-                    infos = sorted(infos, key=lambda i: i.rank)
-                tags.extend(i.display for i in infos)
-            parts.append(tags)
-        head, body, tail = parts
-        tokens, cut, dropped = self._fit_budget(head, body, tail, slots, warnings)
+        names = {i.name for i in placed}
+        for slot, slot_words in words.items():
+            if slot in self._position:
+                for rank, word in enumerate(slot_words):
+                    special = self._special(slot, word, rank)
+                    if special.name not in names:  # a special word that is also a real input tag
+                        placed.append(special)
+                        names.add(special.name)
+        placed.sort(key=_by_key)
+        if self._uncosted:
+            self._learn_costs()
+
+        keys = list(map(_by_key, placed))
+        body_start = bisect_left(keys, self._body_start)
+        tail_start = bisect_left(keys, self._tail_start)
+        tokens, cut, dropped = -1, False, []
+        if self.token_counter is not None and placed:
+            tokens = sum(map(_comma_cost, placed)) - placed[-1].comma_cost + placed[-1].alone_cost
+            if 0 < self.max_tokens < tokens:
+                placed, tokens, dropped = self._fit_budget(placed, body_start, tail_start)
+                cut = True
+                tail_start -= len(dropped)
+                if tokens > self.max_tokens:
+                    warnings.append(f"head and tail alone are {tokens} tokens, over the budget of {self.max_tokens}")
+        elif self.token_counter is not None:
+            tokens = 0
+        shown = list(map(_display, placed))
+        result_words = {slot: [w for w in ws if slot in self._position] for slot, ws in words.items()}
         return CaptionResult(
-            caption=Caption(tuple(head), tuple(body), tuple(tail)), tokens=tokens, cut=cut,
-            unknown_tags=unknown, warnings=warnings, dropped=dropped, rating=rating,
-            year=year if specials["year"] and year is not None else None,
-            score_tag=(specials["score"] or [None])[0], quality_tag=(specials["quality"] or [None])[0],
+            caption=Caption(tuple(shown[:body_start]), tuple(shown[body_start:tail_start]), tuple(shown[tail_start:])),
+            tokens=tokens, cut=cut, unknown_tags=[i.name for i in placed if i.unknown],
+            warnings=warnings, dropped=dropped, rating=rating,
+            year=year if result_words["year"] else None,
+            score_tag=result_words["score"][0] if result_words["score"] else None,
+            quality_tag=result_words["quality"][0] if result_words["quality"] else None,
         )
 
-    def _place(self, info: TagInfo, slots, seen: set[str], unknown: list[str], warnings: list[str]) -> None:
-        if info.name in seen:
-            return
-        seen.add(info.name)
-        if info.slot == "unknown":
-            unknown.append(info.name)
-        if info.slot == "drop":
-            if info.value == "contains a backslash":
-                warnings.append(f"dropped tag {info.name!r}: training captions never contain backslashes")
-            return
-        slots[info.slot].append(info)
+    def _set_aside(self, infos: list[TagInfo], warnings: list[str]) -> dict[str, list[TagInfo]]:
+        """Special words among the input tags, by slot; warnings for notable drops."""
+        given: dict[str, list[TagInfo]] = defaultdict(list)
+        for info in infos:
+            if info.key == SPECIAL:
+                if info not in given[info.slot]:
+                    given[info.slot].append(info)
+        return given
 
-    def _rating(self, rating: str | None, given: list[TagInfo], warnings: list[str]) -> str | None:
+    def _rating(self, rating: str | None, given, warnings: list[str]) -> str | None:
         """The post's rating; rating words among the tags fill in for a missing one."""
         letters = [i.value for i in given]
         if rating is None:
@@ -196,7 +294,7 @@ class Captioner:
             warnings.append(f"rating {rating!r} overrides rating word(s) {', '.join(conflicting)} in the tags")
         return rating
 
-    def _year_tags(self, year: int | None, given: list[TagInfo], warnings: list[str]) -> list[str]:
+    def _year_tags(self, year: int | None, given, warnings: list[str]) -> list[str]:
         profile = self.profile
         if year is None:
             return [given[0].display] if given else []
@@ -212,7 +310,7 @@ class Captioner:
             warnings.append(f"the post's date overrides year tag(s) {', '.join(dropped)}")
         return tags
 
-    def _band_tags(self, what: str, score: int | None, rating: str | None, given: list[TagInfo],
+    def _band_tags(self, what: str, score: int | None, rating: str | None, given,
                    bands: tuple[Band, ...], missing: str, warnings: list[str]) -> list[str]:
         """The score or quality tag from the score's percentile band within its rating."""
         table_rating = rating or self.profile.unrated_table
@@ -231,33 +329,27 @@ class Captioner:
             warnings.append(f"score {score} overrides {what} tag(s) {', '.join(dropped)}")
         return [tag] if tag else []
 
-    def _fit_budget(self, head: list[str], body: list[str], tail: list[str], slots,
-                    warnings: list[str]) -> tuple[int, bool, list[str]]:
-        """Drop body tags, most common first, until the caption fits; (tokens, cut, dropped)."""
+    def _fit_budget(self, placed: list[TagInfo], body_start: int,
+                    tail_start: int) -> tuple[list[TagInfo], int, list[str]]:
+        """Drop body tags, most common first, until the caption fits: (tags, tokens, dropped)."""
+        body = placed[body_start:tail_start]
         counter = self.token_counter
-        if counter is None:
-            return -1, False, []
-        tokens = counter.count_tags(head + body + tail)
-        if self.max_tokens <= 0 or tokens <= self.max_tokens:
-            return tokens, False, []
-        counts = {i.display: i.post_count for infos in slots.values() for i in infos}
-        costs = dict(zip(body, counter.tag_costs(body)))
         # Most common first; tags the database lacks (count 0) go last. sorted() is stable.
-        order = sorted(range(len(body)), key=lambda i: -counts.get(body[i], 0))
+        order = sorted(range(len(body)), key=lambda i: -body[i].post_count)
         removed: set[int] = set()
+        tokens = counter.count_tags([i.display for i in placed])
         for index in order:
             if tokens <= self.max_tokens:
                 break
             removed.add(index)
-            tokens -= costs[body[index]]
-            if tokens <= self.max_tokens:  # the estimate can be off by one at the end: recount
-                tokens = counter.count_tags(head + [t for i, t in enumerate(body) if i not in removed] + tail)
-        dropped = [body[i] for i in sorted(removed)]
-        body[:] = [t for i, t in enumerate(body) if i not in removed]
-        tokens = counter.count_tags(head + body + tail)
-        if tokens > self.max_tokens:
-            warnings.append(f"head and tail alone are {tokens} tokens, over the budget of {self.max_tokens}")
-        return tokens, True, dropped
+            tokens -= body[index].comma_cost
+            if tokens <= self.max_tokens:  # the estimate can be off by one at the very end: recount
+                kept = [t for i, t in enumerate(body) if i not in removed]
+                tokens = counter.count_tags([i.display for i in placed[:body_start] + kept + placed[tail_start:]])
+        kept = [t for i, t in enumerate(body) if i not in removed]
+        placed = placed[:body_start] + kept + placed[tail_start:]
+        tokens = counter.count_tags([i.display for i in placed])
+        return placed, tokens, [body[i].display for i in sorted(removed)]
 
     # ---- percentiles from the data ---------------------------------------------------------
 
@@ -293,7 +385,3 @@ def compute_percentiles(posts: Iterable[Post], levels: Iterable[int], min_posts:
             cuts[level] = values[low] + (values[high] - values[low]) * (position - low)
         result[rating] = cuts
     return result
-
-
-def _year_of(created_at: datetime | None) -> int | None:
-    return created_at.year if created_at is not None else None

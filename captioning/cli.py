@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import multiprocessing
 import os
@@ -19,8 +18,10 @@ import tempfile
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner
+from captioning.jsonio import dumps_line
 from captioning.post import Post, Problem
 from captioning.profile import DEFAULT_PROFILE, ProfileError, load_profile
 from captioning.readers import (
@@ -31,12 +32,14 @@ from captioning.readers import (
 )
 from captioning.summary import CaptionSummary
 from captioning.tag_db import TagDatabase, TagDatabaseError, fetch_tag_database
+from captioning.tags import escape_prompt
 from captioning.tokens import DEFAULT_TOKENIZER_REPO, TokenCounter, TokenizerError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".avif", ".tif", ".tiff"})
 CHUNK_LINES = 2000  # lines per worker task: large enough to amortise pickling, small for progress
+CHUNK_IMAGES = 200
 
 
 class CaptionCliError(Exception):
@@ -85,16 +88,17 @@ def _run(args: argparse.Namespace) -> int:
     captioner = build_captioner(args)
     summary = CaptionSummary()
     if args.input.is_dir():
-        records = _folder_records(args.input, captioner, summary)
+        chunks = _image_chunks(args.input)
     else:
         if captioner.profile.percentile_source == "dataset" or args.percentiles == "dataset":
             _fit_percentiles(captioner, args.input)
-        records = _jsonl_records(args.input, captioner, args.workers, summary)
+        chunks = _line_chunks(args.input)
+    records = _Accepted(summary, args.strict, args.max_messages).records(_results(chunks, captioner, args.workers))
     try:
         if output_format == "jsonl":
-            _write_jsonl(records, args.output, summary, args.strict, args.max_messages)
+            _write_jsonl(records, args.output, summary)
         else:
-            _write_txt(records, args.output, args.txt_style, summary, args.strict, args.max_messages)
+            _write_txt(records, args.output, args.txt_style, summary)
     except _StrictStop as stop:
         logger.error("--strict: %s", stop.problem)
         return 2
@@ -188,70 +192,89 @@ def _fit_percentiles(captioner: Captioner, path: Path) -> None:
     logger.info("score percentiles from %s: %s", path, {r: {f"p{k}": round(v, 1) for k, v in c.items()} for r, c in cuts.items()})
 
 
-# ---- records: (id, origin, output object | None, problems) in input order ---------------------
+# ---- records -------------------------------------------------------------------------------------
+# Work is done in chunks (of JSON lines or images) so that --workers can spread it over processes:
+# a chunk becomes its items in input order (Problems, and a Record per captioned input) plus the
+# chunk's summary; the parent only checks duplicate ids and writes.
 
 _WORKER_CAPTIONER: Captioner | None = None  # set in the parent before forking the pool
+_PREPARE = True  # batch-classify each chunk's tags first while the caches are cold
 
 
-def _caption_post(captioner: Captioner, post: Post) -> dict:
+class Record(NamedTuple):
+    id: str
+    origin: str
+    line: bytes  # the JSON-lines output object
+    caption: str  # training form, for .txt output
+    sd_scripts: str
+    stats: tuple  # CaptionSummary.record_stats, to take a duplicate back out of the summary
+
+
+def _record(captioner: Captioner, post: Post, items: list, summary: CaptionSummary) -> None:
     result = captioner.caption(post)
     caption = result.caption
-    return {
-        "id": post.id, "caption": caption.training(), "prompt": caption.prompt(),
-        "sd_scripts": caption.sd_scripts(), "head": list(caption.head), "body": list(caption.body),
-        "tail": list(caption.tail), "tokens": result.tokens, "cut": result.cut,
-        "dropped": result.dropped, "unknown_tags": result.unknown_tags, "warnings": result.warnings,
-        "_origin": post.origin, "_stats": (result.rating, result.year, result.score_tag, result.quality_tag),
-    }
+    training = caption.training()
+    sd_scripts = caption.sd_scripts()
+    line = dumps_line({
+        "id": post.id, "caption": training, "prompt": escape_prompt(training), "sd_scripts": sd_scripts,
+        "head": caption.head, "body": caption.body, "tail": caption.tail, "tokens": result.tokens,
+        "cut": result.cut, "dropped": result.dropped, "unknown_tags": result.unknown_tags,
+    })
+    for warning in result.warnings:
+        problem = Problem(post.origin, warning, skipped=False)
+        items.append(problem)
+        summary.add_problem(problem)
+    stats = summary.add_record(result)
+    items.append(Record(post.id, post.origin, line, training, sd_scripts, stats))
 
 
-def _caption_lines(chunk: list[tuple[str, bytes]]) -> list[tuple[list[Problem], dict | None]]:
-    """Parse and caption a chunk of JSON lines: per line, its problems and its output object."""
+def _add_parsed(parsed: list, captioner: Captioner, items: list, summary: CaptionSummary) -> None:
+    """Items of one input record (reader output: warnings, then a Post; or a Problem)."""
+    summary.read += 1
+    post = None
+    for item in parsed:
+        if isinstance(item, Post):
+            post = item
+        else:
+            items.append(item)
+            summary.add_problem(item)
+    if post is not None:
+        _record(captioner, post, items, summary)
+    elif not any(p.skipped for p in parsed):
+        problem = Problem(parsed[0].origin if parsed else "?", "no record")
+        items.append(problem)
+        summary.add_problem(problem)
+
+
+def _caption_chunk(chunk: tuple) -> tuple[list, CaptionSummary]:
+    """Caption one chunk: ("lines", [(origin, bytes)]) or ("images", root, [image paths])."""
     captioner = _WORKER_CAPTIONER
-    out = []
-    for origin, line in chunk:
-        items = parse_danbooru_line(line, origin)
-        if not items:
-            continue
-        problems = [i for i in items if isinstance(i, Problem)]
-        posts = [i for i in items if isinstance(i, Post)]
-        out.append((problems, _caption_post(captioner, posts[0]) if posts else None))
-    return out
+    items: list = []
+    summary = CaptionSummary()
+    if chunk[0] == "lines":
+        global _PREPARE
+        parsed_lines = [parsed for origin, line in chunk[1] if (parsed := parse_danbooru_line(line, origin))]
+        if _PREPARE:
+            new_tags = captioner.prepare(item for parsed in parsed_lines for item in parsed if isinstance(item, Post))
+            # Once a chunk brings few new tags the caches are warm: the per-post path is cheaper.
+            _PREPARE = new_tags > len(parsed_lines) // 4
+        for parsed in parsed_lines:
+            _add_parsed(parsed, captioner, items, summary)
+    else:
+        root = chunk[1]
+        for image in chunk[2]:
+            _add_parsed(_read_image_sidecar(root, image), captioner, items, summary)
+    return items, summary
 
 
-def _chunks(path: Path) -> Iterator[list[tuple[str, bytes]]]:
-    with path.open("rb") as f:
-        numbered = ((f"{path}:{n}", line) for n, line in enumerate(f, start=1))
-        while chunk := list(islice(numbered, CHUNK_LINES)):
-            yield chunk
-
-
-def _jsonl_records(path: Path, captioner: Captioner, workers: int, summary: CaptionSummary):
-    global _WORKER_CAPTIONER
-    _WORKER_CAPTIONER = captioner
-    if workers <= 1:
-        for chunk in _chunks(path):
-            yield from _caption_lines(chunk)
-        return
-    # fork: workers inherit the loaded database, tokenizer and caches instead of reloading them.
-    context = multiprocessing.get_context("fork")
-    with context.Pool(workers) as pool:
-        for results in pool.imap(_caption_lines, _chunks(path)):
-            yield from results
-
-
-def _folder_records(folder: Path, captioner: Captioner, summary: CaptionSummary):
-    for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        image_id = image.relative_to(folder).as_posix()
-        sidecar = _sidecar(image)
-        if sidecar is None:
-            yield [Problem(str(image), "no sidecar (.json, .txt or .caption) beside the image")], None
-            continue
-        reader = read_danbooru_json(sidecar, image_id) if sidecar.suffix == ".json" else read_tag_file(sidecar, image_id)
-        items = list(reader)
-        problems = [i for i in items if isinstance(i, Problem)]
-        posts = [i for i in items if isinstance(i, Post)]
-        yield problems, (_caption_post(captioner, posts[0]) if posts else None)
+def _read_image_sidecar(root: Path, image: Path) -> list:
+    image_id = image.relative_to(root).as_posix()
+    sidecar = _sidecar(image)
+    if sidecar is None:
+        return [Problem(str(image), "no sidecar (.json, .txt or .caption) beside the image")]
+    if sidecar.suffix == ".json":
+        return list(read_danbooru_json(sidecar, image_id))
+    return list(read_tag_file(sidecar, image_id))
 
 
 def _sidecar(image: Path) -> Path | None:
@@ -262,6 +285,31 @@ def _sidecar(image: Path) -> Path | None:
     return None
 
 
+def _line_chunks(path: Path) -> Iterator[tuple]:
+    with path.open("rb") as f:
+        numbered = ((f"{path}:{n}", line) for n, line in enumerate(f, start=1))
+        while chunk := list(islice(numbered, CHUNK_LINES)):
+            yield ("lines", chunk)
+
+
+def _image_chunks(folder: Path) -> Iterator[tuple]:
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for start in range(0, len(images), CHUNK_IMAGES):
+        yield ("images", folder, images[start:start + CHUNK_IMAGES])
+
+
+def _results(chunks: Iterator[tuple], captioner: Captioner, workers: int) -> Iterator[tuple[list, CaptionSummary]]:
+    global _WORKER_CAPTIONER, _PREPARE
+    _WORKER_CAPTIONER, _PREPARE = captioner, True
+    if workers <= 1:
+        yield from map(_caption_chunk, chunks)
+        return
+    # fork: workers inherit the loaded database, tokenizer and caches instead of reloading them.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_caption_chunk, chunks)
+
+
 # ---- writers ------------------------------------------------------------------------------------
 
 class _StrictStop(Exception):
@@ -270,59 +318,71 @@ class _StrictStop(Exception):
         self.problem = problem
 
 
-def _accepted(records, summary: CaptionSummary, strict: bool, max_messages: int) -> Iterator[dict]:
-    """Records to write, after duplicate-id checks, with everything counted in the summary."""
-    from tqdm import tqdm
+class _Accepted:
+    """Checks duplicate ids across chunks, logs problems (capped), merges the summaries."""
 
-    seen: set[str] = set()
-    messages = 0
-    for problems, record in tqdm(records, desc="captioning", unit=" records", disable=not sys.stderr.isatty()):
-        if record is not None and record["id"] in seen:
-            problems = [*problems, Problem(record["_origin"], f"duplicate id {record['id']!r} (first record kept)")]
-            record = None
-        if record is not None:
-            problems = problems + [Problem(record["_origin"], w, skipped=False) for w in record["warnings"]]
-        for problem in problems:
-            if strict:
-                raise _StrictStop(problem)
-            messages += 1
-            if max_messages <= 0 or messages <= max_messages:
-                logger.warning("%s", problem)
-            elif messages == max_messages + 1:
-                logger.warning("more problems: counted in the summary only (--max-messages 0 shows all)")
-        summary.add(problems, record)
-        if record is not None:
-            seen.add(record["id"])
-            yield record
+    def __init__(self, summary: CaptionSummary, strict: bool, max_messages: int) -> None:
+        self.summary, self.strict, self.max_messages = summary, strict, max_messages
+        self.seen: set[str] = set()
+        self.messages = 0
+
+    def records(self, results) -> Iterator[list[Record]]:
+        from tqdm import tqdm
+
+        with tqdm(desc="captioning", unit=" records", disable=not sys.stderr.isatty()) as progress:
+            for items, chunk_summary in results:
+                self.summary.merge(chunk_summary)
+                progress.update(chunk_summary.read)
+                yield self._chunk(items)
+
+    def _chunk(self, items: list) -> list[Record]:
+        kept = []
+        seen = self.seen
+        for item in items:
+            if type(item) is Record:
+                if item.id not in seen:
+                    seen.add(item.id)
+                    kept.append(item)
+                    continue
+                problem = Problem(item.origin, f"duplicate id {item.id!r} (first record kept)")
+                self.summary.remove_record(item.stats)
+                self.summary.add_problem(problem)
+                item = problem
+            self._report(item)
+        return kept
+
+    def _report(self, problem: Problem) -> None:
+        if self.strict:
+            raise _StrictStop(problem)
+        self.messages += 1
+        if self.max_messages <= 0 or self.messages <= self.max_messages:
+            logger.warning("%s", problem)
+        elif self.messages == self.max_messages + 1:
+            logger.warning("more problems: counted in the summary only (--max-messages 0 shows all)")
 
 
-def _public(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("_")}
-
-
-def _write_jsonl(records, output: Path, summary: CaptionSummary, strict: bool, max_messages: int) -> None:
+def _write_jsonl(records: Iterator[list[Record]], output: Path, summary: CaptionSummary) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in _accepted(records, summary, strict, max_messages):
-                f.write(json.dumps(_public(record), ensure_ascii=False) + "\n")
-                summary.written += 1
+        with os.fdopen(fd, "wb") as f:
+            for chunk in records:
+                f.write(b"".join(r.line for r in chunk))
+                summary.written += len(chunk)
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _write_txt(records, output: Path, style: str, summary: CaptionSummary, strict: bool,
-               max_messages: int) -> None:
+def _write_txt(records: Iterator[list[Record]], output: Path, style: str, summary: CaptionSummary) -> None:
     """One `.txt` per image, mirroring the input's sub-folders; each file written atomically."""
-    key = "sd_scripts" if style == "sd-scripts" else "caption"
-    for record in _accepted(records, summary, strict, max_messages):
-        target = (output / record["id"]).with_suffix(".txt")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(record[key] + "\n")
-        os.replace(tmp, target)
-        summary.written += 1
+    for chunk in records:
+        for record in chunk:
+            target = (output / record.id).with_suffix(".txt")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write((record.sd_scripts if style == "sd-scripts" else record.caption) + "\n")
+            os.replace(tmp, target)
+            summary.written += 1

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
+from captioning import jsonio
 from captioning.post import RATINGS, Post, Problem
 from captioning.tags import Category, normalize_tag
 
@@ -30,6 +31,8 @@ DANBOORU_TAG_FIELDS = {
     "character": Category.CHARACTER,
     "meta": Category.META,
 }
+_TAG_KEYS = tuple(((f"tag_string_{field}", f"tags_{field}"), category)
+                  for field, category in DANBOORU_TAG_FIELDS.items())
 RATING_ALIASES = {"g": "g", "general": "g", "s": "s", "sensitive": "s", "q": "q",
                   "questionable": "q", "e": "e", "explicit": "e"}
 WD_RATING_LABELS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
@@ -55,15 +58,15 @@ def read_danbooru_jsonl(path: str | Path) -> Iterator[Item]:
 
 def parse_danbooru_line(line: bytes, origin: str) -> list[Item]:
     """The Post (and warnings) of one JSON line; [] for a blank line."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return [Problem(origin, f"not UTF-8 text (byte {error.start})")]
-    if not text.strip():
+    if not line.strip():
         return []
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
+        record = jsonio.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return [Problem(origin, f"not UTF-8 text (byte {bad.start})")]
         return [Problem(origin, f"malformed JSON: {error.msg} at column {error.colno}")]
     return post_from_danbooru(record, origin, default_id=origin.rsplit("/", 1)[-1])
 
@@ -103,17 +106,19 @@ def post_from_danbooru(record: object, origin: str, default_id: str) -> list[Ite
         metadata["id"] = post_id
 
     tags: dict[Category, list[str]] = {}
-    for field, category in DANBOORU_TAG_FIELDS.items():
-        for key in (f"tag_string_{field}", f"tags_{field}"):
-            if key in record:
-                names = _tag_list(record[key])
-                if names is None:
-                    warnings.append(Problem(origin, f"field {key!r} is not a tag string", skipped=False))
-                    continue
-                metadata[key] = record[key]
-                if names:
-                    tags[category] = names
-                break
+    for keys, category in _TAG_KEYS:
+        for key in keys:
+            value = record.get(key)
+            if value is None:
+                continue
+            names = value.split() if type(value) is str else _tag_list(value)
+            if names is None:
+                warnings.append(Problem(origin, f"field {key!r} is not a tag string", skipped=False))
+                continue
+            metadata[key] = value
+            if names:
+                tags[category] = names
+            break
     uncategorised: list[str] = []
     if not tags:
         for key in ("tag_string", "tags"):
@@ -168,7 +173,9 @@ def post_from_danbooru(record: object, origin: str, default_id: str) -> list[Ite
 def _tag_list(value: object) -> list[str] | None:
     """Tags of a space-separated Danbooru tag string or a list; None if neither."""
     if isinstance(value, str):
-        return [normalize_tag(t) for t in value.split()]
+        # Danbooru tag strings hold canonical names already (lowercase, underscores); the
+        # captioner normalizes any name it has not seen, so nothing is lost by not doing it here.
+        return value.split()
     if isinstance(value, list) and all(isinstance(t, str) for t in value):
         return [n for n in (normalize_tag(t) for t in value) if n]
     return None

@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from captioning.caption import CaptionResult
 from captioning.post import Problem
 
 # Reasons are grouped without their specifics ('x', 12) so the table shows kinds, not records.
@@ -30,40 +31,64 @@ class CaptionSummary:
     qualities: Counter = field(default_factory=Counter)
     tokens_max: int = 0
     tokens_total: int = 0
+    captioned: int = 0
 
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
-    def add(self, problems: list[Problem], record: dict | None) -> None:
-        """Count one input record: its problems and, if captioned, its caption's statistics."""
-        self.read += 1
-        for problem in problems:
-            target = self.skipped if problem.skipped else self.warnings
-            target[reason_kind(problem.reason)] += 1
-        if record is None:
-            if not any(p.skipped for p in problems):
-                self.skipped["no record"] += 1
-            return
-        self.cut += bool(record["cut"])
-        self.unknown_tags.update(record["unknown_tags"])
-        rating, year, score_tag, quality_tag = record["_stats"]
-        self.ratings[rating or "none"] += 1
-        self.years[str(year) if year else "none"] += 1
-        self.scores[score_tag or "none"] += 1
-        self.qualities[quality_tag or "none"] += 1
-        self.tokens_max = max(self.tokens_max, record["tokens"])
-        self.tokens_total += max(record["tokens"], 0)
+    def add_problem(self, problem: Problem) -> None:
+        target = self.skipped if problem.skipped else self.warnings
+        target[reason_kind(problem.reason)] += 1
+
+    def add_record(self, result: CaptionResult) -> tuple:
+        """Count one caption; returns its stats for `remove_record`."""
+        stats = (result.rating or "none", str(result.year) if result.year else "none",
+                 result.score_tag or "none", result.quality_tag or "none", result.cut,
+                 tuple(result.unknown_tags), max(result.tokens, 0))
+        self._apply(stats, 1)
+        self.tokens_max = max(self.tokens_max, result.tokens)
+        return stats
+
+    def remove_record(self, stats: tuple) -> None:
+        """Take a record back out (a duplicate found after captioning)."""
+        self._apply(stats, -1)
+
+    def _apply(self, stats: tuple, sign: int) -> None:
+        rating, year, score, quality, cut, unknown, tokens = stats
+        self.ratings[rating] += sign
+        self.years[year] += sign
+        self.scores[score] += sign
+        self.qualities[quality] += sign
+        self.cut += sign * cut
+        for tag in unknown:
+            self.unknown_tags[tag] += sign
+        self.tokens_total += sign * tokens
+        self.captioned += sign
+
+    def merge(self, other: CaptionSummary) -> None:
+        """Add another (chunk's) summary into this one."""
+        self.read += other.read
+        self.written += other.written
+        self.cut += other.cut
+        self.captioned += other.captioned
+        self.tokens_total += other.tokens_total
+        self.tokens_max = max(self.tokens_max, other.tokens_max)
+        for mine, theirs in ((self.skipped, other.skipped), (self.warnings, other.warnings),
+                             (self.unknown_tags, other.unknown_tags), (self.ratings, other.ratings),
+                             (self.years, other.years), (self.scores, other.scores),
+                             (self.qualities, other.qualities)):
+            mine.update(theirs)
 
     def as_dict(self) -> dict:
-        captioned = self.read - self.skipped_total
+        captioned = self.captioned
         return {
             "read": self.read, "written": self.written, "skipped": dict(self.skipped),
             "warnings": dict(self.warnings), "cut_by_budget": self.cut,
-            "unknown_tags": {"distinct": len(self.unknown_tags), "occurrences": sum(self.unknown_tags.values()),
-                             "most_common": self.unknown_tags.most_common(10)},
-            "ratings": dict(self.ratings), "years": dict(sorted(self.years.items())),
-            "scores": dict(self.scores), "qualities": dict(self.qualities),
+            "unknown_tags": {"distinct": len(+self.unknown_tags), "occurrences": sum((+self.unknown_tags).values()),
+                             "most_common": (+self.unknown_tags).most_common(10)},
+            "ratings": _positive(self.ratings), "years": dict(sorted(_positive(self.years).items())),
+            "scores": _positive(self.scores), "qualities": _positive(self.qualities),
             "tokens_max": self.tokens_max,
             "tokens_mean": round(self.tokens_total / captioned, 1) if captioned > 0 else 0,
         }
@@ -90,11 +115,15 @@ class CaptionSummary:
         table.add_row("unknown tags (distinct / occurrences)", f"{unknown['distinct']} / {unknown['occurrences']}")
         if unknown["most_common"]:
             table.add_row("  most common unknown", ", ".join(t for t, _ in unknown["most_common"]))
-        for title, counter in (("rating", self.ratings), ("year", self.years), ("score", self.scores),
-                               ("quality", self.qualities)):
-            items = sorted(counter.items()) if title == "year" else counter.most_common()
+        for title, key in (("rating", "ratings"), ("year", "years"), ("score", "scores"), ("quality", "qualities")):
+            counts = data[key]
+            items = counts.items() if title == "year" else sorted(counts.items(), key=lambda kv: -kv[1])
             table.add_row(title, "  ".join(f"{k}: {v}" for k, v in items))
         import sys
 
         # Piped output gets a fixed width so the table is not squeezed to 80 columns.
         Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def _positive(counter: Counter) -> dict:
+    return {k: v for k, v in counter.items() if v > 0}

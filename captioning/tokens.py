@@ -160,10 +160,15 @@ class TokenCounter:
         new = [t for t in dict.fromkeys(tags) if t not in self._alone]
         if not new:
             return
-        counts = self.count_many(new + [t + "," for t in new])
-        for i, tag in enumerate(new):
-            self._alone[tag] = counts[i]
-            self._with_comma[tag] = counts[len(new) + i]
+        # After a letter or digit the comma is a piece of its own (one token), so only tags
+        # ending in punctuation or space need a second encoding.
+        fused = [t for t in new if not t[-1:].isalnum()]
+        counts = self.count_many([t + "," for t in new] + fused)
+        for tag, count in zip(new, counts):
+            self._with_comma[tag] = count
+            self._alone[tag] = count - 1
+        for tag, count in zip(fused, counts[len(new):]):
+            self._alone[tag] = count
 
     def tag_costs(self, tags: Sequence[str]) -> list[int]:
         """Per tag, its cost when followed by `", "` (the comma included)."""

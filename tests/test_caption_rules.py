@@ -197,10 +197,14 @@ def test_flat_tags_are_categorised_by_the_database(captioner):
     assert result.caption.tail == ("absurdres",)
 
 
-def test_backslash_tags_are_dropped_with_a_warning(captioner):
-    result = captioner.caption_tags(["1girl", "\\m/", "smile"])
-    assert "\\" not in result.caption.training() and result.caption.tags == ("1girl", "smile")
-    assert result.warnings
+def test_backslash_tags_are_dropped_and_logged_once(db, caplog):
+    captioner = Captioner(load_profile(), db, None)
+    caplog.set_level("INFO", logger="captioning.captioner")
+    for _ in range(3):
+        result = captioner.caption_tags(["1girl", "\\m/", "smile"])
+        assert "\\" not in result.caption.training() and result.caption.tags == ("1girl", "smile")
+        assert not result.warnings
+    assert len([r for r in caplog.records if "backslash" in r.getMessage()]) == 1
 
 
 def test_budget_drops_most_common_body_tags_first_never_head_or_tail(db, counter):
