@@ -6,7 +6,15 @@ from datetime import datetime
 
 import pytest
 
-from captioning import Captioner, Category, Post, ProfileError, TagDatabase, available_profiles, load_profile
+from captioning import (
+    Captioner,
+    Category,
+    Post,
+    ProfileError,
+    TagDatabase,
+    available_profiles,
+    load_profile,
+)
 
 
 @pytest.fixture(scope="module")

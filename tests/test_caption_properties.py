@@ -8,7 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from captioning import Captioner, Category, Post, TagDatabase, TokenCounter, display_tag, load_profile
+from captioning import (
+    Captioner,
+    Category,
+    Post,
+    TagDatabase,
+    TokenCounter,
+    display_tag,
+    load_profile,
+)
 
 PROFILE = load_profile()
 SPECIAL = {w for words in PROFILE.rating_words.values() for w in words} | {

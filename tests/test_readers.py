@@ -6,8 +6,13 @@ import json
 from datetime import datetime
 
 from captioning import Category, Post, Problem
-from captioning.readers import (read_danbooru_json, read_danbooru_jsonl, read_tag_file, read_wd_tags,
-                                split_tag_text)
+from captioning.readers import (
+    read_danbooru_json,
+    read_danbooru_jsonl,
+    read_tag_file,
+    read_wd_tags,
+    split_tag_text,
+)
 
 POST = {
     "id": 7, "rating": "s", "score": 42, "created_at": "2024-03-01T10:00:00.000-05:00",
@@ -109,7 +114,7 @@ def test_tag_files_comma_and_space_separated(tmp_path):
     assert post.uncategorised == ["1girl", "herta \\(honkai: star rail\\)", "^_^", "long hair"]
     space = tmp_path / "b.caption"
     space.write_text("1girl long_hair blue_eyes")
-    assert list(read_tag_file(space, "b.png"))[0].uncategorised == ["1girl", "long_hair", "blue_eyes"]
+    assert next(read_tag_file(space, "b.png")).uncategorised == ["1girl", "long_hair", "blue_eyes"]
     assert split_tag_text("1girl, ||| smile, ||| masterpiece") == ["1girl", "smile", "masterpiece"]
 
 

@@ -6,7 +6,14 @@ import time
 
 import pytest
 
-from captioning import Category, TagDatabase, TagDatabaseError, display_tag, escape_prompt, normalize_tag
+from captioning import (
+    Category,
+    TagDatabase,
+    TagDatabaseError,
+    display_tag,
+    escape_prompt,
+    normalize_tag,
+)
 from captioning import tag_db as tag_db_module
 
 
