@@ -89,3 +89,12 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_train_command_reports_config_errors_and_exits_2(tmp_path, caplog):
+    from train.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ndataset = "x"\n[train]\nmax_steps = 1\nseeed = 3\n[output]\ndir = "r"\n', encoding="utf-8")
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}: train.seeed: unknown key (did you mean 'seed'?)" in caplog.text

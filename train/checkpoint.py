@@ -1,7 +1,7 @@
 """Training progress, checkpoints that are never half-written, and `latest` resolution.
 
-A checkpoint is `RUN/checkpoint-000123/`: accelerate's `save_state` output (trainable weights via
-the hooks in `train.loop`, optimizer, RNG states of every process, the LR scheduler and the
+A checkpoint is `RUN/checkpoint-000123/`: accelerate's `save_state` output (only the trainable
+weights, via `register_lora_checkpointing`, optimizer, RNG states of every process, the LR scheduler and the
 `TrainState` registered for checkpointing) plus the exported LoRA files. It is written into
 `RUN/.tmp-checkpoint-000123/`, completed with `train_state.json` last, then renamed into place:
 a rename is atomic, so a crash leaves either no checkpoint or a complete one, and `latest` only
@@ -11,11 +11,17 @@ considers names matching `checkpoint-NNNNNN` that hold `train_state.json`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
 COMPLETE_MARKER = "train_state.json"
@@ -102,3 +108,64 @@ def rotate(run_dir: Path, keep: int | None) -> list[Path]:
     for path in old:
         shutil.rmtree(path)
     return old
+
+
+# ---------------------------------------------------------------- with accelerate
+
+
+def register_lora_checkpointing(accelerator) -> None:
+    """Make `save_state`/`load_state` store only the trainable (LoRA) weights of each model.
+
+    Without this a checkpoint would hold the whole frozen UNet (5 GB for SDXL) every time.
+    """
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            if accelerator.is_main_process:
+                save_file(trainable_state(accelerator.unwrap_model(model)), str(Path(output_dir) / f"adapter_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"adapter_{i}.safetensors"
+            state = load_file(str(path))
+            unwrapped = accelerator.unwrap_model(model)
+            expected = set(trainable_state(unwrapped))
+            if set(state) != expected:
+                raise ValueError(f"{path}: LoRA weights do not match this config's adapters "
+                                 f"({len(set(state) ^ expected)} keys differ); same lora.* settings needed to resume")
+            unwrapped.load_state_dict(state, strict=False)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, export, keep: int | None) -> None:
+    """accelerate state + LoRA files (`export(folder, step)`) into a temp folder, then an atomic rename.
+
+    Called on every process: `save_state` writes each rank's RNG state; the main process writes the rest.
+    """
+    temp = temp_dir(run_dir, state.step)
+    if accelerator.is_main_process and temp.exists():
+        shutil.rmtree(temp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export(temp, state.step)
+        final = publish(temp, run_dir, state.step, state)
+        rotate(run_dir, keep)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+
+
+def write_rank_weights(run_dir: Path, accelerator, unet) -> None:
+    """Each rank's final LoRA weights, so a multi-process run can show they agree."""
+    path = run_dir / "ranks" / f"lora_rank{accelerator.process_index}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(accelerator.unwrap_model(unet)), str(path))

@@ -14,12 +14,12 @@ from a checkpoint continues bit for bit as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-from safetensors.torch import load_file, save_file
 
 from train import checkpoint, diffusion
 from train.checkpoint import TrainState
@@ -37,6 +36,7 @@ from train.latents import LatentCache, cache_latents
 from train.optim import build_lr_scheduler, build_optimizer
 from train.sample_hook import should_sample
 from train.sampler import Batch, BucketBatchSampler
+from train.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -153,38 +153,6 @@ def build_sampler(rows: list[dict], *, batch_size: int, seed: int, accelerator: 
     return sampler
 
 
-def register_lora_checkpointing(accelerator: Accelerator) -> None:
-    """Make `save_state`/`load_state` store only the trainable (LoRA) weights of each model.
-
-    Without this a checkpoint would hold the whole frozen UNet (5 GB for SDXL) every time.
-    """
-
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            if accelerator.is_main_process:
-                save_file(_trainable_state(accelerator.unwrap_model(model)), str(Path(output_dir) / f"adapter_{i}.safetensors"))
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            path = Path(input_dir) / f"adapter_{i}.safetensors"
-            state = load_file(str(path))
-            unwrapped = accelerator.unwrap_model(model)
-            expected = set(_trainable_state(unwrapped))
-            if set(state) != expected:
-                raise ValueError(f"{path}: LoRA weights do not match this config's adapters "
-                                 f"({len(set(state) ^ expected)} keys differ); same lora.* settings needed to resume")
-            unwrapped.load_state_dict(state, strict=False)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def build_sample_hook(sample, base, *, run_dir: Path, accelerator: Accelerator, rows: list[dict],
                       weight_dtype: torch.dtype):
     """The training-time sampler (main process only), or None when `sample.every_n_steps` is 0."""
@@ -194,20 +162,6 @@ def build_sample_hook(sample, base, *, run_dir: Path, accelerator: Accelerator, 
 
     return TrainingSampler(sample, train_model=base, out_dir=run_dir, device=accelerator.device,
                            dataset_heads=[row["caption_head"] for row in rows], weight_dtype=weight_dtype)
-
-
-def log_sample_grid(accelerator: Accelerator, hook, trained: list, step: int) -> None:
-    """Render the sample grid on the current weights and send it to the trackers."""
-    modules = [accelerator.unwrap_model(m) for m in trained]
-    encoders = dict(zip(("text_encoder", "text_encoder_2"), modules[1:]))
-    grid = np.asarray(hook.render_grid(step, unet=modules[0], **encoders))  # (H, W, 3) uint8
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", grid, step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"samples": wandb.Image(grid)}, step=step)
 
 
 # ---------------------------------------------------------------- one step
@@ -241,25 +195,7 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
 # ---------------------------------------------------------------- checkpoints and export
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, export, keep: int | None) -> None:
-    """accelerate state + LoRA files into a temp folder, then an atomic rename (see train.checkpoint)."""
-    temp = checkpoint.temp_dir(run_dir, state.step)
-    if accelerator.is_main_process and temp.exists():
-        import shutil
-
-        shutil.rmtree(temp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        export(temp, state.step)
-        final = checkpoint.publish(temp, run_dir, state.step, state)
-        checkpoint.rotate(run_dir, keep)
-        logger.info("saved %s", final)
-    accelerator.wait_for_everyone()
-
-
-def make_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
+def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
                   *, source: str, resolution: tuple[int, int]):
     """`export(folder, step)`: the WebUI file and the diffusers folder of the current LoRA."""
     from train.export import save_diffusers_lora, save_webui_lora, webui_metadata
@@ -290,123 +226,163 @@ def make_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Outp
 # ---------------------------------------------------------------- the loop
 
 
-def train(config: Config, resume: str | None = None) -> Path:
-    """Train a LoRA as configured; returns the run folder (exports at its top level).
+@dataclass
+class Components:
+    """What `setup` built: everything the loop touches, prepared by accelerate."""
 
-    Raises:
-        TrainingStopped: non-finite loss or out of memory, with what to do next.
-    """
-    run_dir = Path(config.output.dir)
-    tc = config.train
-    accelerator = build_accelerator(run_dir, mixed_precision=tc.mixed_precision,
+    accelerator: Accelerator
+    base: object  # train.models.BaseModel, trained modules DDP-wrapped
+    trained: list  # the prepared modules carrying adapters (UNet, then text encoders if trained)
+    params: list  # trainable parameters, for clipping
+    data: TrainingData
+    sampler: BucketBatchSampler
+    text: object  # captions -> (prompt_embeds, pooled)
+    optimizer: object
+    lr_scheduler: object
+    settings: LossSettings
+    model_dtype: torch.dtype
+    export: object  # export(folder, step)
+    sample_hook: object | None
+
+
+def setup(config: Config, state: TrainState) -> Components:
+    """The builder chain, in the order its dependencies impose (each comment says why)."""
+    tc, oc = config.train, config.optimizer
+    accelerator = build_accelerator(Path(config.output.dir), mixed_precision=tc.mixed_precision,
                                     gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                                    log_with=config.output.log_with,
-                                    train_text_encoder=config.lora.train_text_encoder)
-    # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts it).
+                                    log_with=config.output.log_with, train_text_encoder=config.lora.train_text_encoder)
+    # Same seed on every rank before the adapters exist: identical LoRA initialisation.
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
-    param_groups = build_lora(base, config.lora, lr=config.optimizer.lr, gradient_checkpointing=tc.gradient_checkpointing)
-    # The latents are cached before the loop so the VAE is needed only here.
+    param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing)
+    # Latents are cached here, before training, so the VAE is used only now.
     data = build_data(config.data, base, accelerator)
     sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
-    oc = config.optimizer
     optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
     lr_scheduler = build_lr_scheduler(oc.scheduler, optimizer, warmup_steps=oc.warmup_steps, total_steps=tc.max_steps)
 
-    # Only models with adapters are prepared (DDP-wrapped); the scheduler is stepped by us once per
-    # optimizer step and saved as a registered object, not through accelerate's per-process stepping.
+    # Only modules with adapters are prepared (DDP-wrapped). The LR scheduler is not: accelerate
+    # would step it once per process; we step it once per optimizer step and checkpoint it ourselves.
     trained = [base.unet] + ([base.text_encoder, base.text_encoder_2] if config.lora.train_text_encoder else [])
-    prepared = accelerator.prepare(*trained, optimizer)
-    base.unet, optimizer = prepared[0], prepared[-1]
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    base.unet = trained[0]
     if config.lora.train_text_encoder:
-        base.text_encoder, base.text_encoder_2 = prepared[1], prepared[2]
-    model_dtype = TORCH_DTYPES[config.model.weight_dtype]
+        base.text_encoder, base.text_encoder_2 = trained[1], trained[2]
     # After prepare: a trained text encoder must be called through its DDP wrapper to sync grads.
     text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks, train_text_encoder=config.lora.train_text_encoder,
                                  cache_outputs=config.data.cache_text_outputs and not data.augment.active
                                  and not config.lora.train_text_encoder)
-    state = TrainState(seed=tc.seed)
-    register_lora_checkpointing(accelerator)
+    checkpoint.register_lora_checkpointing(accelerator)
     accelerator.register_for_checkpointing(state, lr_scheduler)
 
+    largest = max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"])
+    export = build_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
+                            resolution=(largest["bucket_width"], largest["bucket_height"]))
+    model_dtype = TORCH_DTYPES[config.model.weight_dtype]
+    sample_hook = build_sample_hook(config.sample, base, run_dir=Path(config.output.dir), accelerator=accelerator,
+                                    rows=data.rows, weight_dtype=model_dtype)
+    return Components(
+        accelerator, base, trained, [p for g in param_groups for p in g["params"]], data, sampler, text, optimizer,
+        lr_scheduler, LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
+                                   tc.timestep_max), model_dtype, export, sample_hook)
+
+
+def optimizer_step(c: Components, batches: Iterator[Batch], state: TrainState, *, seed: int, accumulation: int,
+                   max_grad_norm: float | None, run_dir: Path, draws: DrawLog) -> tuple[torch.Tensor, float]:
+    """One optimizer step over `accumulation` micro-batches; returns (mean loss, grad norm)."""
+    accelerator = c.accelerator
+    total = torch.zeros((), device=accelerator.device)
+    for k in range(accumulation):
+        batch = next(batches)
+        # Every random draw of this micro-batch comes from its own seed: resume needs no RNG state.
+        micro_seed = micro_batch_seed(seed, state.step * accumulation + k, accelerator.process_index)
+        train_batch = c.data.batch(batch.rows, random.Random(micro_seed))
+        draws.write(state.step + 1, batch, train_batch.ids)
+        with accelerator.accumulate(*c.trained):
+            loss = loss_step(c.base.unet, train_batch, c.text, c.settings, c.base.noise_scheduler.alphas_cumprod,
+                             torch.Generator().manual_seed(micro_seed), accelerator.device, c.model_dtype)
+            stop_if_not_finite(accelerator, loss, state, batch, train_batch.ids, run_dir, c.export)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(c.params, max_grad_norm or math.inf)
+            c.optimizer.step()
+            c.optimizer.zero_grad(set_to_none=True)
+        total += loss.detach() / accumulation
+    state.epoch = batch.epoch
+    return total, float(grad_norm)
+
+
+def train(config: Config, resume: str | None = None) -> Path:
+    """Train a LoRA as configured; returns the run folder (LoRA files at its top level).
+
+    Args:
+        resume: "latest" (the newest complete checkpoint in output.dir, or a fresh start when there
+            is none) or a checkpoint folder.
+
+    Raises:
+        TrainingStopped: non-finite loss or out of memory, with what to do next.
+    """
+    run_dir, tc = Path(config.output.dir), config.train
+    state = TrainState(seed=tc.seed)
+    c = setup(config, state)
+    accelerator = c.accelerator
     resume_from = checkpoint.resolve_resume(resume, run_dir) if resume else None
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        sampler.load_state_dict(state.sampler)
+        accelerator.load_state(str(resume_from))  # weights, optimizer, RNG, `state`, LR scheduler
+        c.sampler.load_state_dict(state.sampler)
         logger.info("resumed from %s at step %d", resume_from, state.step)
     elif resume:
-        logger.info("no checkpoint in %s: starting from scratch", run_dir)
-
-    largest = max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"])
-    export = make_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
-                           resolution=(largest["bucket_width"], largest["bucket_height"]))
-    settings = LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min, tc.timestep_max)
-    alphas_cumprod = base.noise_scheduler.alphas_cumprod
-    params = [p for group in param_groups for p in group["params"]]
+        logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers(config.output.name, config=_flat(config.model_dump()))
-    sample_hook = build_sample_hook(config.sample, base, run_dir=run_dir, accelerator=accelerator, rows=data.rows,
-                                    weight_dtype=model_dtype)
-    # A fresh run starts its logs afresh; a resumed one appends.
+        accelerator.init_trackers(config.output.name, config=flat_config(config.model_dump()))
     draws = DrawLog(run_dir / "draws" / f"rank{accelerator.process_index}.jsonl", append=resume_from is not None)
     log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process, append=resume_from is not None)
-    progress = _progress_bar(tc.max_steps, state.step, accelerator.is_main_process)
+    progress = progress_bar(tc.max_steps, state.step, accelerator.is_main_process)
 
-    batches = sampler.batches()
-    base.unet.train()
+    batches = c.sampler.batches()
+    c.base.unet.train()
     started, images_at_start = time.perf_counter(), state.images_seen
     while state.step < tc.max_steps:
-        for k in range(tc.gradient_accumulation_steps):
-            batch: Batch = next(batches)
-            micro = state.step * tc.gradient_accumulation_steps + k  # micro-batches drawn before this one
-            seed = micro_batch_seed(tc.seed, micro, accelerator.process_index)
-            generator = torch.Generator().manual_seed(seed)
-            train_batch = data.batch(batch.rows, random.Random(seed))
-            draws.write(state.step + 1, batch, train_batch.ids)
-            with accelerator.accumulate(*trained):
-                try:
-                    loss = loss_step(base.unet, train_batch, text, settings, alphas_cumprod, generator,
-                                     accelerator.device, model_dtype)
-                    stop_if_not_finite(accelerator, loss, state, batch, train_batch.ids, run_dir, export, config.output)
-                    accelerator.backward(loss)
-                except torch.cuda.OutOfMemoryError as err:
-                    raise TrainingStopped(f"out of memory at step {state.step + 1}: {MEMORY_ADVICE}") from err
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-        lr_scheduler.step()
+        lr = c.lr_scheduler.get_last_lr()[0]  # the rate this step uses
+        try:
+            loss, grad_norm = optimizer_step(c, batches, state, seed=tc.seed, accumulation=tc.gradient_accumulation_steps,
+                                             max_grad_norm=tc.max_grad_norm, run_dir=run_dir, draws=draws)
+        except torch.cuda.OutOfMemoryError as err:
+            raise TrainingStopped(f"out of memory at step {state.step + 1}: {MEMORY_ADVICE}") from err
+        c.lr_scheduler.step()
         state.step += 1
-        state.epoch = batch.epoch
-        state.sampler = sampler.state_dict()
+        state.sampler = c.sampler.state_dict()
         state.images_seen += tc.batch_size * tc.gradient_accumulation_steps * accelerator.num_processes
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}", epoch=state.epoch)
 
         if should_log(state.step, config.output.log_every_n_steps, tc.max_steps):
-            elapsed = time.perf_counter() - started
-            metrics = {"loss": accelerator.gather(loss.detach()[None]).mean().item(),
-                       "lr": step_lr, "grad_norm": float(grad_norm),
-                       "images_per_s": (state.images_seen - images_at_start) / max(elapsed, 1e-9),
+            metrics = {"loss": accelerator.gather(loss[None]).mean().item(), "lr": lr, "grad_norm": grad_norm,
+                       "images_per_s": (state.images_seen - images_at_start) / (time.perf_counter() - started),
                        "epoch": state.epoch}
             if torch.cuda.is_available():
                 metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(metrics, step=state.step)
             log.write(state.step, metrics)
-        if sample_hook is not None and should_sample(state.step, config.sample):
-            log_sample_grid(accelerator, sample_hook, trained, state.step)
+        if c.sample_hook is not None and should_sample(state.step, config.sample):
+            grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
+            log_image(accelerator.trackers, "samples", grid, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
-            save_checkpoint(accelerator, run_dir, state, export, config.output.checkpoints_total_limit)
+            checkpoint.save_checkpoint(accelerator, run_dir, state, c.export, config.output.checkpoints_total_limit)
 
     progress.close()
     if accelerator.is_main_process:
-        export(run_dir, state.step)
-    _write_rank_weights(run_dir, accelerator, base.unet)
+        c.export(run_dir, state.step)
+    checkpoint.write_rank_weights(run_dir, accelerator, c.base.unet)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def _unwrapped(accelerator: Accelerator, trained: list) -> dict:
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return {name: accelerator.unwrap_model(module) for name, module in zip(names, trained)}
 
 
 def should_log(step: int, every: int, max_steps: int) -> bool:
@@ -418,7 +394,7 @@ def should_save(step: int, every: int, max_steps: int) -> bool:
 
 
 def stop_if_not_finite(accelerator: Accelerator, loss: torch.Tensor, state: TrainState, batch: Batch,
-                       ids: list[str], run_dir: Path, export, output: OutputConfig) -> None:
+                       ids: list[str], run_dir: Path, export) -> None:
     """Stop every rank when any rank's loss is NaN/inf, keeping a checkpoint from before the step.
 
     The optimizer has not stepped yet, so the weights and `state` are still those after step
@@ -430,7 +406,7 @@ def stop_if_not_finite(accelerator: Accelerator, loss: torch.Tensor, state: Trai
         return
     kept = checkpoint.list_checkpoints(run_dir)
     if state.step > 0 and not any(p.name == checkpoint.checkpoint_name(state.step) for p in kept):
-        save_checkpoint(accelerator, run_dir, state, export, None)
+        checkpoint.save_checkpoint(accelerator, run_dir, state, export, None)
     kept = checkpoint.list_checkpoints(run_dir)
     where = kept[-1] if kept else "none (the failure came before the first step)"
     images = ", ".join(ids) if bad.item() else "(on another rank)"
@@ -439,55 +415,3 @@ def stop_if_not_finite(accelerator: Accelerator, loss: torch.Tensor, state: Trai
         f"images: {images}; last checkpoint: {where}. Check those images and their cached latents, "
         "or lower optimizer.lr / use mixed_precision = 'bf16' instead of 'fp16'"
     )
-
-
-def _write_rank_weights(run_dir: Path, accelerator: Accelerator, unet) -> None:
-    """Each rank's final LoRA weights, so a multi-process run can show they agree."""
-    path = run_dir / "ranks" / f"lora_rank{accelerator.process_index}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(accelerator.unwrap_model(unet)), str(path))
-
-
-class DrawLog:
-    """One JSON line per micro-batch drawn by this rank: step, epoch, batch, entries, image ids."""
-
-    def __init__(self, path: Path, append: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (open for the run)
-
-    def write(self, step: int, batch: Batch, ids: list[str]) -> None:
-        record = {"step": step, "epoch": batch.epoch, "batch": batch.index, "entries": list(batch.entries), "ids": ids}
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
-
-
-class MetricsLog:
-    """`RUN/log.jsonl`: the logged metrics as plain JSON lines (main process)."""
-
-    def __init__(self, path: Path, enabled: bool, append: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and not append:
-            path.unlink(missing_ok=True)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="training", disable=not enabled, dynamic_ncols=True)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """Nested config -> {"section.key": scalar} for trackers (lists/None as strings)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
