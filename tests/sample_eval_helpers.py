@@ -34,6 +34,7 @@ def lora_model(tiny_model, seed: int, *, text_encoder: bool = False, scale: floa
 
 
 def write_lora(path: Path, model, *, text_encoder: bool = False, steps: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"ss_steps": steps} if steps is not None else None
     metadata = webui_metadata(rank=4, alpha=2.0, output_name=path.stem, resolution=64, tag_frequency={},
                               comment="test", extra=extra)

@@ -123,7 +123,7 @@ def test_recommendation_prefers_val_loss_within_fidelity_margin():
 
 def test_bad_inputs_are_named(tmp_path, run_dir, tiny_model):
     checkpoints, problems = discover_checkpoints([tmp_path / "no_run", run_dir / "checkpoint-000010" / "herta.safetensors"])
-    assert [c.name for c in checkpoints] == ["base", "herta"]
+    assert [(c.name, c.step) for c in checkpoints] == [("base", 0), ("checkpoint-000010", 10)]
     assert problems == [f"{tmp_path / 'no_run'}: no such run folder or LoRA file"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\n1girl, smile\n\nsolo\n", encoding="utf-8")
@@ -162,7 +162,8 @@ def test_lora_files_list_and_val_folder(tiny_model, run_dir, tmp_path, prepped):
     assert status == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["val_loss"] is not None for r in report["rows"]] == [True, True, True]
-    assert report["recommended"] == "herta"
+    assert [r["name"] for r in report["rows"]] == ["base", "checkpoint-000010", "checkpoint-000020"]
+    assert report["recommended"] in ("checkpoint-000010", "checkpoint-000020")
 
 
 def test_character_tags_are_the_common_head_tags():
@@ -184,3 +185,29 @@ def test_val_model_measures_loss_on_a_second_model(tiny_model, tmp_path, prepped
     assert two[1]["grid"] and two[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-5)
     assert two[1]["val_loss"] == pytest.approx(one[1]["val_loss"], rel=1e-5)
     assert two[1]["val_loss"] != two[0]["val_loss"]
+
+
+def test_discovery_follows_the_trainer_layout(tiny_model, tmp_path):
+    """RUN/checkpoint-N/NAME.safetensors (+ diffusers/ and accelerate files) and the final RUN/NAME.safetensors."""
+    model = lora_model(tiny_model, seed=5)
+    run = tmp_path / "run"
+    for step in (10, 20):
+        folder = run / f"checkpoint-{step:06d}"
+        (folder / "diffusers").mkdir(parents=True)
+        write_lora(folder / "herta.safetensors", model, steps=step)
+        save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 64)},
+                  folder / "diffusers" / "pytorch_lora_weights.safetensors")
+        save_file({"x": torch.zeros(1)}, folder / "model.safetensors")
+    (run / "checkpoint-000030").mkdir()  # a checkpoint without a LoRA file
+    write_lora(run / "herta.safetensors", model, steps=20)  # final export at the last checkpoint's step
+    checkpoints, problems = discover_checkpoints([run])
+    assert [(c.name, c.step) for c in checkpoints] == [("base", 0), ("checkpoint-000010", 10), ("checkpoint-000020", 20)]
+    assert checkpoints[1].lora == run / "checkpoint-000010" / "herta.safetensors"
+    assert problems == [f"{run / 'checkpoint-000030'}: no WebUI LoRA .safetensors in this checkpoint"]
+    write_lora(run / "herta.safetensors", model, steps=25)
+    assert discover_checkpoints([run])[0][-1].name == "herta (final)"
+    write_lora(tmp_path / "a" / "herta.safetensors", model, steps=7)
+    write_lora(tmp_path / "b" / "herta.safetensors", model, steps=7)
+    names = [c.name for c in discover_checkpoints([tmp_path / "a" / "herta.safetensors",
+                                                   tmp_path / "b" / "herta.safetensors"])[0]]
+    assert names == ["base", "herta (a, step 7)", "herta (b, step 7)"]

@@ -111,15 +111,28 @@ def discover_checkpoints(inputs: Sequence[str | Path]) -> tuple[list[Checkpoint]
                 for file in files[:1]:
                     found.append(Checkpoint(folder.name, step, file))
             finals = sorted(p for p in item.glob("*.safetensors") if is_webui_lora(p))
+            steps = {step for step, _ in dirs}
             for file in finals:
-                found.append(Checkpoint(file.stem, _step_of(file, dirs[-1][0] + 1 if dirs else 1), file))
+                step = _step_of(file, dirs[-1][0] + 1 if dirs else 1)
+                if step in steps:  # the final export of a run that ended on a checkpoint: same weights
+                    logger.info("%s: same step (%d) as a checkpoint; evaluated once", file, step)
+                    continue
+                found.append(Checkpoint(f"{file.stem} (final)", step, file))
             if not dirs and not finals:
                 problems.append(f"{item}: no checkpoint-*/ folders and no WebUI LoRA files in this run folder")
         elif item.is_file():
-            found.append(Checkpoint(item.stem, _step_of(item, len(found) + 1), item))
+            match = CHECKPOINT_DIR.match(item.parent.name)  # a file picked out of a run folder
+            if match:
+                found.append(Checkpoint(item.parent.name, int(match.group(1)), item))
+            else:
+                found.append(Checkpoint(item.stem, _step_of(item, len(found) + 1), item))
         else:
             problems.append(f"{item}: no such run folder or LoRA file")
     found.sort(key=lambda c: c.step)
+    names = Counter(c.name for c in found)
+    for checkpoint in found:  # names key the report and the comparison sheet: keep them unique
+        if names[checkpoint.name] > 1:
+            checkpoint.name = f"{checkpoint.name} ({checkpoint.lora.parent.name}, step {checkpoint.step})"
     return [Checkpoint("base", 0, None), *found], problems
 
 
