@@ -30,8 +30,8 @@ def uninterrupted(tiny_model, dataset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("full")
     config = write_config(root / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset, run_dir=root / "run",
                           sample={"every_n_steps": 6, "sample_model": "train", "size": "64x64", "steps": 2,
-                                  "seeds": [0]})
-    result = run(train_command(config))
+                                  "seeds": [0]}, output={"log_with": ["tensorboard", "wandb"]})
+    result = run(train_command(config), env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "run"
 
@@ -48,6 +48,7 @@ def test_losses_are_finite_and_logged(uninterrupted):
     assert records[0]["lr"] < records[1]["lr"]  # warm-up, then the cosine decay
     assert list((uninterrupted / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
     assert (uninterrupted / "samples" / "step-000006.png").is_file()
+    assert list((uninterrupted / "wandb").glob("offline-run-*")), "no offline wandb run"
 
 
 def test_lora_b_changed_and_exports_load(uninterrupted, tiny_model):

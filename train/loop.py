@@ -335,7 +335,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers(config.output.name, config=flat_config(config.model_dump()))
+        accelerator.init_trackers(config.output.wandb_project, config=flat_config(config.model_dump()),
+                                  init_kwargs={"wandb": {"name": config.output.name, "dir": str(run_dir)}})
     draws = DrawLog(run_dir / "draws" / f"rank{accelerator.process_index}.jsonl", append=resume_from is not None)
     log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process, append=resume_from is not None)
     progress = progress_bar(tc.max_steps, state.step, accelerator.is_main_process)
