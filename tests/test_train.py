@@ -166,3 +166,18 @@ def test_two_processes_draw_disjoint_samples_and_agree(tiny_model, dataset, tmp_
     assert lora[0].keys() == lora[1].keys()
     assert all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
     assert any(v.abs().max() > 0 for k, v in lora[0].items() if "lora_B" in k)
+
+
+def test_bf16_weights_autocast_and_gradient_checkpointing(tiny_model, dataset, tmp_path):
+    """The GPU settings (bf16 frozen weights, bf16 autocast, checkpointing) on CPU: LoRA stays fp32."""
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run", model={"weight_dtype": "bf16"},
+                          train={"max_steps": 2, "gradient_accumulation_steps": 1, "mixed_precision": "bf16",
+                                 "gradient_checkpointing": True}, output={"save_every_n_steps": 2})
+    result = run(train_command(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    weights = _lora(tmp_path / "run")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
