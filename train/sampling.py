@@ -30,6 +30,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,16 +147,12 @@ def load_lora(pipe: StableDiffusionXLPipeline, path: str | Path, adapter_name: s
         LoraFileError: naming `path`, for every reason the LoRA cannot be used.
     """
     expected = len(lora_modules(path))
-    peft_logger = logging.getLogger("diffusers.loaders.peft")
-    level = peft_logger.level
-    peft_logger.setLevel(logging.CRITICAL)  # it logs the whole module set; the error below says it briefly
     try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        with _quiet_lora_loaders():
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except Exception as err:  # noqa: BLE001 - diffusers/peft raise many types on a foreign file
         _delete_adapter(pipe, adapter_name)
         raise LoraFileError(f"{path}: {_short_reason(err, expected)}") from None
-    finally:
-        peft_logger.setLevel(level)
     loaded = _adapter_layer_count(pipe, adapter_name)
     if loaded != expected:
         _delete_adapter(pipe, adapter_name)
@@ -165,6 +162,24 @@ def load_lora(pipe: StableDiffusionXLPipeline, path: str | Path, adapter_name: s
         )
     pipe.set_adapters([adapter_name], adapter_weights=[strength])
     logger.info("loaded LoRA %s (%d modules) at strength %g", path, expected, strength)
+
+
+@contextmanager
+def _quiet_lora_loaders():
+    """Silence diffusers' loader logs for one load: `load_lora` checks and reports more precisely.
+
+    peft.py logs the whole set of unmatched modules on failure, and lora_base.py warns "No LoRA keys
+    associated to CLIPTextModel" for every UNet-only LoRA, which is normal.
+    """
+    loggers = [logging.getLogger(f"diffusers.loaders.{name}") for name in ("peft", "lora_base")]
+    levels = [one.level for one in loggers]
+    for one in loggers:
+        one.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for one, level in zip(loggers, levels):
+            one.setLevel(level)
 
 
 def _short_reason(err: Exception, expected: int) -> str:
