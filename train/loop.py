@@ -104,7 +104,8 @@ def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: boo
     if gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for encoder in encoders:
-            encoder.gradient_checkpointing_enable()
+            # Non-reentrant: the frozen embeddings' outputs do not require grad, the LoRA inside does.
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = [{"params": _trainable(base.unet), "lr": lr}]
     te_params = [p for encoder in encoders for p in _trainable(encoder)]
     if te_params:
@@ -269,9 +270,12 @@ def setup(config: Config, state: TrainState) -> Components:
     if config.lora.train_text_encoder:
         base.text_encoder, base.text_encoder_2 = trained[1], trained[2]
     # After prepare: a trained text encoder must be called through its DDP wrapper to sync grads.
-    text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks, train_text_encoder=config.lora.train_text_encoder,
-                                 cache_outputs=config.data.cache_text_outputs and not data.augment.active
-                                 and not config.lora.train_text_encoder)
+    cache_text = config.data.cache_text_outputs and not data.augment.active and not config.lora.train_text_encoder
+    if config.data.cache_text_outputs and not cache_text:
+        logger.warning("data.cache_text_outputs ignored: captions change per draw (shuffle/dropout) "
+                       "or the text encoders are trained")
+    text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks,
+                                 train_text_encoder=config.lora.train_text_encoder, cache_outputs=cache_text)
     checkpoint.register_lora_checkpointing(accelerator)
     accelerator.register_for_checkpointing(state, lr_scheduler)
 
