@@ -50,3 +50,52 @@ def tiny_model(tmp_path_factory, clip_bpe_path: Path):
     from train.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", clip_bpe_path)
+
+
+@pytest.fixture
+def lora_pipeline(tiny_model):
+    """Factory: a fresh tiny SDXL pipeline with LoRA adapters whose B weights are random.
+
+    Random B (instead of the zero init) makes the LoRA change the outputs, so a round trip that
+    drops or mis-scales any tensor fails.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from train.lora import add_text_encoder_lora, add_unet_lora, lora_modules
+
+    def make(preset="attn-mlp", rank=4, alpha=2.0, text_encoders=True, dora=False, seed=0):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model.diffusers_dir)
+        models = [pipe.unet]
+        add_unet_lora(pipe.unet, preset=preset, rank=rank, alpha=alpha, dora=dora)
+        if text_encoders:
+            add_text_encoder_lora(pipe.text_encoder, rank=rank, alpha=alpha, dora=dora)
+            add_text_encoder_lora(pipe.text_encoder_2, rank=rank, alpha=alpha, dora=dora)
+            models += [pipe.text_encoder, pipe.text_encoder_2]
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for model in models:
+                for module in lora_modules(model).values():
+                    weight = module.lora_B["default"].weight
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+        return pipe
+
+    return make
+
+
+@pytest.fixture
+def sdxl_output():
+    """Function: the UNet prediction for a fixed prompt and latent, through both text encoders."""
+    import torch
+
+    @torch.no_grad()
+    def run(pipe, prompt="1girl, solo, smile"):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        return pipe.unet(
+            latents, 500, encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
+
+    return run
