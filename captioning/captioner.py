@@ -177,6 +177,23 @@ class Captioner:
             self._learn_costs()
         return sum(map(len, caches.values())) - known
 
+    def warm_up(self, flat: bool = False) -> int:
+        """Classify every tag of the database under its own category (and, with `flat`, as an
+        uncategorised tag) and learn all token costs in one batch. Worth it before forking
+        workers over a large input: they inherit the warm caches instead of each building them.
+        Returns the number of tags classified."""
+        if self.tag_db is None:
+            return 0
+        before = sum(map(len, self._caches.values()))
+        for name, (category, _count) in self.tag_db.entries():
+            if name not in self._caches[category]:
+                self.classify(name, category)
+            if flat and name not in self._caches[None]:
+                self.classify(name)
+        if self._uncosted:
+            self._learn_costs()
+        return sum(map(len, self._caches.values())) - before
+
     def _special(self, slot: str, word: str, rank: int) -> TagInfo:
         """The TagInfo of a rating/year/quality/score word the captioner adds."""
         info = self._specials.get((slot, word))
@@ -190,11 +207,9 @@ class Captioner:
     def _learn_costs(self) -> None:
         """Token costs of newly classified tags, in one tokenizer batch."""
         infos, self._uncosted = self._uncosted, []
-        self.token_counter.learn(i.display for i in infos)
-        costs = self.token_counter.tag_costs([i.display for i in infos])
-        for info, cost in zip(infos, costs, strict=True):
-            info.comma_cost = cost
-            info.alone_cost = self.token_counter.count_tags([info.display])
+        costs = self.token_counter.costs([i.display for i in infos])
+        for info, (comma_cost, alone_cost) in zip(infos, costs, strict=True):
+            info.comma_cost, info.alone_cost = comma_cost, alone_cost
 
     # ---- captions -------------------------------------------------------------------------
 

@@ -151,6 +151,10 @@ class TagDatabase:
             return tag, None, 0
         return tag, entry[0], entry[1]
 
+    def entries(self):
+        """(name, (category, post count)) of every tag."""
+        return self._entries.items()
+
     def tags_of(self, category: Category) -> list[tuple[str, int]]:
         """(name, post count) of every tag in a category, most common first (for benchmarks)."""
         found = [(n, c) for n, (cat, c) in self._entries.items() if cat == category]

@@ -170,6 +170,11 @@ class TokenCounter:
         for tag, count in zip(fused, counts[len(new):]):
             self._alone[tag] = count
 
+    def costs(self, tags: Sequence[str]) -> list[tuple[int, int]]:
+        """Per tag, (tokens when followed by `", "` (comma included), tokens when last)."""
+        self.learn(tags)
+        return [(self._with_comma[t], self._alone[t]) for t in tags]
+
     def tag_costs(self, tags: Sequence[str]) -> list[int]:
         """Per tag, its cost when followed by `", "` (the comma included)."""
         self.learn(tags)
