@@ -103,6 +103,9 @@ def test_prompt_tags_are_put_in_card_order_with_quality_tail(tag_db_path):
     assert "\\" not in text  # literal parentheses, as in training captions
     assert prepare_prompt("smile, 1girl", None) == "smile, 1girl"  # --no-reorder keeps the order
     assert prepare_prompt("1girl, masterpiece", orderer).count("masterpiece") == 1
+    # A new character is unknown to the tag database; the training head puts it back in front.
+    trained = PromptOrderer.load(str(tag_db_path), head_order=["1girl", "mira (oc)", "original", "safe"])
+    assert split_tags(trained.order("smile, safe, mira (oc), 1girl"))[:4] == ["1girl", "mira (oc)", "safe", "smile"]
 
 
 def test_sizes_and_default_prompts():

@@ -59,6 +59,8 @@ def _training_heads(dataset: Path | None) -> list[list[str]]:
 
 
 def _prompts(args, heads, problems: list[str]) -> list[str]:
+    from collections import Counter
+
     from train.evaluate import read_prompt_file
     from train.prompts import PromptOrderer, default_prompts, prepare_prompt
 
@@ -72,7 +74,8 @@ def _prompts(args, heads, problems: list[str]) -> list[str]:
         if not raw:
             raise ValueError("no prompts: pass --prompts FILE or --dataset with captioned training rows")
         return raw  # dataset heads are already in caption order, with the quality tail
-    orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db)
+    head_order = Counter(tuple(h) for h in heads).most_common(1)[0][0] if heads else ()
+    orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db, head_order=head_order)
     return [prepare_prompt(p, orderer) for p in raw]
 
 

@@ -78,27 +78,36 @@ class PromptOrderer:
     character, copyright, rating), body and tail, exactly as for training captions.
     """
 
-    def __init__(self, captioner, tail: Sequence[str] = QUALITY_TAIL) -> None:
+    def __init__(self, captioner, tail: Sequence[str] = QUALITY_TAIL, head_order: Sequence[str] = ()) -> None:
         self.captioner = captioner
         self.tail = tuple(tail)
+        self.head_order = tuple(head_order)
 
     @classmethod
-    def load(cls, tag_db: str | None = None, profile: str = "animagine-xl-4.0") -> PromptOrderer:
-        """A captioner with the given tag database (default: the captioning step's download)."""
+    def load(cls, tag_db: str | None = None, profile: str = "animagine-xl-4.0",
+             head_order: Sequence[str] = ()) -> PromptOrderer:
+        """A captioner with the given tag database (default: the captioning step's download).
+
+        `head_order`: the training captions' head (e.g. the dataset's most frequent one). A new
+        character's tag is unknown to any tag database and would land in the body; prompt tags
+        listed here go first, in this order, as they did in training.
+        """
         from captioning import Captioner, TagDatabase, load_profile
 
         if tag_db is None:
             from captioning.tag_db import fetch_tag_database
 
             tag_db = fetch_tag_database()
-        return cls(Captioner(load_profile(profile), TagDatabase.load(tag_db), None))
+        return cls(Captioner(load_profile(profile), TagDatabase.load(tag_db), None), head_order=head_order)
 
     def order(self, prompt: str) -> str:
         """The prompt re-ordered, in training form (literal parentheses), quality tail appended."""
         result = self.captioner.caption_tags(split_tags(prompt))
         for warning in getattr(result, "warnings", []):
             logger.warning("prompt %r: %s", prompt, warning)
-        return ", ".join(with_quality_tail(result.caption.tags, self.tail))
+        tags = list(result.caption.tags)
+        head = [t for t in self.head_order if t in tags]
+        return ", ".join(with_quality_tail(head + [t for t in tags if t not in head], self.tail))
 
 
 def prepare_prompt(prompt: str, orderer: PromptOrderer | None) -> str:

@@ -42,9 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default=CARD_NEGATIVE, help="negative prompt (default: the card's)")
     parser.add_argument("--no-reorder", action="store_true", help="encode prompts exactly as given")
     parser.add_argument("--tags-db", help="tag database for re-ordering (default: the captioning step's)")
+    parser.add_argument("--dataset", type=Path, help="prepped dataset: its most frequent caption head gives the "
+                        "order of the trained character's tags (unknown to the tag database)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
+
+
+def _head_order(dataset: Path | None) -> tuple[str, ...]:
+    """The most frequent caption head of the dataset's training rows (empty without a dataset)."""
+    if dataset is None:
+        return ()
+    from collections import Counter
+
+    from train.data import load_rows
+
+    heads = Counter(tuple(row["caption_head"]) for row in load_rows(dataset, split="train"))
+    return heads.most_common(1)[0][0] if heads else ()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         width, height = parse_size(args.size)
-        orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db)
-    except (ValueError, OSError) as err:  # bad size; tag database missing, unreadable or offline
-        logger.error("%s", err)
+    except ValueError as err:
+        logger.error("--size: %s", err)
+        return 2
+    try:
+        orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db, head_order=_head_order(args.dataset))
+    except (ValueError, OSError) as err:  # tag database or dataset missing, unreadable or not downloadable
+        logger.error("%s; or --no-reorder to encode the prompts as given", err)
         return 2
     texts = [prepare_prompt(p, orderer) for p in args.prompts]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
