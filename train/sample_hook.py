@@ -8,7 +8,7 @@ The training loop builds one `TrainingSampler` and, on the main process, calls
   active in them, nothing is copied or loaded).
 - `sample_model = "opt"`: the current LoRA is exported to a WebUI file (train.export) and loaded on
   the Opt pipeline with `load_lora_weights`, the path users take, then removed again. The Opt
-  model is loaded once, on first use. Its VAE and text encoders are replaced by the training
+  model is loaded once, when the sampler is built (so a bad source fails before training). Its VAE and text encoders are replaced by the training
   model's when their weight hashes are identical (Zero and Opt may share them), so they are not
   held twice; what remains is CPU-offloaded on CUDA (`enable_model_cpu_offload`: one Opt
   component on the GPU at a time), and the memory cost is logged.
@@ -110,6 +110,9 @@ class TrainingSampler:
         if not self.prompts:
             raise ValueError("sample: no prompts configured and the dataset has no caption heads")
         self._opt_pipe = None
+        if config.every_n_steps and config.sample_model == "opt":
+            # Load now: a missing or unreachable Opt model stops the run before training, not at step N.
+            self._opt_pipeline()
 
     def _opt_pipeline(self):
         if self._opt_pipe is not None:
