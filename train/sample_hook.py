@@ -8,10 +8,11 @@ The training loop builds one `TrainingSampler` and, on the main process, calls
   active in them, nothing is copied or loaded).
 - `sample_model = "opt"`: the current LoRA is exported to a WebUI file (train.export) and loaded on
   the Opt pipeline with `load_lora_weights`, the path users take, then removed again. The Opt
-  model is loaded once, when the sampler is built (so a bad source fails before training). Its VAE and text encoders are replaced by the training
-  model's when their weight hashes are identical (Zero and Opt may share them), so they are not
-  held twice; what remains is CPU-offloaded on CUDA (`enable_model_cpu_offload`: one Opt
-  component on the GPU at a time), and the memory cost is logged.
+  model is loaded once, when the sampler is built (a bad source fails before training). Its VAE
+  and text encoders are replaced by the training model's when their weight hashes are identical
+  (Zero and Opt may share them), so they are not held twice; what remains is CPU-offloaded on
+  CUDA (`enable_model_cpu_offload`: one Opt component on the GPU at a time), and the memory cost
+  is logged.
 """
 
 from __future__ import annotations
