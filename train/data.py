@@ -25,7 +25,7 @@ from train.latents import LatentCache, row_geometry
 # Columns the trainer reads from the prepped dataset (notes/contract.md).
 COLUMNS = ("id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height",
            "resize_width", "resize_height", "crop_left", "crop_top",
-           "caption_head", "caption_body", "caption_tail", "repeats", "split")
+           "caption_head", "caption_body", "caption_tail", "repeats", "source", "split")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from train import checkpoint, diffusion
 from train.checkpoint import TrainState
 from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConfig
 from train.data import CaptionAugment, TextEmbeddingCache, TrainBatch, TrainingData, load_rows
-from train.latents import LatentCache, cache_latents
+from train.latents import LatentCache, cache_latents, row_geometry
 from train.optim import build_lr_scheduler, build_optimizer
 from train.sample_hook import should_sample
 from train.sampler import Batch, BucketBatchSampler
@@ -204,7 +204,7 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
     tag_frequency: dict[str, Counter] = {}
     for row in rows:
         tags = [*row["caption_head"], *row["caption_body"], *row["caption_tail"]]
-        tag_frequency.setdefault(row.get("source") or "dataset", Counter()).update(tags)
+        tag_frequency.setdefault(row["source"] or "dataset", Counter()).update(tags)
 
     def export(folder: Path, step: int) -> None:
         encoders = {}
@@ -279,9 +279,11 @@ def setup(config: Config, state: TrainState) -> Components:
     checkpoint.register_lora_checkpointing(accelerator)
     accelerator.register_for_checkpointing(state, lr_scheduler)
 
+    # The recorded training resolution: the largest bucket, at the training scale.
     largest = max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"])
+    geometry = row_geometry(largest, config.data.resolution_scale)
     export = build_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
-                            resolution=(largest["bucket_width"], largest["bucket_height"]))
+                            resolution=(geometry.width, geometry.height))
     model_dtype = TORCH_DTYPES[config.model.weight_dtype]
     sample_hook = build_sample_hook(config.sample, base, run_dir=Path(config.output.dir), accelerator=accelerator,
                                     rows=data.rows, weight_dtype=model_dtype)
