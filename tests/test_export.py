@@ -12,9 +12,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from train import checkpoint_keys
 from train.export import (
     REQUIRED_METADATA,
     kohya_module_name,
@@ -145,20 +144,12 @@ def test_fp16_file_matches_to_half_precision(lora_pipeline, tiny_model, sdxl_out
 def test_sd_scripts_sgm_block_names_import(lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog):
     """A kohya file with original SGM UNet names (what sd-scripts writes) loads to the same model."""
     pipe = lora_pipeline(rank=RANK, alpha=ALPHA)
-    path = tmp_path / "diffusers_names.safetensors"
-    _save_all(pipe, path, dtype=torch.float32)
-    block_map = checkpoint_keys.unet_module_map(dict(pipe.unet.config))
-    renamed = {}
-    for key, value in load_file(path).items():
-        name, suffix = key.split(".", 1)
-        if name.startswith("lora_unet_"):
-            module_path = next(p for p in lora_modules(pipe.unet) if kohya_module_name("unet", p) == name)
-            name = "lora_unet_" + checkpoint_keys.unet_module_name_to_sgm(module_path, block_map).replace(".", "_")
-        renamed[f"{name}.{suffix}"] = value
+    sgm_path = tmp_path / "sgm_names.safetensors"
+    _save_all(pipe, sgm_path, dtype=torch.float32, block_names="sgm")
+    renamed = load_file(sgm_path)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in renamed
     assert "lora_unet_output_blocks_3_1_proj_out.alpha" in renamed
-    sgm_path = tmp_path / "sgm_names.safetensors"
-    save_file(renamed, sgm_path)
+    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in renamed)
     fresh = _fresh(tiny_model)
     with _no_load_complaints(caplog):
         fresh.load_lora_weights(str(sgm_path))

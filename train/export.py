@@ -24,6 +24,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 from torch import Tensor
 
+from train import checkpoint_keys
 from train.lora import lora_config, lora_modules, lora_state_dict
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -46,19 +47,27 @@ REQUIRED_METADATA = (
 )
 
 
-def kohya_module_name(component: str, module_path: str) -> str:
+def kohya_module_name(component: str, module_path: str, sgm_block_map: dict[str, str] | None = None) -> str:
     """`lora_unet_down_blocks_1_...` for a module path of `component` (unet, text_encoder, text_encoder_2).
 
     Text encoder names always start `text_model_`, as in the checkpoints, even where recent
-    transformers versions have flattened `CLIPTextModel` and dropped that level.
+    transformers versions have flattened `CLIPTextModel` and dropped that level. With
+    `sgm_block_map` (`checkpoint_keys.unet_module_map`), UNet names use the original SGM blocks
+    (`lora_unet_input_blocks_4_1_...`), as sd-scripts writes them.
     """
+    if component == "unet" and sgm_block_map is not None:
+        module_path = checkpoint_keys.unet_module_name_to_sgm(module_path, sgm_block_map)
     if component != "unet" and not module_path.startswith("text_model."):
         module_path = "text_model." + module_path
     return KOHYA_PREFIXES[component] + module_path.replace(".", "_")
 
 
-def kohya_state_dict(component: str, model, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+def kohya_state_dict(
+    component: str, model, dtype: torch.dtype = torch.float16, block_names: str = "diffusers"
+) -> dict[str, Tensor]:
     """One model's LoRA as kohya tensors: lora_down (A), lora_up (B) and alpha per module.
+
+    `block_names` "sgm" writes UNet modules under their original SGM names (sd-scripts style).
 
     Raises:
         ValueError: the adapter uses DoRA (see `save_webui_lora`).
@@ -69,9 +78,12 @@ def kohya_state_dict(component: str, model, dtype: torch.dtype = torch.float16) 
             "DoRA export to the WebUI (kohya) format is not supported: loaders disagree on the axis "
             "of `dora_scale` and diffusers drops it; save with save_diffusers_lora instead"
         )
+    if block_names not in ("diffusers", "sgm"):
+        raise ValueError(f"block_names {block_names!r}: choose diffusers or sgm")
+    block_map = checkpoint_keys.unet_module_map(dict(model.config)) if block_names == "sgm" and component == "unet" else None
     out: dict[str, Tensor] = {}
     for path, module in lora_modules(model).items():
-        name = kohya_module_name(component, path)
+        name = kohya_module_name(component, path, block_map)
         down = module.lora_A["default"].weight.detach()  # (r, in) or (r, in, kh, kw)
         up = module.lora_B["default"].weight.detach()  # (out, r) or (out, r, 1, 1)
         out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
@@ -137,7 +149,7 @@ def webui_metadata(
     return metadata
 
 
-def _check_metadata(metadata: dict[str, str]) -> None:
+def check_metadata(metadata: dict[str, str]) -> None:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ValueError(f"LoRA metadata lacks {', '.join(missing)} (build it with webui_metadata)")
@@ -156,6 +168,7 @@ def save_webui_lora(
     text_encoder_2=None,
     metadata: dict[str, str],
     dtype: torch.dtype = torch.float16,
+    block_names: str = "diffusers",
 ) -> None:
     """Write the kohya/WebUI LoRA file (the primary deliverable) atomically.
 
@@ -164,15 +177,16 @@ def save_webui_lora(
         unet, text_encoder, text_encoder_2: models carrying a LoRA adapter (text encoders optional).
         metadata: header metadata, normally from `webui_metadata`.
         dtype: tensor dtype in the file (fp16 is what most tools expect; fp32 for exact copies).
+        block_names: "diffusers" (default; every loader maps them) or "sgm" (sd-scripts' names).
 
     Raises:
         ValueError: missing/invalid metadata, or a DoRA adapter.
     """
-    _check_metadata(metadata)
-    tensors = kohya_state_dict("unet", unet, dtype)
+    check_metadata(metadata)
+    tensors = kohya_state_dict("unet", unet, dtype, block_names)
     for component, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is not None:
-            tensors.update(kohya_state_dict(component, model, dtype))
+            tensors.update(kohya_state_dict(component, model, dtype, block_names))
     write_safetensors(Path(path), tensors, metadata)
 
 

@@ -1,0 +1,313 @@
+"""`animagine-lora convert IN OUT`: convert SDXL LoRA files between the WebUI and diffusers formats.
+
+Reads a kohya/WebUI file (diffusers or original SGM block names, as sd-scripts writes) or a
+diffusers `pytorch_lora_weights.safetensors` (file or its folder), and writes the other format
+(or `--to` the one asked for). Alpha is carried per module: kohya `.alpha` tensors <-> the PEFT
+config (`lora_alpha`, `alpha_pattern`) diffusers stores as adapter metadata. Where the input does
+not record alpha, loaders assume alpha = r; `--alpha` supplies the training alpha instead.
+
+Examples:
+    animagine-lora convert my_lora.safetensors my_lora_diffusers/            # WebUI -> diffusers
+    animagine-lora convert my_lora_diffusers/ my_lora.safetensors --alpha 8  # diffusers -> WebUI
+    animagine-lora convert sd_scripts.safetensors renamed.safetensors --to webui  # SGM -> diffusers names
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from train.export import (
+    DIFFUSERS_WEIGHT_NAME,
+    KOHYA_PREFIXES,
+    check_metadata,
+    kohya_module_name,
+    webui_metadata,
+    write_diffusers_file,
+    write_safetensors,
+)
+from train.models import SDXL_CONFIGS
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class LoraModule:
+    down: Tensor  # PEFT lora_A: (r, in) or (r, in, kh, kw)
+    up: Tensor  # PEFT lora_B: (out, r) or (out, r, 1, 1)
+    alpha: float  # loaders scale the product by alpha / r
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+LoraWeights = dict[str, dict[str, LoraModule]]  # component -> module path -> module
+
+
+@dataclass
+class LoraFile:
+    format: str  # "webui" | "diffusers"
+    weights: LoraWeights
+    metadata: dict[str, str]  # safetensors header of a WebUI input (kept on WebUI output)
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        path = path / DIFFUSERS_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: LoRA file not found")
+    return path
+
+
+def detect_format(keys: list[str], path: Path) -> str:
+    """'webui' (kohya `lora_*` keys) or 'diffusers' (`unet.` / `text_encoder*.` keys).
+
+    Raises:
+        ValueError: naming the file and a key that fits neither.
+    """
+    if keys and all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")) for k in keys):
+        return "webui"
+    if keys and all(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys):
+        return "diffusers"
+    odd = next((k for k in keys if not k.startswith(("lora_", "unet.", "text_encoder"))), keys[:1])
+    raise ValueError(f"{path}: not an SDXL LoRA in the WebUI or diffusers format (key {odd!r})")
+
+
+def _module_alpha(path: str, config: dict, default: float | None, rank: int) -> float:
+    """A module's alpha from a PEFT config dict: its alpha_pattern entry, else lora_alpha."""
+    alpha = None
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            alpha = float(value)
+    if alpha is None:
+        alpha = float(config["lora_alpha"]) if "lora_alpha" in config else (default or float(rank))
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); kohya by alpha / r
+    return alpha
+
+
+def _read_diffusers(path: Path, alpha: float | None) -> LoraWeights:
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    packed = json.loads(raw) if raw else {}
+    if not packed:
+        logger.warning("%s: no adapter metadata; alpha = %s", path, alpha if alpha else "r (loaders' assumption)")
+    if any("lora_magnitude_vector" in k for k in tensors):
+        raise ValueError(f"{path}: DoRA LoRAs cannot be converted (no WebUI format reproduces them)")
+    weights: LoraWeights = {}
+    for component in COMPONENTS:
+        config = {k[len(component) + 1 :]: v for k, v in packed.items() if k.startswith(component + ".")}
+        prefix = component + "."
+        modules = {k[len(prefix) : -len(".lora_A.weight")] for k in tensors if k.startswith(prefix) and k.endswith(".lora_A.weight")}
+        for module in sorted(modules):
+            down = tensors[f"{prefix}{module}.lora_A.weight"]
+            up = tensors[f"{prefix}{module}.lora_B.weight"]
+            module_alpha = _module_alpha(module, config, alpha, int(down.shape[0]))
+            weights.setdefault(component, {})[module] = LoraModule(down, up, module_alpha)
+    return weights
+
+
+def _read_webui(path: Path, alpha: float | None) -> LoraWeights:
+    """kohya file -> modules, through diffusers' own kohya conversion (`lora_state_dict`).
+
+    diffusers maps SGM block names (sd-scripts) to diffusers ones using the UNet config; the SDXL
+    base config is used, which every SDXL fine-tune (and the tiny test model) shares.
+    """
+    tensors = load_file(path)
+    if any(k.endswith("dora_scale") for k in tensors):
+        raise ValueError(f"{path}: DoRA LoRAs (dora_scale) cannot be converted")
+    unet_config = json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text("utf-8"))
+    state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(dict(tensors), unet_config=unet_config)
+    network_alphas = network_alphas or {}
+    n_modules = len({k.split(".", 1)[0] for k in tensors if not k.endswith(".alpha")})
+    weights: LoraWeights = {}
+    for component in COMPONENTS:
+        prefix = component + "."
+        part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        peft = convert_unet_state_dict_to_peft(part) if component == "unet" else convert_state_dict_to_peft(part)
+        alphas = _module_alphas(
+            {k[len(prefix) :]: v for k, v in network_alphas.items() if k.startswith(prefix)}, component
+        )
+        for key in sorted(k for k in peft if k.endswith(".lora_A.weight")):
+            module = key[: -len(".lora_A.weight")]
+            down, up = peft[key], peft[f"{module}.lora_B.weight"]
+            module_alpha = alphas.get(module, alpha or float(down.shape[0]))
+            weights.setdefault(component, {})[module] = LoraModule(down, up, module_alpha)
+    converted = sum(len(m) for m in weights.values())
+    if converted != n_modules:
+        raise ValueError(f"{path}: only {converted} of {n_modules} LoRA modules have names diffusers can map")
+    n_alphas = sum(k.endswith(".alpha") for k in tensors)
+    if len(network_alphas) != n_alphas:
+        raise ValueError(f"{path}: only {len(network_alphas)} of {n_alphas} alpha tensors could be mapped to modules")
+    return weights
+
+
+def _module_alphas(network_alphas: dict[str, float], component: str) -> dict[str, float]:
+    """Module path -> alpha from diffusers' `network_alphas`.
+
+    diffusers keys the alphas by its intermediate (pre-PEFT) weight names, e.g.
+    `...attn1.processor.to_q_lora.down.weight.alpha` or `...proj_in.alpha`; running each name
+    through the same PEFT conversion as the weights gives the module path.
+    """
+    to_peft = convert_unet_state_dict_to_peft if component == "unet" else convert_state_dict_to_peft
+    named = {}
+    for key, value in network_alphas.items():
+        name = key.removesuffix(".alpha")
+        if not name.endswith("down.weight"):
+            name += ".lora.down.weight"
+        named[name] = torch.tensor(float(value))
+    # Converted all at once: the converter infers the naming scheme from the whole dict.
+    converted = to_peft(named) if named else {}
+    return {k.removesuffix(".lora_A.weight"): float(v) for k, v in converted.items()}
+
+
+def read_lora(path: str | Path, *, alpha: float | None = None) -> LoraFile:
+    """Read a WebUI or diffusers SDXL LoRA (file, or diffusers folder) into per-module tensors.
+
+    Args:
+        alpha: alpha for modules whose file does not record one (default r, as loaders assume).
+
+    Raises:
+        FileNotFoundError, ValueError: with the file named.
+    """
+    path = _weights_file(Path(path))
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        metadata = dict(f.metadata() or {})
+    fmt = detect_format(keys, path)
+    weights = _read_webui(path, alpha) if fmt == "webui" else _read_diffusers(path, alpha)
+    return LoraFile(fmt, weights, metadata if fmt == "webui" else {})
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return tensor.to(dtype).contiguous() if dtype is not None else tensor.contiguous()
+
+
+def _most_common(values) -> float:
+    return Counter(values).most_common(1)[0][0]
+
+
+def write_webui(lora: LoraFile, path: Path, *, dtype: torch.dtype | None, resolution: int, source: str) -> None:
+    """kohya file with diffusers block names; metadata from the input when it had some."""
+    tensors: dict[str, Tensor] = {}
+    for component, modules in lora.weights.items():
+        for module, weight in modules.items():
+            name = kohya_module_name(component, module)
+            tensors[f"{name}.lora_down.weight"] = _cast(weight.down, dtype)
+            tensors[f"{name}.lora_up.weight"] = _cast(weight.up, dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(weight.alpha, dtype=dtype or weight.down.dtype)
+    all_modules = [m for modules in lora.weights.values() for m in modules.values()]
+    metadata = webui_metadata(
+        rank=int(_most_common(m.rank for m in all_modules)),
+        alpha=_most_common(m.alpha for m in all_modules),
+        output_name=path.stem,
+        resolution=resolution,
+        tag_frequency={},
+        comment=f"converted from {source} by animagine-lora convert",
+        conv=any(m.down.ndim == 4 and m.down.shape[-1] > 1 for m in all_modules),
+    )
+    # Keep what the input recorded (training details, tag frequency), but never its model class.
+    kept = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_")) and v}
+    metadata.update({k: v for k, v in kept.items() if k not in ("ss_base_model_version", "modelspec.architecture")})
+    check_metadata(metadata)
+    write_safetensors(path, tensors, metadata)
+
+
+def write_diffusers(lora: LoraFile, out_dir: Path, *, dtype: torch.dtype | None) -> Path:
+    """`pytorch_lora_weights.safetensors` with a LoraConfig per component as adapter metadata."""
+    layers: dict[str, object] = {}
+    for component, modules in lora.weights.items():
+        rank = int(_most_common(m.rank for m in modules.values()))
+        alpha = _most_common(m.alpha for m in modules.values())
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=sorted(modules),
+            rank_pattern={p: m.rank for p, m in modules.items() if m.rank != rank},
+            alpha_pattern={p: m.alpha for p, m in modules.items() if m.alpha != alpha},
+        ).to_dict()
+        layers[f"{component}_lora_layers"] = {
+            f"{p}.{ab}.weight": _cast(t, dtype)
+            for p, m in modules.items()
+            for ab, t in (("lora_A", m.down), ("lora_B", m.up))
+        }
+        layers[f"{component}_lora_adapter_metadata"] = {
+            k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
+        }
+    return write_diffusers_file(out_dir, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers))
+
+
+def convert(
+    in_path: str | Path,
+    out_path: str | Path,
+    *,
+    to: str | None = None,
+    alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+    resolution: int = 1024,
+) -> Path:
+    """Convert `in_path` into `out_path` (a file for 'webui', a folder for 'diffusers'); returns it.
+
+    Raises:
+        FileNotFoundError, ValueError: unreadable input, same input and output, unknown format.
+    """
+    in_path, out_path = Path(in_path), Path(out_path)
+    source = _weights_file(in_path)
+    lora = read_lora(source, alpha=alpha)
+    to = to or ("diffusers" if lora.format == "webui" else "webui")
+    target = out_path / DIFFUSERS_WEIGHT_NAME if to == "diffusers" else out_path
+    if target.resolve() == source.resolve():
+        raise ValueError(f"{out_path}: output would overwrite the input; choose another path")
+    if to == "webui":
+        if out_path.suffix != ".safetensors":
+            raise ValueError(f"{out_path}: a WebUI LoRA is one .safetensors file")
+        write_webui(lora, out_path, dtype=dtype, resolution=resolution, source=source.name)
+        return out_path
+    if to == "diffusers":
+        return write_diffusers(lora, out_path, dtype=dtype)
+    raise ValueError(f"--to {to!r}: choose webui or diffusers")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="LoRA .safetensors (WebUI or diffusers) or a diffusers LoRA folder")
+    parser.add_argument("output", help="a .safetensors file (webui) or a folder (diffusers)")
+    parser.add_argument("--to", choices=("webui", "diffusers"), help="default: the other format")
+    parser.add_argument(
+        "--alpha", type=float, help="training alpha for modules whose file does not record one (default: r)"
+    )
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="keep", help="tensor dtype of the output")
+    parser.add_argument("--resolution", type=int, default=1024, help="training resolution for WebUI metadata")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = convert(
+            args.input, args.output, to=args.to, alpha=args.alpha, dtype=DTYPES[args.dtype],
+            resolution=args.resolution,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        logger.error("%s", err)
+        return 1
+    logger.info("wrote %s", out)
+    return 0
