@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -135,7 +136,8 @@ def _read_webui(path: Path, alpha: float | None) -> LoraWeights:
     tensors = load_file(path)
     if any(k.endswith("dora_scale") for k in tensors):
         raise ValueError(f"{path}: DoRA LoRAs (dora_scale) cannot be converted")
-    unet_config = json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text("utf-8"))
+    # diffusers reads the config by attribute (`unet_config.layers_per_block`), as on a model.
+    unet_config = SimpleNamespace(**json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text("utf-8")))
     state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(dict(tensors), unet_config=unet_config)
     network_alphas = network_alphas or {}
     n_modules = len({k.split(".", 1)[0] for k in tensors if not k.endswith(".alpha")})
@@ -240,12 +242,17 @@ def write_diffusers(lora: LoraFile, out_dir: Path, *, dtype: torch.dtype | None)
     for component, modules in lora.weights.items():
         rank = int(_most_common(m.rank for m in modules.values()))
         alpha = _most_common(m.alpha for m in modules.values())
+        # PEFT matches targets and patterns as path suffixes; without the `text_model.` level they
+        # fit CLIPTextModel both as recent transformers flatten it and as older ones wrap it.
+        def target(path: str) -> str:
+            return path.removeprefix("text_model.")
+
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
-            target_modules=sorted(modules),
-            rank_pattern={p: m.rank for p, m in modules.items() if m.rank != rank},
-            alpha_pattern={p: m.alpha for p, m in modules.items() if m.alpha != alpha},
+            target_modules=sorted(target(p) for p in modules),
+            rank_pattern={target(p): m.rank for p, m in modules.items() if m.rank != rank},
+            alpha_pattern={target(p): m.alpha for p, m in modules.items() if m.alpha != alpha},
         ).to_dict()
         layers[f"{component}_lora_layers"] = {
             f"{p}.{ab}.weight": _cast(t, dtype)
