@@ -20,8 +20,12 @@ RANK, ALPHA = 4, 2.0
 
 def _metadata():
     return webui_metadata(
-        rank=RANK, alpha=ALPHA, output_name="miku", resolution=(896, 1152),
-        tag_frequency={"hatsune miku": 3}, comment="original",
+        rank=RANK,
+        alpha=ALPHA,
+        output_name="miku",
+        resolution=(896, 1152),
+        tag_frequency={"hatsune miku": 3},
+        comment="original",
     )
 
 
@@ -29,7 +33,9 @@ def _webui_file(pipe, path, **kwargs):
     encoders = {}
     if getattr(pipe.text_encoder, "peft_config", None):
         encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
-    save_webui_lora(path, unet=pipe.unet, **encoders, metadata=_metadata(), dtype=torch.float32, **kwargs)
+    save_webui_lora(
+        path, unet=pipe.unet, **encoders, metadata=_metadata(), dtype=torch.float32, **kwargs
+    )
     return path
 
 
@@ -53,7 +59,9 @@ def test_webui_to_diffusers_and_back(lora_pipeline, tiny_model, sdxl_output, tmp
         adapter = json.loads(f.metadata()["lora_adapter_metadata"])
     assert adapter["unet.lora_alpha"] == ALPHA and adapter["unet.r"] == RANK
     assert adapter["text_encoder_2.lora_alpha"] == ALPHA
-    torch.testing.assert_close(_reloaded(tiny_model, sdxl_output, diffusers_file.parent), sdxl_output(pipe))
+    torch.testing.assert_close(
+        _reloaded(tiny_model, sdxl_output, diffusers_file.parent), sdxl_output(pipe)
+    )
 
     back = tmp_path / "miku_back.safetensors"
     assert cli_main(["convert", str(diffusers_file.parent), str(back)]) == 0
@@ -69,7 +77,10 @@ def test_sd_scripts_file_to_diffusers_names(lora_pipeline, tiny_model, sdxl_outp
     source = _webui_file(pipe, tmp_path / "sd_scripts.safetensors", block_names="sgm")
     out = convert(source, tmp_path / "renamed.safetensors", to="webui")
     keys = load_file(out).keys()
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert (
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+        in keys
+    )
     assert not any("input_blocks" in k for k in keys)
     with safe_open(out, "pt") as f:
         metadata = f.metadata()
@@ -80,18 +91,30 @@ def test_sd_scripts_file_to_diffusers_names(lora_pipeline, tiny_model, sdxl_outp
     torch.testing.assert_close(_reloaded(tiny_model, sdxl_output, out), sdxl_output(pipe))
 
 
-def test_diffusers_to_webui_loads_with_same_outputs(lora_pipeline, tiny_model, sdxl_output, tmp_path):
+def test_diffusers_to_webui_loads_with_same_outputs(
+    lora_pipeline, tiny_model, sdxl_output, tmp_path
+):
     pipe = lora_pipeline(rank=RANK, alpha=ALPHA)
-    save_diffusers_lora(tmp_path / "d", unet=pipe.unet, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+    save_diffusers_lora(
+        tmp_path / "d",
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+    )
     out = convert(tmp_path / "d", tmp_path / "w.safetensors", dtype=torch.float16)
     tensors = load_file(out)
     assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {ALPHA}
-    assert tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"].dtype == torch.float16
+    assert (
+        tensors["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"].dtype
+        == torch.float16
+    )
     with safe_open(out, "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_network_alpha"] == "2.0" and metadata["ss_network_dim"] == "4"
     assert metadata["ss_output_name"] == "w"
-    torch.testing.assert_close(_reloaded(tiny_model, sdxl_output, out), sdxl_output(pipe), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        _reloaded(tiny_model, sdxl_output, out), sdxl_output(pipe), rtol=1e-2, atol=1e-2
+    )
 
 
 def test_missing_alpha_means_r_unless_given(lora_pipeline, tmp_path):
@@ -101,7 +124,9 @@ def test_missing_alpha_means_r_unless_given(lora_pipeline, tmp_path):
     save_file({k: v for k, v in load_file(source).items() if not k.endswith(".alpha")}, no_alpha)
     assert {m.alpha for m in read_lora(no_alpha).weights["unet"].values()} == {float(RANK)}
     assert {m.alpha for m in read_lora(no_alpha, alpha=8.0).weights["unet"].values()} == {8.0}
-    assert {m.alpha for m in read_lora(source, alpha=8.0).weights["unet"].values()} == {ALPHA}  # file wins
+    assert {m.alpha for m in read_lora(source, alpha=8.0).weights["unet"].values()} == {
+        ALPHA
+    }  # file wins
 
 
 def test_bad_inputs(lora_pipeline, tmp_path, caplog):

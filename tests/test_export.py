@@ -27,18 +27,26 @@ RANK, ALPHA = 4, 2.0  # alpha != r on purpose: a loader that assumes alpha = r g
 
 
 def _metadata(**overrides):
-    args = dict(
-        rank=RANK, alpha=ALPHA, output_name="miku_v1", resolution=1024,
-        tag_frequency={"hatsune miku": 12, "1girl": 12, "smile": 5}, comment="test run",
-        date=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
-    )
+    args = {
+        "rank": RANK,
+        "alpha": ALPHA,
+        "output_name": "miku_v1",
+        "resolution": 1024,
+        "tag_frequency": {"hatsune miku": 12, "1girl": 12, "smile": 5},
+        "comment": "test run",
+        "date": datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+    }
     return webui_metadata(**{**args, **overrides})
 
 
 def _save_all(pipe, path, **kwargs):
     save_webui_lora(
-        path, unet=pipe.unet, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
-        metadata=_metadata(), **kwargs,
+        path,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        metadata=_metadata(),
+        **kwargs,
     )
 
 
@@ -83,16 +91,32 @@ def test_webui_file_static_rules(lora_pipeline, tmp_path, preset):
             assert value.ndim == 0 and value.item() == ALPHA, key
         elif isinstance(base, torch.nn.Conv2d):
             kh, kw = base.kernel_size
-            expect = (RANK, base.in_channels, kh, kw) if suffix == "lora_down.weight" else (base.out_channels, RANK, 1, 1)
+            expect = (
+                (RANK, base.in_channels, kh, kw)
+                if suffix == "lora_down.weight"
+                else (base.out_channels, RANK, 1, 1)
+            )
             assert tuple(value.shape) == expect, key
         else:
-            expect = (RANK, base.in_features) if suffix == "lora_down.weight" else (base.out_features, RANK)
+            expect = (
+                (RANK, base.in_features)
+                if suffix == "lora_down.weight"
+                else (base.out_features, RANK)
+            )
             assert tuple(value.shape) == expect, key
-    assert all(f"{n}.{s}" in tensors for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert all(
+        f"{n}.{s}" in tensors
+        for n in names
+        for s in ("lora_down.weight", "lora_up.weight", "alpha")
+    )
     # text encoder names keep the checkpoint's `text_model_` level; 2 layers x 6 projections each
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc2.alpha" in tensors
-    assert sum(n.startswith("lora_te1_") for n in names) == sum(n.startswith("lora_te2_") for n in names) == 12
+    assert (
+        sum(n.startswith("lora_te1_") for n in names)
+        == sum(n.startswith("lora_te2_") for n in names)
+        == 12
+    )
     if preset.endswith("conv"):
         down = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
         up = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"]
@@ -110,11 +134,15 @@ def test_webui_file_static_rules(lora_pipeline, tmp_path, preset):
     assert metadata["modelspec.resolution"] == "1024x1024"
     assert metadata["modelspec.prediction_type"] == "epsilon"
     assert metadata["modelspec.date"] == "2025-01-02T03:04:05+00:00"
-    assert json.loads(metadata["ss_tag_frequency"]) == {"miku_v1": {"hatsune miku": 12, "1girl": 12, "smile": 5}}
+    assert json.loads(metadata["ss_tag_frequency"]) == {
+        "miku_v1": {"hatsune miku": 12, "1girl": 12, "smile": 5}
+    }
 
 
 @pytest.mark.parametrize("preset", ["attn-mlp", "attn-mlp-conv"])
-def test_webui_file_reloads_into_fresh_pipeline(lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog, preset):
+def test_webui_file_reloads_into_fresh_pipeline(
+    lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog, preset
+):
     pipe = lora_pipeline(preset=preset, rank=RANK, alpha=ALPHA)
     trained = sdxl_output(pipe)
     path = tmp_path / "miku.safetensors"
@@ -141,7 +169,9 @@ def test_fp16_file_matches_to_half_precision(lora_pipeline, tiny_model, sdxl_out
     torch.testing.assert_close(sdxl_output(fresh), sdxl_output(pipe), rtol=1e-2, atol=1e-2)
 
 
-def test_sd_scripts_sgm_block_names_import(lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog):
+def test_sd_scripts_sgm_block_names_import(
+    lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog
+):
     """A kohya file with original SGM UNet names (what sd-scripts writes) loads to the same model."""
     pipe = lora_pipeline(rank=RANK, alpha=ALPHA)
     sgm_path = tmp_path / "sgm_names.safetensors"
@@ -149,20 +179,30 @@ def test_sd_scripts_sgm_block_names_import(lora_pipeline, tiny_model, sdxl_outpu
     renamed = load_file(sgm_path)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in renamed
     assert "lora_unet_output_blocks_3_1_proj_out.alpha" in renamed
-    assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for k in renamed)
+    assert not any(
+        k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block"))
+        for k in renamed
+    )
     fresh = _fresh(tiny_model)
     with _no_load_complaints(caplog):
         fresh.load_lora_weights(str(sgm_path))
     torch.testing.assert_close(sdxl_output(fresh), sdxl_output(pipe), rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_format_round_trip_keeps_alpha(lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog):
+def test_diffusers_format_round_trip_keeps_alpha(
+    lora_pipeline, tiny_model, sdxl_output, tmp_path, caplog
+):
     pipe = lora_pipeline(preset="attn-mlp-conv", rank=RANK, alpha=ALPHA)
     out_dir = tmp_path / "diffusers_lora"
     out_dir.mkdir()
     (out_dir / "README.md").write_text("user notes")
-    save_diffusers_lora(out_dir, unet=pipe.unet, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors"]
+    save_diffusers_lora(
+        out_dir, unet=pipe.unet, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2
+    )
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "README.md",
+        "pytorch_lora_weights.safetensors",
+    ]
     with safe_open(out_dir / "pytorch_lora_weights.safetensors", "pt") as f:
         adapter = json.loads(f.metadata()["lora_adapter_metadata"])
         keys = list(f.keys())
@@ -174,7 +214,9 @@ def test_diffusers_format_round_trip_keeps_alpha(lora_pipeline, tiny_model, sdxl
     torch.testing.assert_close(sdxl_output(fresh), sdxl_output(pipe), rtol=1e-5, atol=1e-5)
 
 
-def test_dora_diffusers_round_trip_and_webui_refusal(lora_pipeline, tiny_model, sdxl_output, tmp_path):
+def test_dora_diffusers_round_trip_and_webui_refusal(
+    lora_pipeline, tiny_model, sdxl_output, tmp_path
+):
     pipe = lora_pipeline(preset="attn", rank=RANK, alpha=ALPHA, dora=True, text_encoders=False)
     with torch.no_grad():  # move the magnitudes off their init so a dropped DoRA vector shows
         for module in lora_modules(pipe.unet).values():
@@ -196,11 +238,15 @@ def test_bad_metadata_and_atomic_write(lora_pipeline, tmp_path):
     with pytest.raises(ValueError, match="ss_tag_frequency"):
         save_webui_lora(path, unet=pipe.unet, metadata=bad)
     with pytest.raises(ValueError, match="sdxl_"):
-        save_webui_lora(path, unet=pipe.unet, metadata={**_metadata(), "ss_base_model_version": "sd_v1"})
+        save_webui_lora(
+            path, unet=pipe.unet, metadata={**_metadata(), "ss_base_model_version": "sd_v1"}
+        )
     with pytest.raises(ValueError, match="extra keys"):
         _metadata(extra={"steps": 3})
     assert path.read_bytes() == b"previous file"
-    save_webui_lora(path, unet=pipe.unet, metadata=_metadata(extra={"ss_steps": 100, "ss_num_train_images": 7}))
+    save_webui_lora(
+        path, unet=pipe.unet, metadata=_metadata(extra={"ss_steps": 100, "ss_num_train_images": 7})
+    )
     with safe_open(path, "pt") as f:
         assert f.metadata()["ss_steps"] == "100"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]  # no temp files left

@@ -21,10 +21,14 @@ from train.models import SDXL_CONFIGS, load_base_model
 
 def _sdxl_unet_on_meta():
     with init_empty_weights():
-        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet"))
+        return UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")
+        )
 
 
-@pytest.mark.parametrize("preset, expected", [("attn", 560), ("attn-mlp", 722), ("attn-mlp-conv", 760)])
+@pytest.mark.parametrize(
+    "preset, expected", [("attn", 560), ("attn-mlp", 722), ("attn-mlp-conv", 760)]
+)
 def test_preset_layer_counts_on_real_sdxl(preset, expected):
     """Counts from docs/lora_formats.md; +conv adds 17 ResNets x 2 convs and 4 resamplers."""
     unet = _sdxl_unet_on_meta()
@@ -32,13 +36,17 @@ def test_preset_layer_counts_on_real_sdxl(preset, expected):
         add_unet_lora(unet, preset=preset, rank=4, alpha=4)
     modules = lora_modules(unet)
     assert len(modules) == expected
-    assert all(".transformer_blocks." in n or ".attentions." in n for n in modules) or preset.endswith("conv")
+    assert all(
+        ".transformer_blocks." in n or ".attentions." in n for n in modules
+    ) or preset.endswith("conv")
 
 
 def test_text_encoder_counts_on_real_sdxl():
     with init_empty_weights():
         te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2"))
+        te2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2")
+        )
         add_text_encoder_lora(te1, rank=4, alpha=1)
         add_text_encoder_lora(te2, rank=4, alpha=1)
     assert len(lora_modules(te1)) == 72

@@ -18,7 +18,9 @@ from train.tiny import build_tiny_model
 def test_shipped_unet_config_is_sdxl_base():
     """The UNet config instantiates to SDXL 1.0 base's exact parameter count."""
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet"))
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")
+        )
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
 
 
@@ -26,7 +28,11 @@ def test_tiny_model_is_sdxl_shaped(tiny_model):
     index = json.loads((tiny_model.diffusers_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
     unet_config = json.loads((tiny_model.diffusers_dir / "unet" / "config.json").read_text())
-    assert unet_config["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert unet_config["down_block_types"] == [
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+    ]
     assert unet_config["addition_embed_type"] == "text_time"
     with safe_open(tiny_model.single_file, "pt") as f:
         keys = set(f.keys())
@@ -54,15 +60,21 @@ def test_tiny_build_is_idempotent_and_refuses_foreign_folder(tiny_model, tmp_pat
 def _outputs(model, generator_seed: int = 0):
     """UNet, VAE and both text encoders run on fixed inputs, for comparing two loads."""
     g = torch.Generator().manual_seed(generator_seed)
-    ids = model.tokenizer(["1girl, solo, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    ids2 = model.tokenizer_2(["1girl, solo, smile"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = model.tokenizer(
+        ["1girl, solo, smile"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    ids2 = model.tokenizer_2(
+        ["1girl, solo, smile"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     te1 = model.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
     te2 = model.text_encoder_2(ids2, output_hidden_states=True)
     context = torch.cat([te1, te2.hidden_states[-2]], dim=-1)
     latents = torch.randn(1, 4, 8, 8, generator=g)
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
     unet = model.unet(
-        latents, 500, encoder_hidden_states=context,
+        latents,
+        500,
+        encoder_hidden_states=context,
         added_cond_kwargs={"text_embeds": te2.text_embeds, "time_ids": time_ids},
     ).sample
     image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
@@ -74,8 +86,10 @@ def _outputs(model, generator_seed: int = 0):
 def test_diffusers_folder_and_single_file_load_identically(tiny_model):
     from_folder = load_base_model(str(tiny_model.diffusers_dir), weight_dtype=torch.float32)
     from_file = load_base_model(
-        str(tiny_model.single_file), config_dir=str(tiny_model.config_dir),
-        tokenizer_dir=str(tiny_model.tokenizer_dir), weight_dtype=torch.float32,
+        str(tiny_model.single_file),
+        config_dir=str(tiny_model.config_dir),
+        tokenizer_dir=str(tiny_model.tokenizer_dir),
+        weight_dtype=torch.float32,
     )
     a, b = _outputs(from_folder), _outputs(from_file)
     for name in a:
@@ -96,7 +110,9 @@ def test_diffusers_folder_and_single_file_load_identically(tiny_model):
 
 def test_default_dtypes_frozen_and_scheduler(tiny_model):
     model = load_base_model(str(tiny_model.diffusers_dir))
-    assert model.unet.dtype == model.text_encoder.dtype == model.text_encoder_2.dtype == torch.bfloat16
+    assert (
+        model.unet.dtype == model.text_encoder.dtype == model.text_encoder_2.dtype == torch.bfloat16
+    )
     assert model.vae.dtype == torch.float32
     for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
         assert not any(p.requires_grad for p in module.parameters())
@@ -140,5 +156,7 @@ def test_bad_inputs_fail_clearly(tiny_model, tmp_path):
         load_base_model(str(tiny_model.single_file), tokenizer_dir=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="component config missing"):
         load_base_model(
-            str(tiny_model.single_file), config_dir=str(tmp_path), tokenizer_dir=str(tiny_model.tokenizer_dir)
+            str(tiny_model.single_file),
+            config_dir=str(tmp_path),
+            tokenizer_dir=str(tiny_model.tokenizer_dir),
         )

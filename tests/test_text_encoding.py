@@ -28,7 +28,9 @@ def _encoders(pipe):
 def test_short_caption_matches_diffusers_encode_prompt(pipe):
     tokenizers, encoders = _encoders(pipe)
     embeds, pooled = encode_prompts([SHORT], tokenizers, encoders)
-    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(SHORT, device="cpu", do_classifier_free_guidance=False)
+    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(
+        SHORT, device="cpu", do_classifier_free_guidance=False
+    )
     assert embeds.shape == (1, 77, 32 + 48)
     torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
     torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
@@ -90,7 +92,9 @@ def test_max_chunks_truncates_with_warning(pipe, caplog):
 def test_empty_caption_is_one_chunk(pipe):
     tokenizers, encoders = _encoders(pipe)
     embeds, pooled = encode_prompts([""], tokenizers, encoders)
-    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(
+        "", device="cpu", do_classifier_free_guidance=False
+    )
     assert embeds.shape == (1, 77, 80)
     torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
     torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)

@@ -114,7 +114,13 @@ def vae_to_sgm(state_dict: dict[str, Tensor], config: dict) -> dict[str, Tensor]
     block), and the mid-block attention uses 1x1 convolutions rather than linear layers.
     """
     levels = len(config["block_out_channels"])
-    attention_names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    attention_names = {
+        "group_norm": "norm",
+        "to_q": "q",
+        "to_k": "k",
+        "to_v": "v",
+        "to_out.0": "proj_out",
+    }
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         parts = key.split(".")
@@ -124,7 +130,9 @@ def vae_to_sgm(state_dict: dict[str, Tensor], config: dict) -> dict[str, Tensor]
             sgm_level = level if parts[1] == "down_blocks" else levels - 1 - level
             group = "down" if parts[1] == "down_blocks" else "up"
             if parts[3] == "resnets":
-                new = f"{coder}.{group}.{sgm_level}.block.{parts[4]}." + _vae_resnet(".".join(parts[5:]))
+                new = f"{coder}.{group}.{sgm_level}.block.{parts[4]}." + _vae_resnet(
+                    ".".join(parts[5:])
+                )
             else:  # downsamplers.0.conv / upsamplers.0.conv
                 sample = "downsample" if group == "down" else "upsample"
                 new = f"{coder}.{group}.{sgm_level}.{sample}." + ".".join(parts[5:])
@@ -151,8 +159,7 @@ def clip_l_to_sgm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """
     out = {}
     for key, value in state_dict.items():
-        if key.startswith("text_model."):
-            key = key[len("text_model.") :]
+        key = key.removeprefix("text_model.")
         if key.endswith("position_ids"):
             continue
         out[TE1_PREFIX + "text_model." + key] = value
@@ -165,7 +172,11 @@ def open_clip_to_sgm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     OpenCLIP fuses q/k/v into `attn.in_proj_weight` (3C, C) and applies the projection as
     `x @ text_projection`, so the HF Linear weight (out, in) is stored transposed (in, out).
     """
-    sd = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    sd = {
+        k.removeprefix("text_model."): v
+        for k, v in state_dict.items()
+        if not k.endswith("position_ids")
+    }
     out = {
         TE2_PREFIX + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
         TE2_PREFIX + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from train.export import (
     DIFFUSERS_WEIGHT_NAME,
-    KOHYA_PREFIXES,
     check_metadata,
     kohya_module_name,
     webui_metadata,
@@ -84,7 +83,9 @@ def detect_format(keys: list[str], path: Path) -> str:
     Raises:
         ValueError: naming the file and a key that fits neither.
     """
-    if keys and all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")) for k in keys):
+    if keys and all(
+        k.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")) for k in keys
+    ):
         return "webui"
     if keys and all(k.startswith(tuple(c + "." for c in COMPONENTS)) for k in keys):
         return "diffusers"
@@ -111,14 +112,26 @@ def _read_diffusers(path: Path, alpha: float | None) -> LoraWeights:
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     packed = json.loads(raw) if raw else {}
     if not packed:
-        logger.warning("%s: no adapter metadata; alpha = %s", path, alpha if alpha else "r (loaders' assumption)")
+        logger.warning(
+            "%s: no adapter metadata; alpha = %s",
+            path,
+            alpha if alpha else "r (loaders' assumption)",
+        )
     if any("lora_magnitude_vector" in k for k in tensors):
-        raise ValueError(f"{path}: DoRA LoRAs cannot be converted (no WebUI format reproduces them)")
+        raise ValueError(
+            f"{path}: DoRA LoRAs cannot be converted (no WebUI format reproduces them)"
+        )
     weights: LoraWeights = {}
     for component in COMPONENTS:
-        config = {k[len(component) + 1 :]: v for k, v in packed.items() if k.startswith(component + ".")}
+        config = {
+            k[len(component) + 1 :]: v for k, v in packed.items() if k.startswith(component + ".")
+        }
         prefix = component + "."
-        modules = {k[len(prefix) : -len(".lora_A.weight")] for k in tensors if k.startswith(prefix) and k.endswith(".lora_A.weight")}
+        modules = {
+            k[len(prefix) : -len(".lora_A.weight")]
+            for k in tensors
+            if k.startswith(prefix) and k.endswith(".lora_A.weight")
+        }
         for module in sorted(modules):
             down = tensors[f"{prefix}{module}.lora_A.weight"]
             up = tensors[f"{prefix}{module}.lora_B.weight"]
@@ -137,8 +150,12 @@ def _read_webui(path: Path, alpha: float | None) -> LoraWeights:
     if any(k.endswith("dora_scale") for k in tensors):
         raise ValueError(f"{path}: DoRA LoRAs (dora_scale) cannot be converted")
     # diffusers reads the config by attribute (`unet_config.layers_per_block`), as on a model.
-    unet_config = SimpleNamespace(**json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text("utf-8")))
-    state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(dict(tensors), unet_config=unet_config)
+    unet_config = SimpleNamespace(
+        **json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text("utf-8"))
+    )
+    state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(
+        dict(tensors), unet_config=unet_config
+    )
     network_alphas = network_alphas or {}
     n_modules = len({k.split(".", 1)[0] for k in tensors if not k.endswith(".alpha")})
     weights: LoraWeights = {}
@@ -147,9 +164,14 @@ def _read_webui(path: Path, alpha: float | None) -> LoraWeights:
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
             continue
-        peft = convert_unet_state_dict_to_peft(part) if component == "unet" else convert_state_dict_to_peft(part)
+        peft = (
+            convert_unet_state_dict_to_peft(part)
+            if component == "unet"
+            else convert_state_dict_to_peft(part)
+        )
         alphas = _module_alphas(
-            {k[len(prefix) :]: v for k, v in network_alphas.items() if k.startswith(prefix)}, component
+            {k[len(prefix) :]: v for k, v in network_alphas.items() if k.startswith(prefix)},
+            component,
         )
         for key in sorted(k for k in peft if k.endswith(".lora_A.weight")):
             module = key[: -len(".lora_A.weight")]
@@ -158,10 +180,14 @@ def _read_webui(path: Path, alpha: float | None) -> LoraWeights:
             weights.setdefault(component, {})[module] = LoraModule(down, up, module_alpha)
     converted = sum(len(m) for m in weights.values())
     if converted != n_modules:
-        raise ValueError(f"{path}: only {converted} of {n_modules} LoRA modules have names diffusers can map")
+        raise ValueError(
+            f"{path}: only {converted} of {n_modules} LoRA modules have names diffusers can map"
+        )
     n_alphas = sum(k.endswith(".alpha") for k in tensors)
     if len(network_alphas) != n_alphas:
-        raise ValueError(f"{path}: only {len(network_alphas)} of {n_alphas} alpha tensors could be mapped to modules")
+        raise ValueError(
+            f"{path}: only {len(network_alphas)} of {n_alphas} alpha tensors could be mapped to modules"
+        )
     return weights
 
 
@@ -210,7 +236,9 @@ def _most_common(values) -> float:
     return Counter(values).most_common(1)[0][0]
 
 
-def write_webui(lora: LoraFile, path: Path, *, dtype: torch.dtype | None, resolution: int, source: str) -> None:
+def write_webui(
+    lora: LoraFile, path: Path, *, dtype: torch.dtype | None, resolution: int, source: str
+) -> None:
     """kohya file with diffusers block names; metadata from the input when it had some."""
     tensors: dict[str, Tensor] = {}
     for component, modules in lora.weights.items():
@@ -230,8 +258,16 @@ def write_webui(lora: LoraFile, path: Path, *, dtype: torch.dtype | None, resolu
         conv=any(m.down.ndim == 4 and m.down.shape[-1] > 1 for m in all_modules),
     )
     # Keep what the input recorded (training details, tag frequency), but never its model class.
-    kept = {k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_")) and v}
-    metadata.update({k: v for k, v in kept.items() if k not in ("ss_base_model_version", "modelspec.architecture")})
+    kept = {
+        k: v for k, v in lora.metadata.items() if k.startswith(("ss_", "modelspec.", "sshs_")) and v
+    }
+    metadata.update(
+        {
+            k: v
+            for k, v in kept.items()
+            if k not in ("ss_base_model_version", "modelspec.architecture")
+        }
+    )
     check_metadata(metadata)
     write_safetensors(path, tensors, metadata)
 
@@ -242,6 +278,7 @@ def write_diffusers(lora: LoraFile, out_dir: Path, *, dtype: torch.dtype | None)
     for component, modules in lora.weights.items():
         rank = int(_most_common(m.rank for m in modules.values()))
         alpha = _most_common(m.alpha for m in modules.values())
+
         # PEFT matches targets and patterns as path suffixes; without the `text_model.` level they
         # fit CLIPTextModel both as recent transformers flatten it and as older ones wrap it.
         def target(path: str) -> str:
@@ -262,7 +299,9 @@ def write_diffusers(lora: LoraFile, out_dir: Path, *, dtype: torch.dtype | None)
         layers[f"{component}_lora_adapter_metadata"] = {
             k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
         }
-    return write_diffusers_file(out_dir, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers))
+    return write_diffusers_file(
+        out_dir, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers)
+    )
 
 
 def convert(
@@ -297,20 +336,32 @@ def convert(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="LoRA .safetensors (WebUI or diffusers) or a diffusers LoRA folder")
+    parser.add_argument(
+        "input", help="LoRA .safetensors (WebUI or diffusers) or a diffusers LoRA folder"
+    )
     parser.add_argument("output", help="a .safetensors file (webui) or a folder (diffusers)")
     parser.add_argument("--to", choices=("webui", "diffusers"), help="default: the other format")
     parser.add_argument(
-        "--alpha", type=float, help="training alpha for modules whose file does not record one (default: r)"
+        "--alpha",
+        type=float,
+        help="training alpha for modules whose file does not record one (default: r)",
     )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="keep", help="tensor dtype of the output")
-    parser.add_argument("--resolution", type=int, default=1024, help="training resolution for WebUI metadata")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="keep", help="tensor dtype of the output"
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=1024, help="training resolution for WebUI metadata"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         out = convert(
-            args.input, args.output, to=args.to, alpha=args.alpha, dtype=DTYPES[args.dtype],
+            args.input,
+            args.output,
+            to=args.to,
+            alpha=args.alpha,
+            dtype=DTYPES[args.dtype],
             resolution=args.resolution,
         )
     except (FileNotFoundError, ValueError) as err:

@@ -47,7 +47,9 @@ REQUIRED_METADATA = (
 )
 
 
-def kohya_module_name(component: str, module_path: str, sgm_block_map: dict[str, str] | None = None) -> str:
+def kohya_module_name(
+    component: str, module_path: str, sgm_block_map: dict[str, str] | None = None
+) -> str:
     """`lora_unet_down_blocks_1_...` for a module path of `component` (unet, text_encoder, text_encoder_2).
 
     Text encoder names always start `text_model_`, as in the checkpoints, even where recent
@@ -80,7 +82,11 @@ def kohya_state_dict(
         )
     if block_names not in ("diffusers", "sgm"):
         raise ValueError(f"block_names {block_names!r}: choose diffusers or sgm")
-    block_map = checkpoint_keys.unet_module_map(dict(model.config)) if block_names == "sgm" and component == "unet" else None
+    block_map = (
+        checkpoint_keys.unet_module_map(dict(model.config))
+        if block_names == "sgm" and component == "unet"
+        else None
+    )
     out: dict[str, Tensor] = {}
     for path, module in lora_modules(model).items():
         name = kohya_module_name(component, path, block_map)
@@ -141,11 +147,21 @@ def webui_metadata(
     }
     if conv:
         # sd-scripts records LoCon ranks here; its conv LoRA uses the same rank and alpha as ours.
-        metadata["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(alpha))})
+        metadata["ss_network_args"] = json.dumps(
+            {"conv_dim": str(rank), "conv_alpha": str(float(alpha))}
+        )
     for key, value in (extra or {}).items():
         if not key.startswith(("ss_", "modelspec.")):
-            raise ValueError(f"metadata key {key!r}: extra keys must start with 'ss_' or 'modelspec.'")
-        metadata[key] = value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict) else str(value)
+            raise ValueError(
+                f"metadata key {key!r}: extra keys must start with 'ss_' or 'modelspec.'"
+            )
+        metadata[key] = (
+            value
+            if isinstance(value, str)
+            else json.dumps(value)
+            if isinstance(value, dict)
+            else str(value)
+        )
     return metadata
 
 
@@ -157,7 +173,9 @@ def check_metadata(metadata: dict[str, str]) -> None:
     if not_str:
         raise ValueError(f"LoRA metadata values must be strings: {', '.join(not_str)}")
     if not metadata["ss_base_model_version"].startswith("sdxl_"):
-        raise ValueError("ss_base_model_version must start with 'sdxl_' or A1111 hides the LoRA for SDXL models")
+        raise ValueError(
+            "ss_base_model_version must start with 'sdxl_' or A1111 hides the LoRA for SDXL models"
+        )
 
 
 def save_webui_lora(
@@ -190,7 +208,9 @@ def save_webui_lora(
     write_safetensors(Path(path), tensors, metadata)
 
 
-def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> None:
+def write_safetensors(
+    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None
+) -> None:
     """save_file to a temporary file in the same folder, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -223,7 +243,9 @@ def save_diffusers_lora(out_dir, *, unet, text_encoder=None, text_encoder_2=None
         if model is not None:
             layers[f"{name}_lora_layers"] = lora_state_dict(model)
             layers[f"{name}_lora_adapter_metadata"] = peft_metadata(model)
-    write_diffusers_file(Path(out_dir), lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers))
+    write_diffusers_file(
+        Path(out_dir), lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers)
+    )
 
 
 def write_diffusers_file(out_dir: Path, write) -> Path:

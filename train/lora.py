@@ -55,7 +55,9 @@ def _attach(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return config
 
 
-def add_unet_lora(unet, *, preset: str = "attn-mlp", rank: int, alpha: float, dora: bool = False) -> LoraConfig:
+def add_unet_lora(
+    unet, *, preset: str = "attn-mlp", rank: int, alpha: float, dora: bool = False
+) -> LoraConfig:
     """Attach a trainable LoRA (or DoRA) adapter to the UNet's `preset` modules.
 
     Returns the PEFT LoraConfig used (also at `unet.peft_config["default"]`).
@@ -68,7 +70,9 @@ def add_unet_lora(unet, *, preset: str = "attn-mlp", rank: int, alpha: float, do
     return _attach(unet, _lora_config(TARGET_PRESETS[preset], rank, alpha, dora))
 
 
-def add_text_encoder_lora(text_encoder, *, rank: int, alpha: float, dora: bool = False) -> LoraConfig:
+def add_text_encoder_lora(
+    text_encoder, *, rank: int, alpha: float, dora: bool = False
+) -> LoraConfig:
     """Attach a trainable LoRA adapter to a CLIP text encoder's attention and MLP projections."""
     return _attach(text_encoder, _lora_config(TEXT_ENCODER_TARGETS, rank, alpha, dora))
 

@@ -67,7 +67,9 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
 
 def _check_dtypes(weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
     if weight_dtype not in _ALLOWED_WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype {weight_dtype}: use torch.bfloat16, torch.float16 or torch.float32")
+        raise ValueError(
+            f"weight_dtype {weight_dtype}: use torch.bfloat16, torch.float16 or torch.float32"
+        )
     if vae_dtype == torch.float16:
         raise ValueError(
             "vae_dtype torch.float16: the SDXL VAE overflows (NaN latents) in fp16; "
@@ -78,7 +80,11 @@ def _check_dtypes(weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".ckpt")) or "\\" in source
+    return (
+        source.startswith((".", "/", "~"))
+        or source.endswith((".safetensors", ".ckpt"))
+        or "\\" in source
+    )
 
 
 def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenizer]:
@@ -97,7 +103,8 @@ def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenize
         except (OSError, ValueError) as err:
             tried.append(f"{candidate} ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
     raise OSError(
-        "could not load the SDXL tokenizers (tokenizer/ and tokenizer_2/); tried: " + "; ".join(tried)
+        "could not load the SDXL tokenizers (tokenizer/ and tokenizer_2/); tried: "
+        + "; ".join(tried)
         + ". Pass tokenizer_dir= a folder holding both, or make the Hub reachable."
     )
 
@@ -110,7 +117,9 @@ def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dty
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=weight_dtype)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
     te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=weight_dtype)
-    te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=weight_dtype)
+    te2 = CLIPTextModelWithProjection.from_pretrained(
+        source, subfolder="text_encoder_2", dtype=weight_dtype
+    )
     return unet, vae, te1, te2, _scheduler_config(source)
 
 
@@ -122,7 +131,9 @@ def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, va
     """
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if not (config_dir / component / "config.json").is_file():
-            raise FileNotFoundError(f"{config_dir / component / 'config.json'}: component config missing")
+            raise FileNotFoundError(
+                f"{config_dir / component / 'config.json'}: component config missing"
+            )
     scheduler_config = _scheduler_config(str(config_dir))
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(path),
@@ -180,7 +191,9 @@ def load_base_model(
         candidates = [tokenizer_dir] if tokenizer_dir else [DEFAULT_MODEL]
         tokenizers = _load_tokenizers(candidates)
         config = Path(config_dir) if config_dir else SDXL_CONFIGS
-        unet, vae, te1, te2, scheduler_config = _load_single_file(path, config, tokenizers, weight_dtype, vae_dtype)
+        unet, vae, te1, te2, scheduler_config = _load_single_file(
+            path, config, tokenizers, weight_dtype, vae_dtype
+        )
     elif path.is_dir() or not _looks_like_path(source):
         if path.is_dir() and not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers folder (no unet/ subfolder)")

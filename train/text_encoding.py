@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 CHUNK_TOKENS = 75  # CLIP's 77 positions minus BOS and EOS
 
 
-def chunk_token_ids(captions: list[str], tokenizer, *, num_chunks: int | None = None, max_chunks: int = 3) -> Tensor:
+def chunk_token_ids(
+    captions: list[str], tokenizer, *, num_chunks: int | None = None, max_chunks: int = 3
+) -> Tensor:
     """Token ids of each caption cut into `k` chunks of `[BOS] + 75 tokens + [EOS] + padding`.
 
     Args:
@@ -40,7 +42,9 @@ def chunk_token_ids(captions: list[str], tokenizer, *, num_chunks: int | None = 
         (B, k, 77) int64 ids. A chunk past the end of a shorter caption is `[BOS, EOS, pad...]`.
     """
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    tokens = tokenizer(captions, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    tokens = tokenizer(
+        captions, add_special_tokens=False, truncation=False, verbose=False
+    ).input_ids
     tokens = [t[: CHUNK_TOKENS * max_chunks] for t in tokens]
     if num_chunks is None:
         num_chunks = max(1, max(math.ceil(len(t) / CHUNK_TOKENS) for t in tokens))
@@ -68,13 +72,17 @@ def encode_prompts(
         prompt_embeds (B, 77*k, d1+d2) in text_encoder_2's dtype, pooled (B, d_pooled), where k is
         the number of chunks of the longest caption (capped at max_chunks).
     """
-    lengths = [len(t) for t in tokenizers[0](captions, add_special_tokens=False, verbose=False).input_ids]
+    lengths = [
+        len(t) for t in tokenizers[0](captions, add_special_tokens=False, verbose=False).input_ids
+    ]
     num_chunks = max(1, min(max_chunks, max(math.ceil(n / CHUNK_TOKENS) for n in lengths)))
     too_long = [n for n in lengths if n > CHUNK_TOKENS * max_chunks]
     if too_long:
         logger.warning(
             "%d caption(s) longer than %d tokens (up to %d) were truncated; raise max_chunks to keep them",
-            len(too_long), CHUNK_TOKENS * max_chunks, max(too_long),
+            len(too_long),
+            CHUNK_TOKENS * max_chunks,
+            max(too_long),
         )
     batch = len(captions)
     hidden_states = []

@@ -52,7 +52,8 @@ TINY_UNET = {
     "transformer_layers_per_block": 1,
     "layers_per_block": 2,
     "norm_num_groups": 32,
-    "cross_attention_dim": TEXT_HIDDEN_1 + TEXT_HIDDEN_2,  # both encoders' hidden states, concatenated
+    "cross_attention_dim": TEXT_HIDDEN_1
+    + TEXT_HIDDEN_2,  # both encoders' hidden states, concatenated
     "addition_time_embed_dim": 8,
     # pooled text_encoder_2 output + 6 size/crop numbers each embedded to addition_time_embed_dim
     "projection_class_embeddings_input_dim": TEXT_HIDDEN_2 + 6 * 8,
@@ -65,8 +66,16 @@ TINY_VAE = {
     "sample_size": 64,
 }
 TINY_TEXT = {
-    "text_encoder": {"hidden_size": TEXT_HIDDEN_1, "projection_dim": TEXT_HIDDEN_1, "intermediate_size": 64},
-    "text_encoder_2": {"hidden_size": TEXT_HIDDEN_2, "projection_dim": TEXT_HIDDEN_2, "intermediate_size": 96},
+    "text_encoder": {
+        "hidden_size": TEXT_HIDDEN_1,
+        "projection_dim": TEXT_HIDDEN_1,
+        "intermediate_size": 64,
+    },
+    "text_encoder_2": {
+        "hidden_size": TEXT_HIDDEN_2,
+        "projection_dim": TEXT_HIDDEN_2,
+        "intermediate_size": 96,
+    },
 }
 TINY_TEXT_COMMON = {"num_attention_heads": 4, "num_hidden_layers": 2}
 
@@ -175,7 +184,9 @@ def _build_components(seed: int):
             for name, param in model.named_parameters():
                 if param.ndim > 1 and param.abs().sum() == 0:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    scheduler = EulerDiscreteScheduler.from_config(_sdxl_config("scheduler", "scheduler_config.json"))
+    scheduler = EulerDiscreteScheduler.from_config(
+        _sdxl_config("scheduler", "scheduler_config.json")
+    )
     return unet, vae, te1, te2, scheduler
 
 
@@ -200,7 +211,9 @@ def _write_build(root: Path, bpe_gz: Path, seed: int) -> None:
         (c / component).mkdir()
         shutil.copy(d / component / "config.json", c / component / "config.json")
     (c / "scheduler").mkdir()
-    shutil.copy(d / "scheduler" / "scheduler_config.json", c / "scheduler" / "scheduler_config.json")
+    shutil.copy(
+        d / "scheduler" / "scheduler_config.json", c / "scheduler" / "scheduler_config.json"
+    )
 
     checkpoint = {
         **checkpoint_keys.unet_to_sgm(unet.state_dict(), dict(unet.config)),
@@ -210,7 +223,9 @@ def _write_build(root: Path, bpe_gz: Path, seed: int) -> None:
     }
     checkpoint = {k: v.contiguous() for k, v in checkpoint.items()}
     save_file(checkpoint, paths.single_file, metadata={"format": "pt"})
-    (root / _COMPLETE_MARKER).write_text(json.dumps({"version": _BUILD_VERSION, "seed": seed}), "utf-8")
+    (root / _COMPLETE_MARKER).write_text(
+        json.dumps({"version": _BUILD_VERSION, "seed": seed}), "utf-8"
+    )
 
 
 def build_tiny_model(out_dir: Path, clip_bpe: Path, seed: int = 0) -> TinyModel:
