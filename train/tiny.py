@@ -18,7 +18,6 @@ Usage: `python -m train.tiny OUT_DIR --clip-bpe ../shared/data/clip_bpe_simple_v
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from captioning import build_clip_tokenizer_files
 from train import checkpoint_keys
 
 logger = logging.getLogger(__name__)
@@ -99,63 +99,9 @@ def _paths(root: Path) -> TinyModel:
     )
 
 
-def _write_clip_tokenizer_files(bpe_gz: Path, out_dir: Path) -> None:
-    """vocab.json and merges.txt for `CLIPTokenizer` from CLIP's `bpe_simple_vocab_16e6.txt.gz`.
-
-    Layout from OpenAI CLIP `simple_tokenizer.py`: byte symbols, the same with `</w>`, one token
-    per merge, then `<|startoftext|>` and `<|endoftext|>`.
-    """
-    try:
-        from captioning import build_clip_tokenizer_files
-
-        build_clip_tokenizer_files(bpe_gz, out_dir)
-        return
-    except ImportError:
-        pass
-    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_symbols = _bytes_to_unicode()
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
-    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable stand-ins for bytes used by GPT-2/CLIP BPE, in byte order."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def _write_tokenizer(bpe_gz: Path, out_dir: Path, pad_token: str) -> None:
     """A CLIPTokenizer folder; SDXL's tokenizer_2 pads with "!" (id 0), tokenizer with EOS."""
-    _write_clip_tokenizer_files(bpe_gz, out_dir)
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad_token,
-        "do_lower_case": True,
-        "errors": "replace",
-        "add_prefix_space": False,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), "utf-8")
-    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2), "utf-8")
+    build_clip_tokenizer_files(bpe_gz, out_dir, pad_token=pad_token)
 
 
 def _sdxl_config(component: str, filename: str = "config.json") -> dict:
