@@ -121,7 +121,9 @@ def test_webui_file_static_rules(lora_pipeline, tmp_path, preset):
         down = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
         up = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"]
         assert down.shape == (RANK, 32, 3, 3) and up.shape == (32, RANK, 1, 1)
-    assert tensors[next(iter(tensors))].dtype == torch.float16  # default file dtype
+    # weights in the default file dtype; alpha stays fp32 so non-integer alphas are exact
+    assert {v.dtype for k, v in tensors.items() if k.endswith("weight")} == {torch.float16}
+    assert {v.dtype for k, v in tensors.items() if k.endswith("alpha")} == {torch.float32}
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()

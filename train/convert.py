@@ -246,7 +246,7 @@ def write_webui(
             name = kohya_module_name(component, module)
             tensors[f"{name}.lora_down.weight"] = _cast(weight.down, dtype)
             tensors[f"{name}.lora_up.weight"] = _cast(weight.up, dtype)
-            tensors[f"{name}.alpha"] = torch.tensor(weight.alpha, dtype=dtype or weight.down.dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(weight.alpha, dtype=torch.float32)
     all_modules = [m for modules in lora.weights.values() for m in modules.values()]
     metadata = webui_metadata(
         rank=int(_most_common(m.rank for m in all_modules)),

@@ -94,8 +94,10 @@ def kohya_state_dict(
         up = module.lora_B["default"].weight.detach()  # (out, r) or (out, r, 1, 1)
         out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        # The configured alpha, not r: the loaders scale by alpha / r.
-        out[f"{name}.alpha"] = torch.tensor(float(module.lora_alpha["default"]), dtype=dtype)
+        # The configured alpha, not r (loaders scale by alpha / r); fp32 so e.g. 0.3 stays 0.3.
+        out[f"{name}.alpha"] = torch.tensor(
+            float(module.lora_alpha["default"]), dtype=torch.float32
+        )
     return out
 
 
