@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from captioning import Captioner, Category, TagDatabase, TokenCounter, load_profile  # noqa: E402
-from captioning.readers import parse_danbooru_line  # noqa: E402
+from captioning import Captioner, Category, TagDatabase, TokenCounter, load_profile
+from captioning.readers import parse_danbooru_line
 
 SHARED = REPO.parent / "shared" / "data"
 TARGET_POSTS_PER_S = 8_400_000 / 300

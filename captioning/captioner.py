@@ -238,7 +238,7 @@ class Captioner:
         placed = [i for i in infos if i.key >= 0]
         given: dict[str, list[TagInfo]] = {}
         if len(placed) != len(infos):
-            given = self._set_aside(infos, warnings)
+            given = self._set_aside(infos)
         if len(set(map(_name, placed))) != len(placed):
             placed = list({i.name: i for i in reversed(placed)}.values())[::-1]  # first of each name
 
@@ -289,13 +289,12 @@ class Captioner:
             quality_tag=result_words["quality"][0] if result_words["quality"] else None,
         )
 
-    def _set_aside(self, infos: list[TagInfo], warnings: list[str]) -> dict[str, list[TagInfo]]:
-        """Special words among the input tags, by slot; warnings for notable drops."""
+    def _set_aside(self, infos: list[TagInfo]) -> dict[str, list[TagInfo]]:
+        """Special words (rating, year, quality, score) among the input tags, by slot."""
         given: dict[str, list[TagInfo]] = defaultdict(list)
         for info in infos:
-            if info.key == SPECIAL:
-                if info not in given[info.slot]:
-                    given[info.slot].append(info)
+            if info.key == SPECIAL and info not in given[info.slot]:
+                given[info.slot].append(info)
         return given
 
     def _rating(self, rating: str | None, given, warnings: list[str]) -> str | None:
