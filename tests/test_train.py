@@ -181,3 +181,16 @@ def test_bf16_weights_autocast_and_gradient_checkpointing(tiny_model, dataset, t
     weights = _lora(tmp_path / "run")
     assert all(v.dtype == torch.float32 for v in weights.values())
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_dora_run_exports_the_diffusers_folder_only(tiny_model, dataset, tmp_path):
+    """The WebUI writer refuses DoRA (loaders disagree on it); the run must still finish and export."""
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run", lora={"dora": True},
+                          train={"max_steps": 1, "gradient_accumulation_steps": 1}, output={"save_every_n_steps": 1})
+    result = run(train_command(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "only the diffusers-format LoRA is exported" in result.stderr
+    assert not (tmp_path / "run" / "test_lora.safetensors").exists()
+    weights = load_file(str(tmp_path / "run" / "diffusers" / "pytorch_lora_weights.safetensors"))
+    assert any("lora_magnitude_vector" in key for key in weights)

@@ -218,9 +218,14 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
             comment=f"animagine-lora, preset {lora.preset}", base_model=source,
             prediction_type=base.prediction_type, conv=lora.preset == "attn-mlp-conv",
             extra={"ss_steps": step, "ss_num_train_images": len(rows)})
-        save_webui_lora(Path(folder) / f"{output.name}.safetensors", unet=unet, metadata=metadata, **encoders)
+        # The WebUI loaders disagree on DoRA's magnitude axis and diffusers drops it on load, so
+        # a DoRA run gets the diffusers folder only (train.export refuses a WebUI DoRA file).
+        if not lora.dora:
+            save_webui_lora(Path(folder) / f"{output.name}.safetensors", unet=unet, metadata=metadata, **encoders)
         save_diffusers_lora(Path(folder) / "diffusers", unet=unet, **encoders)
 
+    if lora.dora:
+        logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
     return export
 
 
