@@ -26,6 +26,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/caption_speed.py
+	$(BIN)/python bench/prep_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,10 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
