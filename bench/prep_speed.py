@@ -2,7 +2,7 @@
 
 Builds a synthetic folder of JPEG and PNG files of mixed sizes (noise + gradients, so the codecs
 do real work), then times, in images/s:
-  decode   `train.images.load_rgb` alone, one process: the floor prep cannot beat per core
+  decode   `captioning.images.load_rgb` alone, one process: the floor prep cannot beat per core
   validate the parallel validation stage (decode + sha256 + checks) with 1 and N workers
   prep     the whole `prepare()` (listing, validation, captions with the tag database and CLIP
            token counter from ../shared/data when present, buckets, Arrow write, report)
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.images import load_rgb
+from captioning.images import load_rgb
 from train.prep.pipeline import RunOptions, load_caption_tools, prepare
 from train.prep.recipe import parse_recipe
 from train.prep.validate import ValidateOptions, validate_many

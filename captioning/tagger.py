@@ -183,8 +183,8 @@ class WDTagger:
         return [self.to_post(p, image_id, image_id) for p, image_id in zip(probabilities, ids)]
 
     def tag_files(self, paths: Sequence[str | Path]) -> list[Post]:
-        """Tag image files (opened like the trainer opens them: `train.images.load_rgb`)."""
-        from train.images import load_rgb  # the one image decoder shared by every stage
+        """Tag image files (opened like the trainer opens them: `captioning.images.load_rgb`)."""
+        from captioning.images import load_rgb  # the one image decoder shared by every stage
 
         posts = []
         for start in range(0, len(paths), self.batch_size):

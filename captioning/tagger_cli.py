@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from captioning import Captioner, load_profile
     from captioning.tagger import WDTagger
-    from train.images import load_rgb
+    from captioning.images import load_rgb
 
     folder, out = Path(args.folder).resolve(), Path(args.out).resolve()
     if not folder.is_dir():

@@ -1,4 +1,4 @@
-"""train.images.load_rgb: orientation, mode conversions, alpha on white."""
+"""captioning.images.load_rgb: orientation, mode conversions, alpha on white."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.images import load_rgb
+from captioning.images import load_rgb
 
 
 def _save(image: Image.Image, path, **kwargs):

@@ -137,7 +137,7 @@ def _build_plan(args, prompts, heads, device, problems) -> tuple:
     if prompts and args.clip:
         from train.clip_score import ClipScorer
         from train.data import load_rows
-        from train.images import load_rgb
+        from captioning.images import load_rgb
 
         references = [load_rgb(r["image_path"]) for r in load_rows(args.dataset)[:32]] if args.dataset else []
         plan.clip = ClipScorer(args.clip, references, device=device)

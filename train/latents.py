@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from train.images import load_rgb
+from captioning.images import load_rgb
 
 logger = logging.getLogger(__name__)
 

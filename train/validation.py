@@ -72,7 +72,7 @@ def folder_sources(folder: str | Path, scale: float = 1.0) -> list[tuple[str, st
         FileNotFoundError: the folder does not exist.
         ValueError: it holds no images.
     """
-    from train.images import load_rgb
+    from captioning.images import load_rgb
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -2,7 +2,7 @@
 
 Truncated files fail here, not in epoch 3. Each image is opened from its bytes (hashed with
 sha256 on the way), loaded completely, oriented and converted to RGB exactly as the trainer will
-(`train.images.to_rgb`), checked against the minimum side and Pillow's decompression-bomb limit.
+(`captioning.images.to_rgb`), checked against the minimum side and Pillow's decompression-bomb limit.
 Workers return small `ImageInfo` results or a reason string; no exception escapes a worker.
 """
 
@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from train.images import to_rgb
+from captioning.images import to_rgb
 
 T = TypeVar("T")
 R = TypeVar("R")

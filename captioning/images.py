@@ -1,0 +1,65 @@
+"""Decode any image file into the RGB picture the model sees.
+
+Shared by dataset prep (validation), the WD tagger and the trainer's latent cache, so every stage
+agrees on orientation and colour: EXIF orientation applied, palette/CMYK/16-bit/greyscale converted
+to 8-bit RGB, transparency composited onto white (what the WD taggers were trained on and what
+Animagine's dataset builder does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+WHITE = (255, 255, 255)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """High-bit-depth single-channel modes ("I;16", "I", "F") scaled into 8-bit "L".
+
+    Pillow's own `convert("L")` clips 16-bit values at 255 instead of scaling them, which turns
+    most 16-bit greyscale PNGs white.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    if image.mode == "F" and array.max(initial=0) <= 1.0:
+        peak = 1.0
+    scaled = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB: orientation applied, alpha composited on white."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _to_8bit(image)
+    if image.mode == "P":
+        # A palette may carry transparency (tRNS): expand it to RGBA so it is composited below.
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA", "RGBa") or (
+        image.mode == "L" and "transparency" in image.info
+    ):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, WHITE)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode != "RGB":
+        # CMYK, YCbCr, LAB, L, 1: Pillow's conversions are correct for these.
+        image = image.convert("RGB")
+    return image
+
+
+def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
+    """Open `path` fully and return it as RGB (see module docstring).
+
+    Raises:
+        OSError / PIL.UnidentifiedImageError: unreadable, truncated or not an image.
+        PIL.Image.DecompressionBombError: more pixels than `Image.MAX_IMAGE_PIXELS` allows.
+    """
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
