@@ -90,6 +90,14 @@ class TrainConfig(_Section):
         return self
 
 
+class SpeedConfig(_Section):
+    """Speed switches, applied by `train.speed.apply_speed_settings` (the defaults change no maths)."""
+
+    sdpa: bool = True  # diffusers' AttnProcessor2_0 (scaled_dot_product_attention) everywhere
+    channels_last: bool = False  # NHWC UNet weights: faster convolutions on CUDA tensor cores
+    compile: Literal["none", "regional", "full"] = "none"  # torch.compile: per transformer block or whole UNet
+
+
 class OutputConfig(_Section):
     dir: str
     name: str = "lora"  # file stem of the exported LoRA
@@ -108,6 +116,7 @@ class Config(_Section):
     train: TrainConfig
     output: OutputConfig
     sample: SampleConfig = SampleConfig()  # sample grids during training (train.sample_hook)
+    speed: SpeedConfig = SpeedConfig()  # UNet speed switches (train.speed)
 
 
 # Fields holding filesystem paths, resolved against the config file's folder.

@@ -36,6 +36,7 @@ from train.latents import LatentCache, cache_latents, row_geometry
 from train.optim import build_lr_scheduler, build_optimizer
 from train.sample_hook import should_sample
 from train.sampler import Batch, BucketBatchSampler
+from train.speed import apply_speed_settings
 from train.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,8 @@ def setup(config: Config, state: TrainState) -> Components:
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
     param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing)
+    # After the adapters (a compiled region must contain the LoRA branches), before DDP wraps the UNet.
+    apply_speed_settings(base.unet, config.speed)
     # Latents are cached here, before training, so the VAE is used only now.
     data = build_data(config.data, base, accelerator)
     sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)

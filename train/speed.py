@@ -1,0 +1,79 @@
+"""Speed switches for the training UNet, applied once in setup by `apply_speed_settings`.
+
+Each switch leaves the maths unchanged (tests/test_speed.py checks loss and LoRA gradients against
+the untouched model); what it changes is how the work reaches the hardware. The measured effect
+of each on an H100 is in docs/performance.md; bench/train_step.py measures them here.
+
+- `sdpa`: every attention layer uses diffusers' `AttnProcessor2_0`, i.e.
+  `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
+  It is diffusers' default; the switch asserts it and restores it if something replaced it.
+- `channels_last`: the UNet's 4-D weights in NHWC layout, the layout cuDNN's tensor-core
+  convolutions want (PyTorch's "Channels Last Memory Format" tutorial). On CPU it rarely helps.
+- `compile`: `torch.compile` in place (the module stays a `UNet2DConditionModel`, so PEFT state
+  dicts, export and accelerate see the same names).
+  "regional" compiles each repeated `BasicTransformerBlock` (diffusers' `compile_repeated_blocks`,
+  the blocks listed in `UNet2DConditionModel._repeated_blocks`): the LoRA layers of attention and
+  feed-forward sit inside the compiled region, warm-up is one block's compile, not the UNet's.
+  "full" compiles the whole UNet's forward (longest warm-up, most fusion).
+
+Applied after the adapters are attached (the compiled graphs must contain the LoRA branches) and
+before `accelerator.prepare` (DDP wraps the compiled module).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+logger = logging.getLogger(__name__)
+
+CompileMode = Literal["none", "regional", "full"]
+COMPILE_MODES: tuple[str, ...] = ("none", "regional", "full")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The switches; the defaults are the settings the equality tests pass with on every device.
+
+    `train.config.SpeedConfig` (the `[speed]` TOML table) has the same fields and can be passed
+    to `apply_speed_settings` directly.
+    """
+
+    sdpa: bool = True
+    channels_last: bool = False
+    compile: CompileMode = "none"
+
+
+def ensure_sdpa(unet) -> int:
+    """Make every attention processor `AttnProcessor2_0`; returns how many had to be replaced."""
+    processors = unet.attn_processors  # {"down_blocks.1.attentions.0...processor": processor}
+    other = [name for name, proc in processors.items() if not isinstance(proc, AttnProcessor2_0)]
+    if other:
+        logger.info("speed.sdpa: replacing %d attention processors (e.g. %s) with AttnProcessor2_0",
+                    len(other), other[0])
+        unet.set_attn_processor(AttnProcessor2_0())
+    return len(other)
+
+
+def apply_speed_settings(unet, settings) -> None:
+    """Apply `settings` (a `SpeedSettings` or `SpeedConfig`) to `unet` in place.
+
+    Raises:
+        ValueError: an unknown `compile` mode.
+    """
+    if settings.compile not in COMPILE_MODES:
+        raise ValueError(f"speed.compile: {settings.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    if settings.sdpa:
+        ensure_sdpa(unet)
+    if settings.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if settings.compile == "regional":
+        unet.compile_repeated_blocks()
+    elif settings.compile == "full":
+        unet.compile()
+    logger.info("speed settings: sdpa=%s channels_last=%s compile=%s",
+                settings.sdpa, settings.channels_last, settings.compile)
