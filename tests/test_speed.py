@@ -1,8 +1,10 @@
 """Every speed switch keeps the training maths: same loss and LoRA gradients as the plain UNet.
 
 On CPU in float32 the tolerance is rtol 1e-4 (plus a small atol for gradients near zero). On a
-CUDA GPU in bf16 the same comparison needs rtol ~2e-2: kernels that fuse or reorder bf16
-reductions (compile, channels_last convolutions, flash attention) round differently.
+CUDA GPU in bf16 (`test_switches_on_cuda_bf16`, not yet run: no GPU in the development session)
+the bound is a whole-tensor relative error below 2e-2 for loss and each LoRA gradient: kernels
+that fuse or reorder bf16 reductions (compile, channels_last convolutions, flash attention) round
+differently, so element-wise rtol fails on entries near zero.
 
 Compile tests take longer than 20 s on 2 CPU cores (inductor builds C++ kernels), so they run
 only with RUN_SLOW=1.
@@ -148,3 +150,36 @@ def test_regional_compile_with_gradient_checkpointing(reference):
     unet = _unet(gradient_checkpointing=True)
     apply_speed_settings(unet, SpeedSettings(compile="regional", channels_last=True))
     _assert_same(reference, _loss_and_grads(unet))
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / a.float().norm())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("settings", [SpeedSettings(channels_last=True), SpeedSettings(compile="regional")],
+                         ids=["channels_last", "compile-regional"])
+def test_switches_on_cuda_bf16(settings):
+    """bf16 on CUDA: whole-tensor relative error below 2e-2 (element-wise rtol fails near zero).
+
+    Not run in the development session (no GPU was lent); run it with a CUDA device.
+    """
+    torch._dynamo.reset()
+    results = []
+    for speed in (SpeedSettings(), settings):
+        unet = _unet().to("cuda", torch.bfloat16)
+        for param in unet.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        apply_speed_settings(unet, speed)
+        batch, (embeds, pooled) = _batch(), _text(["a", "b"])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_step(unet, batch, lambda _: (embeds.cuda().bfloat16(), pooled.cuda().bfloat16()),
+                             LossSettings("epsilon", 0.0, None, 0, 1000), torch.linspace(0.999, 0.01, 1000),
+                             torch.Generator().manual_seed(4), torch.device("cuda"), torch.bfloat16)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(float(loss_b - loss_a)) <= 2e-2 * abs(float(loss_a))
+    for name in grads_a:
+        assert _relative_error(grads_a[name], grads_b[name]) < 2e-2, name
