@@ -56,8 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from train import tiny
 from train.data import TrainBatch
-from train.lora import TARGET_PRESETS, add_unet_lora
 from train.loop import LossSettings, loss_step
+from train.lora import TARGET_PRESETS, add_unet_lora
 from train.optim import build_optimizer
 from train.speed import SpeedSettings, apply_speed_settings
 
@@ -273,6 +273,13 @@ def measure(setup: Setup, case: Case, state: dict, inputs: dict, *, steps: int, 
     }
 
 
+def out_of_memory(case: Case) -> dict:
+    """The row of a configuration that did not fit: every number None."""
+    numbers = ("step_s_median", "step_s_min", "images_per_s", "first_step_s", "tflop_per_step",
+               "achieved_tflops", "peak_memory_gib")
+    return {**asdict(case), "name": case.name + " (out of memory)", **dict.fromkeys(numbers)}
+
+
 def cases(*, sdxl: bool, quick: bool) -> list[Case]:
     """Every configuration to measure, each workload's reference first."""
     rank = 32 if sdxl else 4
@@ -302,7 +309,7 @@ def add_ratios(results: list[dict], peak_tflops: float) -> None:
                  for r in results if r["path"] == "reference"}
     for r in results:
         ref = reference.get((r["preset"], r["rank"], r["batch"], r["gradient_checkpointing"]))
-        r["speedup_vs_reference"] = r["images_per_s"] / ref if ref else None
+        r["speedup_vs_reference"] = r["images_per_s"] / ref if ref and r["images_per_s"] else None
         r["share_of_peak"] = r["achieved_tflops"] / peak_tflops if r["achieved_tflops"] else None
 
 
@@ -323,7 +330,8 @@ def print_table(report: dict) -> None:
         return "n/a" if value is None else format(value, spec)
 
     for r in report["results"]:
-        table.add_row(r["name"], fmt(r["images_per_s"], ".3g"), fmt(r["step_s_median"] * 1e3, ".1f"),
+        step_ms = r["step_s_median"] and r["step_s_median"] * 1e3
+        table.add_row(r["name"], fmt(r["images_per_s"], ".3g"), fmt(step_ms, ".1f"),
                       fmt(r["first_step_s"], ".2f"), fmt(r["tflop_per_step"] and r["tflop_per_step"] * scale, ".3g"),
                       fmt(r["achieved_tflops"] and r["achieved_tflops"] * scale, ".3g"),
                       fmt(r["share_of_peak"] and 100 * r["share_of_peak"], ".1f"),
@@ -367,10 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases(sdxl=sdxl, quick=args.quick):
         batch_inputs = inputs if case.batch == 1 else random_inputs(setup, case.batch)
-        results.append(measure(setup, case, state, batch_inputs, steps=steps, warmup=warmup, flops=flops))
+        try:
+            results.append(measure(setup, case, state, batch_inputs, steps=steps, warmup=warmup, flops=flops))
+        except torch.cuda.OutOfMemoryError:
+            # One configuration too large for this GPU must not cost the rest of the sweep.
+            logger.warning("%s: out of memory, skipped", case.name)
+            gc.collect()
+            torch.cuda.empty_cache()
+            results.append(out_of_memory(case))
     for r in results:  # compiled cases: the FLOPs of the same workload measured uncompiled
-        if r["tflop_per_step"] is None and (r["preset"], r["rank"], r["batch"], r["gradient_checkpointing"]) in flops:
-            total = flops[(r["preset"], r["rank"], r["batch"], r["gradient_checkpointing"])]
+        workload = (r["preset"], r["rank"], r["batch"], r["gradient_checkpointing"])
+        if r["tflop_per_step"] is None and r["step_s_median"] and workload in flops:
+            total = flops[workload]
             r["tflop_per_step"], r["achieved_tflops"] = total / 1e12, total / r["step_s_median"] / 1e12
     add_ratios(results, peak)
 

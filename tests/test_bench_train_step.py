@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -18,7 +19,7 @@ def test_quick_tiny_bench_writes_positive_numbers(tmp_path):
     out = tmp_path / "train_step.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--tiny", "--quick",
                            "--steps", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images/s" in done.stdout  # the table
     report = json.loads(out.read_text("utf-8"))
@@ -36,3 +37,22 @@ def test_quick_tiny_bench_writes_positive_numbers(tmp_path):
     # Same workload, same FLOPs: the project path does the reference's maths.
     assert len({r["tflop_per_step"] for r in results}) == 1
     assert results[0]["speedup_vs_reference"] == 1.0
+
+
+def test_out_of_memory_rows_keep_the_table_and_ratios_working(capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    reference = bench.Case("reference", "attn", 4, 8, False)
+    ok = {**bench.asdict(reference), "name": reference.name, "step_s_median": 0.5, "step_s_min": 0.4,
+          "images_per_s": 16.0, "first_step_s": 1.0, "tflop_per_step": 2.0, "achieved_tflops": 4.0,
+          "peak_memory_gib": 10.0}
+    oom = bench.out_of_memory(bench.replace(reference, path="project", compile="full"))
+    results = [ok, oom]
+    bench.add_ratios(results, peak_tflops=8.0)
+    assert ok["speedup_vs_reference"] == 1.0 and ok["share_of_peak"] == 0.5
+    assert oom["speedup_vs_reference"] is None and oom["images_per_s"] is None
+    bench.print_table({"unet": "sdxl", "latent": 128, "device": "test", "matmul_peak_tflops": 8.0,
+                       "matmul_dtype": "bf16", "results": results})
+    assert "out of memory" in capsys.readouterr().out

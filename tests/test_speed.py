@@ -22,8 +22,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from train import tiny
 from train.config import ConfigError, parse_config
 from train.data import TrainBatch
-from train.lora import add_unet_lora, lora_modules
 from train.loop import LossSettings, loss_step
+from train.lora import add_unet_lora, lora_modules
 from train.speed import SpeedSettings, apply_speed_settings, ensure_sdpa
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -172,9 +172,9 @@ def test_switches_on_cuda_bf16(settings):
             if param.requires_grad:
                 param.data = param.data.float()
         apply_speed_settings(unet, speed)
-        batch, (embeds, pooled) = _batch(), _text(["a", "b"])
+        text = tuple(t.cuda().bfloat16() for t in _text(["a", "b"]))
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_step(unet, batch, lambda _: (embeds.cuda().bfloat16(), pooled.cuda().bfloat16()),
+            loss = loss_step(unet, _batch(), lambda _, out=text: out,
                              LossSettings("epsilon", 0.0, None, 0, 1000), torch.linspace(0.999, 0.01, 1000),
                              torch.Generator().manual_seed(4), torch.device("cuda"), torch.bfloat16)
         loss.backward()
