@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from captioning import Captioner, load_profile
-    from captioning.tagger import WDTagger
     from captioning.images import load_rgb
+    from captioning.tagger import WDTagger
 
     folder, out = Path(args.folder).resolve(), Path(args.out).resolve()
     if not folder.is_dir():

@@ -135,9 +135,9 @@ def _build_plan(args, prompts, heads, device, problems) -> tuple:
         plan.tagger = WDTagger.load(args.tagger)
         plan.targets = tag_targets(plan.tagger, prompts, character_tags(heads), args.negative)
     if prompts and args.clip:
+        from captioning.images import load_rgb
         from train.clip_score import ClipScorer
         from train.data import load_rows
-        from captioning.images import load_rgb
 
         references = [load_rgb(r["image_path"]) for r in load_rows(args.dataset)[:32]] if args.dataset else []
         plan.clip = ClipScorer(args.clip, references, device=device)

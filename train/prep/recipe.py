@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
