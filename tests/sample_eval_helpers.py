@@ -86,44 +86,6 @@ TAGGER_LABELS = [
 ]
 
 
-def build_tiny_tagger(folder: Path) -> Path:
-    """A WD v3-shaped ONNX tagger (NHWC 32x32 input, sigmoid outputs) over `TAGGER_LABELS`.
-
-    Like tests/test_tagger.py's model: logits are linear in the per-channel means, so different
-    images get different tags and the tests exercise the real onnxruntime path.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    folder.mkdir(parents=True, exist_ok=True)
-    side = 32
-    weights = np.array([w for _, _, w, _ in TAGGER_LABELS], dtype=np.float32).T  # (3, n_tags)
-    bias = np.array([b for *_, b in TAGGER_LABELS], dtype=np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input"], ["means"], axes=[1, 2], keepdims=0),  # (N, 3)
-            helper.make_node("Div", ["means", "scale"], ["unit"]),
-            helper.make_node("MatMul", ["unit", "weights"], ["logits"]),
-            helper.make_node("Add", ["logits", "bias"], ["z"]),
-            helper.make_node("Sigmoid", ["z"], ["output"]),  # (N, n_tags)
-        ],
-        "tiny_wd",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", side, side, 3])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(TAGGER_LABELS)])],
-        initializer=[
-            helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
-            helper.make_tensor("weights", TensorProto.FLOAT, weights.shape, weights.flatten().tolist()),
-            helper.make_tensor("bias", TensorProto.FLOAT, bias.shape, bias.tolist()),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, folder / "model.onnx")
-    rows = ["tag_id,name,category,count"] + [f"{i},{n},{c},100" for i, (n, c, _, _) in enumerate(TAGGER_LABELS)]
-    (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return folder
-
-
 def build_tiny_clip(folder: Path, clip_bpe: Path) -> Path:
     """A tiny transformers CLIPModel + CLIPProcessor folder (32 px images, the real BPE vocabulary)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer

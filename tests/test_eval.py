@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from sample_eval_helpers import (
+    TAGGER_LABELS,
     build_tiny_clip,
-    build_tiny_tagger,
     lora_model,
     make_dataset,
     write_lora,
 )
+from tagger_helpers import build_tiny_tagger
 
 from train.cli import main
 from train.evaluate import (
@@ -51,7 +52,7 @@ def prepped(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory):
-    return build_tiny_tagger(tmp_path_factory.mktemp("tagger"))
+    return build_tiny_tagger(tmp_path_factory.mktemp("tagger"), TAGGER_LABELS)
 
 
 def _eval(tiny_model, run_dir, prepped, tagger_dir, out, *extra):

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper
+pytest.importorskip("onnx")
+from tagger_helpers import TAGGER_SIDE as SIDE
+from tagger_helpers import build_tiny_tagger
 
 from captioning import Category
 from captioning.tagger import WDTagger, read_labels
 
-SIDE = 32
 # name, WD category, weights on (B, G, R) channel means in [0, 1], bias
 LABELS = [
     ("general", 9, (0, 0, 0), 0.3),
@@ -36,35 +36,8 @@ LABELS = [
 
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("wd_tagger")
-    weights = np.array([w for _, _, w, _ in LABELS], dtype=np.float32).T  # (3, n_tags)
-    bias = np.array([b for *_, b in LABELS], dtype=np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["input"], ["means"], axes=[1, 2], keepdims=0),  # (N, 3)
-            helper.make_node("Div", ["means", "scale"], ["unit"]),
-            helper.make_node("MatMul", ["unit", "weights"], ["logits"]),
-            helper.make_node("Add", ["logits", "bias"], ["output"]),  # (N, n_tags)
-        ],
-        "tiny_wd",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", SIDE, SIDE, 3])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(LABELS)])],
-        initializer=[
-            helper.make_tensor("scale", TensorProto.FLOAT, [], [255.0]),
-            helper.make_tensor(
-                "weights", TensorProto.FLOAT, weights.shape, weights.flatten().tolist()
-            ),
-            helper.make_tensor("bias", TensorProto.FLOAT, bias.shape, bias.tolist()),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, folder / "model.onnx")
-    rows = ["tag_id,name,category,count"] + [
-        f"{i},{n},{c},100" for i, (n, c, _, _) in enumerate(LABELS)
-    ]
-    (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return folder
+    # Raw linear outputs (no sigmoid): the expected values below are the linear functions themselves.
+    return build_tiny_tagger(tmp_path_factory.mktemp("wd_tagger"), LABELS, sigmoid=False)
 
 
 def test_input_size_read_from_model(tagger_dir):
