@@ -34,13 +34,9 @@ class Caption:
 
     def sd_scripts(self) -> str:
         """`head, ||| body, ||| tail` for sd-scripts' `keep_tokens_separator="|||"`."""
-        parts = [", ".join(self.head), ", ".join(self.body), ", ".join(self.tail)]
-        text = ""
-        for i, part in enumerate(parts):
-            text += part
-            if i < 2:
-                text += (", " if part else "") + KEEP_TOKENS_SEPARATOR + " "
-        return text.rstrip()
+        head, body, tail = ", ".join(self.head), ", ".join(self.body), ", ".join(self.tail)
+        sep = KEEP_TOKENS_SEPARATOR
+        return f"{head}{', ' if head else ''}{sep} {body}{', ' if body else ''}{sep} {tail}".rstrip()
 
     def shuffled(self, rng: random.Random) -> Caption:
         """The body in a random order, head and tail fixed (caption shuffling in training)."""

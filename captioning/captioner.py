@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime
 from operator import attrgetter
+from typing import NamedTuple
 
 from captioning.caption import Caption, CaptionResult
 from captioning.post import RATINGS, Post
@@ -44,6 +45,7 @@ _by_key = attrgetter("key")
 _name = attrgetter("name")
 _display = attrgetter("display")
 _comma_cost = attrgetter("comma_cost")
+_ADDED_CACHE_SIZE = 100_000
 
 
 class TagInfo:
@@ -67,6 +69,17 @@ class TagInfo:
         return f"TagInfo({self.name!r}, slot={self.slot!r}, key={self.key})"
 
 
+class _Added(NamedTuple):
+    """What the captioner adds to a post from its metadata, and what it has to say about it."""
+
+    infos: tuple[TagInfo, ...]  # rating, year, quality and score tags, in their profile slots
+    warnings: tuple[str, ...]
+    rating: str | None
+    year: int | None  # the year a year tag was made from
+    score_tag: str | None
+    quality_tag: str | None
+
+
 class Captioner:
     """Applies a Profile to posts; see `caption` and `caption_tags`."""
 
@@ -83,6 +96,7 @@ class Captioner:
         self._tail_start = (len(profile.head) + len(profile.body)) * _SLOT_STRIDE
         self._caches: dict[Category | None, dict[str, TagInfo]] = defaultdict(dict)
         self._specials: dict[tuple[str, str], TagInfo] = {}
+        self._added_cache: dict[tuple, _Added] = {}  # (rating, year, score) -> what caption() adds
         self._uncosted: list[TagInfo] = []
         self._people = {t: i for i, t in enumerate(profile.people_tags)}
         self._resolution = {t: i for i, t in enumerate(profile.resolution_tags)}
@@ -234,32 +248,26 @@ class Captioner:
             raws = [(raw, c) for c, names in post.tags.items() for raw in names]
             raws += [(raw, None) for raw in post.uncategorised]
             infos = [info or self.classify(*raw) for info, raw in zip(infos, raws, strict=True)]
-        warnings: list[str] = []
         placed = [i for i in infos if i.key >= 0]
-        given: dict[str, list[TagInfo]] = {}
-        if len(placed) != len(infos):
-            given = self._set_aside(infos)
-        if len(set(map(_name, placed))) != len(placed):
-            placed = list({i.name: i for i in reversed(placed)}.values())[::-1]  # first of each name
-
-        rating = self._rating(post.rating, given.get("rating", ()), warnings)
         year = post.created_at.year if post.created_at is not None else None
-        words = {
-            "rating": self.profile.rating_words[rating] if rating else (),
-            "year": self._year_tags(year, given.get("year", ()), warnings),
-            "quality": self._band_tags("quality", post.score, rating, given.get("quality", ()),
-                                       self.profile.quality_bands, self.profile.quality_missing, warnings),
-            "score": self._band_tags("score", post.score, rating, given.get("score", ()),
-                                     self.profile.score_bands, self.profile.score_missing, warnings),
-        }
-        names = {i.name for i in placed}
-        for slot, slot_words in words.items():
-            if slot in self._position:
-                for rank, word in enumerate(slot_words):
-                    special = self._special(slot, word, rank)
-                    if special.name not in names:  # a special word that is also a real input tag
-                        placed.append(special)
-                        names.add(special.name)
+        if len(placed) == len(infos):
+            # The usual post: nothing given among its tags, so what the captioner adds depends on
+            # (rating, year, score) only, a few thousand combinations in a whole dump.
+            key = (post.rating, year, post.score)
+            added = self._added_cache.get(key)
+            if added is None:
+                if len(self._added_cache) >= _ADDED_CACHE_SIZE:
+                    self._added_cache.clear()
+                added = self._added_cache[key] = self._added(post.rating, year, post.score, {})
+        else:
+            added = self._added(post.rating, year, post.score, self._set_aside(infos))
+        names = set(map(_name, placed))
+        if len(names) != len(placed):
+            placed = list({i.name: i for i in reversed(placed)}.values())[::-1]  # first of each name
+        for special in added.infos:
+            if special.name not in names:  # a special word that is also a real input tag
+                placed.append(special)
+                names.add(special.name)
         placed.sort(key=_by_key)
         if self._uncosted:
             self._learn_costs()
@@ -267,7 +275,7 @@ class Captioner:
         keys = list(map(_by_key, placed))
         body_start = bisect_left(keys, self._body_start)
         tail_start = bisect_left(keys, self._tail_start)
-        tokens, cut, dropped = -1, False, []
+        tokens, cut, dropped, warnings = -1, False, [], list(added.warnings)
         if self.token_counter is not None and placed:
             tokens = sum(map(_comma_cost, placed)) - placed[-1].comma_cost + placed[-1].alone_cost
             if 0 < self.max_tokens < tokens:
@@ -279,15 +287,33 @@ class Captioner:
         elif self.token_counter is not None:
             tokens = 0
         shown = list(map(_display, placed))
-        result_words = {slot: [w for w in ws if slot in self._position] for slot, ws in words.items()}
         return CaptionResult(
             caption=Caption(tuple(shown[:body_start]), tuple(shown[body_start:tail_start]), tuple(shown[tail_start:])),
             tokens=tokens, cut=cut, unknown_tags=[i.name for i in placed if i.unknown],
-            warnings=warnings, dropped=dropped, rating=rating,
-            year=year if result_words["year"] else None,
-            score_tag=result_words["score"][0] if result_words["score"] else None,
-            quality_tag=result_words["quality"][0] if result_words["quality"] else None,
+            warnings=warnings, dropped=dropped, rating=added.rating, year=added.year,
+            score_tag=added.score_tag, quality_tag=added.quality_tag,
         )
+
+    def _added(self, rating: str | None, year: int | None, score: int | None,
+               given: dict[str, list[TagInfo]]) -> _Added:
+        """The rating, year, quality and score tags for a post's metadata and the special
+        words among its tags (`given`, by slot)."""
+        warnings: list[str] = []
+        rating = self._rating(rating, given.get("rating", ()), warnings)
+        profile = self.profile
+        words = {
+            "rating": profile.rating_words[rating] if rating else (),
+            "year": self._year_tags(year, given.get("year", ()), warnings),
+            "quality": self._band_tags("quality", score, rating, given.get("quality", ()),
+                                       profile.quality_bands, profile.quality_missing, warnings),
+            "score": self._band_tags("score", score, rating, given.get("score", ()),
+                                     profile.score_bands, profile.score_missing, warnings),
+        }
+        words = {slot: ws for slot, ws in words.items() if slot in self._position and ws}
+        infos = tuple(self._special(slot, word, rank) for slot, ws in words.items() for rank, word in enumerate(ws))
+        return _Added(infos, tuple(warnings), rating, year if "year" in words else None,
+                      words["score"][0] if "score" in words else None,
+                      words["quality"][0] if "quality" in words else None)
 
     def _set_aside(self, infos: list[TagInfo]) -> dict[str, list[TagInfo]]:
         """Special words (rating, year, quality, score) among the input tags, by slot."""
@@ -375,6 +401,7 @@ class Captioner:
         """
         self.percentiles = compute_percentiles(posts, self.profile.percentiles_used, min_posts,
                                                fallback=self.profile.percentile_table)
+        self._added_cache.clear()
         return self.percentiles
 
 

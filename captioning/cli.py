@@ -11,36 +11,25 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from itertools import islice
 from pathlib import Path
-from typing import NamedTuple
 
+from captioning import jsonio
 from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner
-from captioning.jsonio import dumps_line
+from captioning.chunks import ChunkResult, caption_chunks, image_groups, line_ranges
 from captioning.post import Post, Problem
 from captioning.profile import DEFAULT_PROFILE, ProfileError, load_profile
-from captioning.readers import (
-    parse_danbooru_line,
-    read_danbooru_json,
-    read_danbooru_jsonl,
-    read_tag_file,
-)
+from captioning.readers import read_danbooru_jsonl
 from captioning.summary import CaptionSummary
 from captioning.tag_db import TagDatabase, TagDatabaseError, fetch_tag_database
-from captioning.tags import escape_prompt
 from captioning.tokens import DEFAULT_TOKENIZER_REPO, TokenCounter, TokenizerError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".avif", ".tif", ".tiff"})
-CHUNK_LINES = 2000  # lines per worker task: large enough to amortise pickling, small for progress
-CHUNK_IMAGES = 200
 # Inputs this large (about 60k posts) pay for classifying the whole tag database up front,
 # once, in the parent: workers inherit the warm caches.
 WARM_UP_BYTES = 40 * 2**20
@@ -92,21 +81,22 @@ def _run(args: argparse.Namespace) -> int:
     captioner = build_captioner(args)
     summary = CaptionSummary()
     if args.input.is_dir():
-        chunks = _image_chunks(args.input)
+        chunks, source = image_groups(args.input), None
     else:
         if captioner.profile.percentile_source == "dataset" or args.percentiles == "dataset":
             _fit_percentiles(captioner, args.input)
-        chunks = _line_chunks(args.input)
+        chunks, source = line_ranges(args.input), args.input
         if args.input.stat().st_size >= WARM_UP_BYTES and captioner.tag_db is not None:
             started = time.perf_counter()
             count = captioner.warm_up()
             logger.info("classified %d database tags in %.1f s before captioning", count, time.perf_counter() - started)
-    records = _Accepted(summary, args.strict, args.max_messages).records(_results(chunks, captioner, args.workers))
+    results = caption_chunks(chunks, captioner, args.workers, source)
+    outputs = _Accepted(summary, args.strict, args.max_messages).outputs(results)
     try:
         if output_format == "jsonl":
-            _write_jsonl(records, args.output, summary)
+            _write_jsonl(outputs, args.output, summary)
         else:
-            _write_txt(records, args.output, args.txt_style, summary)
+            _write_txt(outputs, args.output, args.txt_style, summary)
     except _StrictStop as stop:
         logger.error("--strict: %s", stop.problem)
         return 2
@@ -200,124 +190,6 @@ def _fit_percentiles(captioner: Captioner, path: Path) -> None:
     logger.info("score percentiles from %s: %s", path, {r: {f"p{k}": round(v, 1) for k, v in c.items()} for r, c in cuts.items()})
 
 
-# ---- records -------------------------------------------------------------------------------------
-# Work is done in chunks (of JSON lines or images) so that --workers can spread it over processes:
-# a chunk becomes its items in input order (Problems, and a Record per captioned input) plus the
-# chunk's summary; the parent only checks duplicate ids and writes.
-
-_WORKER_CAPTIONER: Captioner | None = None  # set in the parent before forking the pool
-_PREPARE = True  # batch-classify each chunk's tags first while the caches are cold
-
-
-class Record(NamedTuple):
-    id: str
-    origin: str
-    line: bytes  # the JSON-lines output object
-    caption: str  # training form, for .txt output
-    sd_scripts: str
-    stats: tuple  # CaptionSummary.record_stats, to take a duplicate back out of the summary
-
-
-def _record(captioner: Captioner, post: Post, items: list, summary: CaptionSummary) -> None:
-    result = captioner.caption(post)
-    caption = result.caption
-    training = caption.training()
-    sd_scripts = caption.sd_scripts()
-    line = dumps_line({
-        "id": post.id, "caption": training, "prompt": escape_prompt(training), "sd_scripts": sd_scripts,
-        "head": caption.head, "body": caption.body, "tail": caption.tail, "tokens": result.tokens,
-        "cut": result.cut, "dropped": result.dropped, "unknown_tags": result.unknown_tags,
-    })
-    for warning in result.warnings:
-        problem = Problem(post.origin, warning, skipped=False)
-        items.append(problem)
-        summary.add_problem(problem)
-    stats = summary.add_record(result)
-    items.append(Record(post.id, post.origin, line, training, sd_scripts, stats))
-
-
-def _add_parsed(parsed: list, captioner: Captioner, items: list, summary: CaptionSummary) -> None:
-    """Items of one input record (reader output: warnings, then a Post; or a Problem)."""
-    summary.read += 1
-    post = None
-    for item in parsed:
-        if isinstance(item, Post):
-            post = item
-        else:
-            items.append(item)
-            summary.add_problem(item)
-    if post is not None:
-        _record(captioner, post, items, summary)
-    elif not any(p.skipped for p in parsed):
-        problem = Problem(parsed[0].origin if parsed else "?", "no record")
-        items.append(problem)
-        summary.add_problem(problem)
-
-
-def _caption_chunk(chunk: tuple) -> tuple[list, CaptionSummary]:
-    """Caption one chunk: ("lines", [(origin, bytes)]) or ("images", root, [image paths])."""
-    captioner = _WORKER_CAPTIONER
-    items: list = []
-    summary = CaptionSummary()
-    if chunk[0] == "lines":
-        global _PREPARE
-        parsed_lines = [parsed for origin, line in chunk[1] if (parsed := parse_danbooru_line(line, origin))]
-        if _PREPARE:
-            new_tags = captioner.prepare(item for parsed in parsed_lines for item in parsed if isinstance(item, Post))
-            # Once a chunk brings few new tags the caches are warm: the per-post path is cheaper.
-            _PREPARE = new_tags > len(parsed_lines) // 4
-        for parsed in parsed_lines:
-            _add_parsed(parsed, captioner, items, summary)
-    else:
-        root = chunk[1]
-        for image in chunk[2]:
-            _add_parsed(_read_image_sidecar(root, image), captioner, items, summary)
-    return items, summary
-
-
-def _read_image_sidecar(root: Path, image: Path) -> list:
-    image_id = image.relative_to(root).as_posix()
-    sidecar = _sidecar(image)
-    if sidecar is None:
-        return [Problem(str(image), "no sidecar (.json, .txt or .caption) beside the image")]
-    if sidecar.suffix == ".json":
-        return list(read_danbooru_json(sidecar, image_id))
-    return list(read_tag_file(sidecar, image_id))
-
-
-def _sidecar(image: Path) -> Path | None:
-    for candidate in (image.with_name(image.name + ".json"), image.with_suffix(".json"),
-                      image.with_suffix(".txt"), image.with_suffix(".caption")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _line_chunks(path: Path) -> Iterator[tuple]:
-    with path.open("rb") as f:
-        numbered = ((f"{path}:{n}", line) for n, line in enumerate(f, start=1))
-        while chunk := list(islice(numbered, CHUNK_LINES)):
-            yield ("lines", chunk)
-
-
-def _image_chunks(folder: Path) -> Iterator[tuple]:
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    for start in range(0, len(images), CHUNK_IMAGES):
-        yield ("images", folder, images[start:start + CHUNK_IMAGES])
-
-
-def _results(chunks: Iterator[tuple], captioner: Captioner, workers: int) -> Iterator[tuple[list, CaptionSummary]]:
-    global _WORKER_CAPTIONER, _PREPARE
-    _WORKER_CAPTIONER, _PREPARE = captioner, True
-    if workers <= 1:
-        yield from map(_caption_chunk, chunks)
-        return
-    # fork: workers inherit the loaded database, tokenizer and caches instead of reloading them.
-    context = multiprocessing.get_context("fork")
-    with context.Pool(workers) as pool:
-        yield from pool.imap(_caption_chunk, chunks)
-
-
 # ---- writers ------------------------------------------------------------------------------------
 
 class _StrictStop(Exception):
@@ -327,37 +199,42 @@ class _StrictStop(Exception):
 
 
 class _Accepted:
-    """Checks duplicate ids across chunks, logs problems (capped), merges the summaries."""
+    """Checks ids for duplicates across chunks, logs problems (capped), merges the summaries."""
 
     def __init__(self, summary: CaptionSummary, strict: bool, max_messages: int) -> None:
         self.summary, self.strict, self.max_messages = summary, strict, max_messages
         self.seen: set[str] = set()
         self.messages = 0
 
-    def records(self, results) -> Iterator[list[Record]]:
+    def outputs(self, results: Iterator[ChunkResult]) -> Iterator[bytes]:
+        """Each chunk's JSON lines, duplicates removed."""
         from tqdm import tqdm
 
         with tqdm(desc="captioning", unit=" records", disable=not sys.stderr.isatty()) as progress:
-            for items, chunk_summary in results:
-                self.summary.merge(chunk_summary)
-                progress.update(chunk_summary.read)
-                yield self._chunk(items)
+            for result in results:
+                self.summary.merge(result.summary)
+                progress.update(result.summary.read)
+                for problem in result.problems:
+                    self._report(problem)
+                yield self._unique(result)
 
-    def _chunk(self, items: list) -> list[Record]:
+    def _unique(self, result: ChunkResult) -> bytes:
+        fresh = set(result.ids)
+        if len(fresh) == len(result.ids) and self.seen.isdisjoint(fresh):  # the usual case, at C speed
+            self.seen |= fresh
+            return result.output
         kept = []
-        seen = self.seen
-        for item in items:
-            if type(item) is Record:
-                if item.id not in seen:
-                    seen.add(item.id)
-                    kept.append(item)
-                    continue
-                problem = Problem(item.origin, f"duplicate id {item.id!r} (first record kept)")
-                self.summary.remove_record(item.stats)
-                self.summary.add_problem(problem)
-                item = problem
-            self._report(item)
-        return kept
+        lines = result.output.split(b"\n")
+        for record_id, origin, line in zip(result.ids, result.origins, lines, strict=False):
+            if record_id not in self.seen:
+                self.seen.add(record_id)
+                kept.append(line + b"\n")
+                continue
+            self.summary.add_record(jsonio.loads(line), sign=-1)
+            problem = Problem(origin, f"duplicate id {record_id!r} (first record kept)")
+            self.summary.add_problem(problem)
+            self._report(problem)
+        return b"".join(kept)
 
     def _report(self, problem: Problem) -> None:
         if self.strict:
@@ -369,28 +246,30 @@ class _Accepted:
             logger.warning("more problems: counted in the summary only (--max-messages 0 shows all)")
 
 
-def _write_jsonl(records: Iterator[list[Record]], output: Path, summary: CaptionSummary) -> None:
+def _write_jsonl(outputs: Iterator[bytes], output: Path, summary: CaptionSummary) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in records:
-                f.write(b"".join(r.line for r in chunk))
-                summary.written += len(chunk)
+            for lines in outputs:
+                f.write(lines)
+                summary.written += lines.count(b"\n")
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _write_txt(records: Iterator[list[Record]], output: Path, style: str, summary: CaptionSummary) -> None:
+def _write_txt(outputs: Iterator[bytes], output: Path, style: str, summary: CaptionSummary) -> None:
     """One `.txt` per image, mirroring the input's sub-folders; each file written atomically."""
-    for chunk in records:
-        for record in chunk:
-            target = (output / record.id).with_suffix(".txt")
+    field = "sd_scripts" if style == "sd-scripts" else "caption"
+    for lines in outputs:
+        for line in lines.splitlines():
+            record = jsonio.loads(line)
+            target = (output / record["id"]).with_suffix(".txt")
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write((record.sd_scripts if style == "sd-scripts" else record.caption) + "\n")
+                f.write(record[field] + "\n")
             os.replace(tmp, target)
             summary.written += 1

@@ -6,7 +6,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from captioning.caption import CaptionResult
 from captioning.post import Problem
 
 # Reasons are grouped without their specifics ('x', 12) so the table shows kinds, not records.
@@ -41,30 +40,23 @@ class CaptionSummary:
         target = self.skipped if problem.skipped else self.warnings
         target[reason_kind(problem.reason)] += 1
 
-    def add_record(self, result: CaptionResult) -> tuple:
-        """Count one caption; returns its stats for `remove_record`."""
-        stats = (result.rating or "none", str(result.year) if result.year else "none",
-                 result.score_tag or "none", result.quality_tag or "none", result.cut,
-                 tuple(result.unknown_tags), max(result.tokens, 0))
-        self._apply(stats, 1)
-        self.tokens_max = max(self.tokens_max, result.tokens)
-        return stats
-
-    def remove_record(self, stats: tuple) -> None:
-        """Take a record back out (a duplicate found after captioning)."""
-        self._apply(stats, -1)
-
-    def _apply(self, stats: tuple, sign: int) -> None:
-        rating, year, score, quality, cut, unknown, tokens = stats
-        self.ratings[rating] += sign
-        self.years[year] += sign
-        self.scores[score] += sign
-        self.qualities[quality] += sign
-        self.cut += sign * cut
-        for tag in unknown:
+    def add_record(self, record: dict, sign: int = 1) -> None:
+        """Count one output record (the JSON object `animagine-lora caption` writes); `sign=-1`
+        takes it back out (a duplicate found after captioning). Counting the output object
+        itself, rather than the captioner's result, keeps the two directions identical."""
+        self.ratings[record["rating"] or "none"] += sign
+        year = record["year"]
+        self.years[str(year) if year else "none"] += sign
+        self.scores[record["score_tag"] or "none"] += sign
+        self.qualities[record["quality_tag"] or "none"] += sign
+        self.cut += sign * record["cut"]
+        for tag in record["unknown_tags"]:
             self.unknown_tags[tag] += sign
-        self.tokens_total += sign * tokens
+        tokens = record["tokens"]
+        self.tokens_total += sign * max(tokens, 0)
         self.captioned += sign
+        if sign > 0 and tokens > self.tokens_max:
+            self.tokens_max = tokens
 
     def merge(self, other: CaptionSummary) -> None:
         """Add another (chunk's) summary into this one."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -70,9 +71,9 @@ def test_budget_and_strict(posts_file, tmp_path, tag_db_path, clip_bpe_path):
 
 
 def test_workers_keep_input_order(tmp_path, tag_db_path, clip_bpe_path, monkeypatch):
-    from captioning import cli
+    from captioning import chunks
 
-    monkeypatch.setattr(cli, "CHUNK_LINES", 7)  # many chunks across the workers
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 700)  # many chunks across the workers
     lines = [json.dumps(dict(POSTS[i % 3], id=i)) for i in range(100)]
     source = tmp_path / "many.jsonl"
     source.write_text("\n".join(lines))
@@ -140,3 +141,55 @@ def test_subprocess_console_script(posts_file, tmp_path, tag_db_path, clip_bpe_p
     assert len(out.read_text().splitlines()) == 3
     assert "records skipped" in done.stdout and "duplicate id" in done.stderr
     assert "import torch" not in done.stderr
+
+
+def test_line_ranges_cover_the_file_at_line_ends(tmp_path):
+    from captioning.chunks import line_ranges
+
+    path = tmp_path / "lines.jsonl"
+    lines = [b"x" * n for n in (5, 0, 40, 3, 17, 2, 90, 1)]
+    data = b"\n".join(lines)  # no newline after the last line
+    path.write_bytes(data)
+    ranges = list(line_ranges(path, chunk_bytes=16))
+    assert ranges[0].start == 0 and ranges[-1].end == len(data)
+    assert all(a.end == b.start for a, b in itertools.pairwise(ranges))
+    assert all(data[r.end - 1:r.end] == b"\n" for r in ranges[:-1])  # cut only after a newline
+    for r in ranges:  # first_line numbers the range's first line
+        assert r.first_line == data[:r.start].count(b"\n") + 1
+    assert any(r.end - r.start > 16 for r in ranges)  # the 90-byte line makes a longer range
+
+
+def test_duplicates_across_chunks_and_workers(tmp_path, tag_db_path, clip_bpe_path, monkeypatch, caplog):
+    from captioning import chunks
+
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 300)  # about one post per chunk
+    ids = [1, 2, 3, 2, 4, 1, 5]
+    source = tmp_path / "dups.jsonl"
+    source.write_text("\n".join(json.dumps(dict(POSTS[1], id=i)) for i in ids) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["caption", str(source), "-o", str(out), "--workers", "2", *common(tag_db_path, clip_bpe_path)]) == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["1", "2", "3", "4", "5"]
+    assert {(r["rating"], r["year"], r["score_tag"], r["quality_tag"]) for r in records} == \
+        {("e", 2015, "low score", "worst quality")}
+    assert f"{source}:4: duplicate id '2'" in caplog.text and f"{source}:6: duplicate id '1'" in caplog.text
+
+
+def test_summary_takes_duplicates_back_out(tmp_path, tag_db_path, clip_bpe_path):
+    from captioning import Captioner, TagDatabase, TokenCounter, load_profile
+    from captioning.chunks import caption_chunks, line_ranges
+    from captioning.cli import _Accepted
+    from captioning.summary import CaptionSummary
+
+    source = tmp_path / "dups.jsonl"  # ids 0 1 2 0 1 2: posts 0-2 kept, 3-5 are duplicates
+    source.write_text("\n".join(json.dumps(dict(POSTS[i % 2], id=i % 3)) for i in range(6)) + "\n")
+    summary = CaptionSummary()
+    captioner = Captioner(load_profile(), TagDatabase.load(tag_db_path), TokenCounter.from_bpe(clip_bpe_path))
+    results = caption_chunks(line_ranges(source), captioner, 1, source)
+    kept = b"".join(_Accepted(summary, strict=False, max_messages=0).outputs(results))
+    records = [json.loads(line) for line in kept.splitlines()]
+    assert [r["id"] for r in records] == ["0", "1", "2"]
+    data = summary.as_dict()
+    assert data["ratings"] == {"g": 2, "e": 1} and data["read"] == 6
+    assert data["skipped"] == {"duplicate id … (first record kept)": 3}
+    assert sum(data["scores"].values()) == 3
