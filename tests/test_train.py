@@ -95,6 +95,20 @@ def test_resume_after_sigkill_is_bitwise_exact(uninterrupted, tiny_model, datase
         load_file(str(uninterrupted / "test_lora.safetensors")).keys()
 
 
+def test_prefetching_changes_nothing(uninterrupted, tiny_model, dataset, tmp_path):
+    """data.prefetch_batches = 0 builds each micro-batch in the loop: the same run, bit for bit."""
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run", data={"prefetch_batches": 0})
+    result = run(train_command(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, plain = _lora(uninterrupted), _lora(tmp_path / "run")
+    assert expected.keys() == plain.keys()
+    assert all(torch.equal(expected[k], plain[k]) for k in expected)
+    draws = [(tmp_path / "run" / "draws" / "rank0.jsonl").read_text(),
+             (uninterrupted / "draws" / "rank0.jsonl").read_text()]
+    assert draws[0] == draws[1]
+
+
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     state = checkpoint.TrainState(step=2)
     complete = checkpoint.temp_dir(tmp_path, 2)

@@ -47,6 +47,7 @@ class DataConfig(_Section):
     caption_dropout: float = Field(0.0, ge=0, lt=1)
     cache_text_outputs: bool = False
     max_chunks: int = Field(3, ge=1, le=8)  # 75-token chunks per caption (3 = 225 tokens)
+    prefetch_batches: int = Field(2, ge=0, le=16)  # micro-batches built ahead in a thread (0: in the loop)
 
 
 class LoraConfig(_Section):
@@ -96,6 +97,14 @@ class SpeedConfig(_Section):
     sdpa: bool = True  # diffusers' AttnProcessor2_0 (scaled_dot_product_attention) everywhere
     channels_last: bool = False  # NHWC UNet weights: faster convolutions on CUDA tensor cores
     compile: Literal["none", "regional", "full"] = "none"  # torch.compile: per transformer block or whole UNet
+    cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (needs compile; batch-1 speed)
+    fused_optimizer: bool = True  # AdamW's update in one fused kernel
+
+    @model_validator(mode="after")
+    def _graphs_need_compile(self) -> SpeedConfig:
+        if self.cuda_graphs and self.compile == "none":
+            raise ValueError("cuda_graphs needs compile = 'regional' or 'full'")
+        return self
 
 
 class OutputConfig(_Section):

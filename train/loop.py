@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -34,8 +32,10 @@ from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConf
 from train.data import CaptionAugment, TextEmbeddingCache, TrainBatch, TrainingData, load_rows
 from train.latents import LatentCache, cache_latents, row_geometry
 from train.optim import build_lr_scheduler, build_optimizer
+from train.prefetch import MicroBatch, Prefetcher, micro_batch_seed, prefetched, sampler_position
+from train.prefetch import micro_batches as build_micro_batches
 from train.sample_hook import should_sample
-from train.sampler import Batch, BucketBatchSampler
+from train.sampler import BucketBatchSampler
 from train.speed import apply_speed_settings
 from train.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
@@ -169,22 +169,17 @@ def build_sample_hook(sample, base, *, run_dir: Path, accelerator: Accelerator, 
 # ---------------------------------------------------------------- one step
 
 
-def micro_batch_seed(seed: int, micro_batch: int, rank: int) -> int:
-    """A well-mixed 63-bit seed for one rank's micro-batch (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([seed, micro_batch, rank]).generate_state(2, np.uint64)[0] >> 1)
-
-
 def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cumprod: torch.Tensor,
               generator: torch.Generator, device: torch.device, model_dtype: torch.dtype) -> torch.Tensor:
     """The diffusion loss of one micro-batch (scalar, float32); `unet` may be DDP-wrapped."""
-    latents = batch.latents.to(device)  # (B, 4, H/8, W/8)
+    latents = batch.latents.to(device, non_blocking=True)  # (B, 4, H/8, W/8); pinned when prefetched
     noise = diffusion.sample_noise(latents, generator, settings.noise_offset)
     timesteps = diffusion.sample_timesteps(len(latents), generator, settings.timestep_min, settings.timestep_max)
     noisy = diffusion.add_noise(latents, noise, timesteps, alphas_cumprod)
     prompt_embeds, pooled = text(batch.captions)  # (B, 77k, D), (B, P)
     prediction = unet(
         noisy.to(model_dtype), timesteps.to(device), encoder_hidden_states=prompt_embeds,
-        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(device)},
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(device, non_blocking=True)},
     ).sample
     target = diffusion.training_target(settings.prediction_type, latents, noise, timesteps, alphas_cumprod)
     weights = None
@@ -267,7 +262,8 @@ def setup(config: Config, state: TrainState) -> Components:
     # Latents are cached here, before training, so the VAE is used only now.
     data = build_data(config.data, base, accelerator)
     sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
-    optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps)
+    optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps,
+                                fused=config.speed.fused_optimizer)
     lr_scheduler = build_lr_scheduler(oc.scheduler, optimizer, warmup_steps=oc.warmup_steps, total_steps=tc.max_steps)
 
     # Only modules with adapters are prepared (DDP-wrapped). The LR scheduler is not: accelerate
@@ -301,29 +297,34 @@ def setup(config: Config, state: TrainState) -> Components:
                                    tc.timestep_max), model_dtype, export, sample_hook)
 
 
-def optimizer_step(c: Components, batches: Iterator[Batch], state: TrainState, *, seed: int, accumulation: int,
-                   max_grad_norm: float | None, run_dir: Path, draws: DrawLog) -> tuple[torch.Tensor, float]:
-    """One optimizer step over `accumulation` micro-batches; returns (mean loss, grad norm)."""
+def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: TrainState, *, seed: int,
+                   accumulation: int, max_grad_norm: float | None, run_dir: Path,
+                   draws: DrawLog) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `accumulation` micro-batches; returns (mean loss, grad norm) as
+    device tensors: reading them waits for the GPU, so the loop does that only when it logs."""
     accelerator = c.accelerator
     total = torch.zeros((), device=accelerator.device)
-    for k in range(accumulation):
-        batch = next(batches)
-        # Every random draw of this micro-batch comes from its own seed: resume needs no RNG state.
-        micro_seed = micro_batch_seed(seed, state.step * accumulation + k, accelerator.process_index)
-        train_batch = c.data.batch(batch.rows, random.Random(micro_seed))
-        draws.write(state.step + 1, batch, train_batch.ids)
+    for _ in range(accumulation):
+        micro = next(micro_batches)
+        draws.write(state.step + 1, micro.batch, micro.data.ids)
         with accelerator.accumulate(*c.trained):
-            loss = loss_step(c.base.unet, train_batch, c.text, c.settings, c.base.noise_scheduler.alphas_cumprod,
-                             torch.Generator().manual_seed(micro_seed), accelerator.device, c.model_dtype)
-            stop_if_not_finite(accelerator, loss, state, batch, train_batch.ids, run_dir, c.export)
+            loss = loss_step(c.base.unet, micro.data, c.text, c.settings, c.base.noise_scheduler.alphas_cumprod,
+                             torch.Generator().manual_seed(micro_batch_seed(seed, micro.number,
+                                                                            accelerator.process_index)),
+                             accelerator.device, c.model_dtype)
+            flags = nonfinite_flags(accelerator, loss)
             accelerator.backward(loss)
+            # Checked with the backward already queued: the host waits for the forward's flag while
+            # the GPU stays busy, and the optimizer has not touched the weights yet.
+            stop_if_not_finite(accelerator, flags, loss, state, micro, run_dir, c.export)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(c.params, max_grad_norm or math.inf)
             c.optimizer.step()
             c.optimizer.zero_grad(set_to_none=True)
         total += loss.detach() / accumulation
-    state.epoch = batch.epoch
-    return total, float(grad_norm)
+    state.epoch = micro.batch.epoch
+    state.sampler = sampler_position(micro.batch)
+    return total, grad_norm
 
 
 def train(config: Config, resume: str | None = None) -> Path:
@@ -355,27 +356,32 @@ def train(config: Config, resume: str | None = None) -> Path:
     log = MetricsLog(run_dir / "log.jsonl", enabled=accelerator.is_main_process, append=resume_from is not None)
     progress = progress_bar(tc.max_steps, state.step, accelerator.is_main_process)
 
-    batches = c.sampler.batches()
+    micro_batches = prefetched(
+        build_micro_batches(c.sampler.batches(), c.data, seed=tc.seed, rank=accelerator.process_index,
+                            start=state.step * tc.gradient_accumulation_steps,
+                            pin_memory=accelerator.device.type == "cuda" and config.data.prefetch_batches > 0),
+        config.data.prefetch_batches)
     c.base.unet.train()
     started, images_at_start = time.perf_counter(), state.images_seen
     while state.step < tc.max_steps:
         lr = c.lr_scheduler.get_last_lr()[0]  # the rate this step uses
         try:
-            loss, grad_norm = optimizer_step(c, batches, state, seed=tc.seed, accumulation=tc.gradient_accumulation_steps,
+            loss, grad_norm = optimizer_step(c, micro_batches, state, seed=tc.seed,
+                                             accumulation=tc.gradient_accumulation_steps,
                                              max_grad_norm=tc.max_grad_norm, run_dir=run_dir, draws=draws)
         except torch.cuda.OutOfMemoryError as err:
             raise TrainingStopped(f"out of memory at step {state.step + 1}: {MEMORY_ADVICE}") from err
         c.lr_scheduler.step()
         state.step += 1
-        state.sampler = c.sampler.state_dict()
         state.images_seen += tc.batch_size * tc.gradient_accumulation_steps * accelerator.num_processes
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}", epoch=state.epoch)
 
+        # Only here are loss and grad norm read back from the device (a wait for the GPU).
         if should_log(state.step, config.output.log_every_n_steps, tc.max_steps):
-            metrics = {"loss": accelerator.gather(loss[None]).mean().item(), "lr": lr, "grad_norm": grad_norm,
+            metrics = {"loss": accelerator.gather(loss[None]).mean().item(), "lr": lr, "grad_norm": grad_norm.item(),
                        "images_per_s": (state.images_seen - images_at_start) / (time.perf_counter() - started),
                        "epoch": state.epoch}
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", epoch=state.epoch)
             if torch.cuda.is_available():
                 metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(metrics, step=state.step)
@@ -387,6 +393,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             checkpoint.save_checkpoint(accelerator, run_dir, state, c.export, config.output.checkpoints_total_limit)
 
     progress.close()
+    if isinstance(micro_batches, Prefetcher):
+        micro_batches.close()
     if accelerator.is_main_process:
         c.export(run_dir, state.step)
     checkpoint.write_rank_weights(run_dir, accelerator, c.base.unet)
@@ -408,15 +416,32 @@ def should_save(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
 
 
-def stop_if_not_finite(accelerator: Accelerator, loss: torch.Tensor, state: TrainState, batch: Batch,
-                       ids: list[str], run_dir: Path, export) -> None:
+def nonfinite_flags(accelerator: Accelerator, loss: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Every rank's "loss is not finite" flag, on its way to the host: (flags, CUDA event or None).
+
+    The copy is queued right after the forward, so `stop_if_not_finite` waits for the forward
+    only, not for the backward queued after it.
+    """
+    flags = accelerator.gather((~torch.isfinite(loss.detach())).float().reshape(1))  # (num_processes,)
+    if flags.device.type != "cuda":
+        return flags, None
+    event = torch.cuda.Event()
+    flags = flags.to("cpu", non_blocking=True)
+    event.record()
+    return flags, event
+
+
+def stop_if_not_finite(accelerator: Accelerator, flags: tuple[torch.Tensor, object], loss: torch.Tensor,
+                       state: TrainState, micro: MicroBatch, run_dir: Path, export) -> None:
     """Stop every rank when any rank's loss is NaN/inf, keeping a checkpoint from before the step.
 
-    The optimizer has not stepped yet, so the weights and `state` are still those after step
-    `state.step`; they are checkpointed unless that checkpoint already exists.
+    `flags` is `nonfinite_flags(...)`. The optimizer has not stepped yet, so the weights and
+    `state` are still those after step `state.step`; they are checkpointed unless that checkpoint
+    already exists.
     """
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=accelerator.device)
-    bad_ranks = accelerator.gather(bad)
+    bad_ranks, event = flags
+    if event is not None:
+        event.synchronize()
     if not bad_ranks.any():
         return
     kept = checkpoint.list_checkpoints(run_dir)
@@ -424,9 +449,10 @@ def stop_if_not_finite(accelerator: Accelerator, loss: torch.Tensor, state: Trai
         checkpoint.save_checkpoint(accelerator, run_dir, state, export, None)
     kept = checkpoint.list_checkpoints(run_dir)
     where = kept[-1] if kept else "none (the failure came before the first step)"
-    images = ", ".join(ids) if bad.item() else "(on another rank)"
+    bad_here = bad_ranks[accelerator.process_index].item() > 0
+    images = ", ".join(micro.data.ids) if bad_here else "(on another rank)"
     raise TrainingStopped(
-        f"loss is {loss.item()} at step {state.step + 1} (epoch {batch.epoch}, batch {batch.index}); "
+        f"loss is {loss.item()} at step {state.step + 1} (epoch {micro.batch.epoch}, batch {micro.batch.index}); "
         f"images: {images}; last checkpoint: {where}. Check those images and their cached latents, "
         "or lower optimizer.lr / use mixed_precision = 'bf16' instead of 'fp16'"
     )
