@@ -133,6 +133,15 @@ def test_speed_table_in_config(tmp_path):
         parse_config({**raw, "speed": {"compile": "fast"}})
     with pytest.raises(ConfigError, match="channels_last"):
         parse_config({**raw, "speed": {"chanels_last": True}})
+    assert parse_config(raw).speed.fused_optimizer and not parse_config(raw).speed.cuda_graphs
+    with pytest.raises(ConfigError, match="cuda_graphs needs compile"):
+        parse_config({**raw, "speed": {"cuda_graphs": True}})
+    assert parse_config({**raw, "speed": {"cuda_graphs": True, "compile": "full"}}).speed.cuda_graphs
+
+
+def test_cuda_graphs_need_compile():
+    with pytest.raises(ValueError, match="cuda_graphs needs"):
+        apply_speed_settings(_unet(), SpeedSettings(cuda_graphs=True))
 
 
 @slow
@@ -141,6 +150,15 @@ def test_compile_same_loss_and_grads(reference, mode):
     torch._dynamo.reset()
     unet = _unet()
     apply_speed_settings(unet, SpeedSettings(compile=mode))
+    _assert_same(reference, _loss_and_grads(unet))
+
+
+@slow
+def test_cuda_graph_mode_compiles_on_cpu_with_same_result(reference):
+    """On CPU inductor skips the CUDA graphs of "reduce-overhead": same maths, graphs per shape."""
+    torch._dynamo.reset()
+    unet = _unet()
+    apply_speed_settings(unet, SpeedSettings(compile="full", cuda_graphs=True))
     _assert_same(reference, _loss_and_grads(unet))
 
 
@@ -157,8 +175,9 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("settings", [SpeedSettings(channels_last=True), SpeedSettings(compile="regional")],
-                         ids=["channels_last", "compile-regional"])
+@pytest.mark.parametrize("settings", [SpeedSettings(channels_last=True), SpeedSettings(compile="regional"),
+                                      SpeedSettings(compile="full", cuda_graphs=True)],
+                         ids=["channels_last", "compile-regional", "cuda-graphs"])
 def test_switches_on_cuda_bf16(settings):
     """bf16 on CUDA: whole-tensor relative error below 2e-2 (element-wise rtol fails near zero).
 

@@ -38,3 +38,22 @@ def test_warmup_then_cosine():
         scheduler.step()
     assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
     assert rates[3] > rates[-1] > 0
+
+
+def test_fused_adamw_matches_the_foreach_update():
+    """speed.fused_optimizer: the one-kernel AdamW takes the same steps as PyTorch's default."""
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8)]
+    runs = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = build_optimizer("adamw", [{"params": params, "lr": 1e-2}], lr=1e-2, weight_decay=1e-2,
+                                    betas=(0.9, 0.999), eps=1e-8, fused=fused)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for step in range(5):
+            (params[0].sin().sum() * (step + 1) + params[1].pow(2).sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append(params)
+    for plain, fused in zip(*runs, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)

@@ -14,7 +14,14 @@ of each on an H100 is in docs/performance.md; bench/train_step.py measures them 
   "regional" compiles each repeated `BasicTransformerBlock` (diffusers' `compile_repeated_blocks`,
   the blocks listed in `UNet2DConditionModel._repeated_blocks`): the LoRA layers of attention and
   feed-forward sit inside the compiled region, warm-up is one block's compile, not the UNet's.
-  "full" compiles the whole UNet's forward (longest warm-up, most fusion).
+  "full" compiles the whole UNet's forward (longest warm-up, most fusion). Shapes are static
+  (`dynamic=False`): one graph per bucket, each with kernels specialised to its latent size, and
+  the recompile limit is raised so that every bucket of a dataset gets its own graph.
+- `cuda_graphs`: the compiled graphs are replayed as CUDA graphs (inductor's "reduce-overhead"
+  mode, one recorded graph per bucket shape): a step becomes a few graph launches instead of
+  thousands of kernel launches, which is what batch 1 is bound by. Needs `compile`; on CPU it
+  is a no-op (inductor skips CUDA graphs for CPU tensors).
+- `fused_optimizer`: AdamW's update as one fused kernel (`train.optim`).
 
 Applied after the adapters are attached (the compiled graphs must contain the LoRA branches) and
 before `accelerator.prepare` (DDP wraps the compiled module).
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CompileMode = Literal["none", "regional", "full"]
 COMPILE_MODES: tuple[str, ...] = ("none", "regional", "full")
+RECOMPILE_LIMIT = 64  # graphs per compiled function: the card's 9 buckets, or the `all` set's 40+
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ class SpeedSettings:
     sdpa: bool = True
     channels_last: bool = False
     compile: CompileMode = "none"
+    cuda_graphs: bool = False
+    fused_optimizer: bool = True
 
 
 def ensure_sdpa(unet) -> int:
@@ -67,13 +77,21 @@ def apply_speed_settings(unet, settings) -> None:
     """
     if settings.compile not in COMPILE_MODES:
         raise ValueError(f"speed.compile: {settings.compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    if settings.cuda_graphs and settings.compile == "none":
+        raise ValueError("speed.cuda_graphs needs speed.compile = 'regional' or 'full' (the graphs are "
+                         "recorded from the compiled code)")
     if settings.sdpa:
         ensure_sdpa(unet)
     if settings.channels_last:
         unet.to(memory_format=torch.channels_last)
-    if settings.compile == "regional":
-        unet.compile_repeated_blocks()
-    elif settings.compile == "full":
-        unet.compile()
-    logger.info("speed settings: sdpa=%s channels_last=%s compile=%s",
-                settings.sdpa, settings.channels_last, settings.compile)
+    if settings.compile != "none":
+        # One specialised graph per bucket: more buckets than dynamo's default limit of 8 would
+        # silently fall back to eager for the rest.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        options = {"dynamic": False, "mode": "reduce-overhead" if settings.cuda_graphs else "default"}
+        if settings.compile == "regional":
+            unet.compile_repeated_blocks(**options)
+        else:
+            unet.compile(**options)
+    logger.info("speed settings: sdpa=%s channels_last=%s compile=%s cuda_graphs=%s",
+                settings.sdpa, settings.channels_last, settings.compile, settings.cuda_graphs)
