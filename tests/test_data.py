@@ -79,3 +79,26 @@ def test_text_cache_equals_direct_encoding_and_encodes_each_caption_once():
     assert calls == []
     mixed, _ = cache(["a", "long caption"])  # different chunk counts: encoded together
     assert mixed.shape == (2, 154, 3)
+
+
+def test_text_cache_pads_with_the_empty_chunk_exactly_as_joint_encoding():
+    """Captions of different chunk counts in one batch: the cache pads with the empty chunk's
+    encoding, which equals encoding the batch together (each chunk is encoded on its own)."""
+
+    def chunk_values(caption: str, k: int) -> torch.Tensor:  # (77, 3): a chunk's own encoding
+        if k >= len(caption.split()):  # past the caption's end: the empty chunk [BOS, EOS, pad...]
+            return torch.full((77, 3), -1.0)
+        return torch.full((77, 3), float(len(caption) * 10 + k))
+
+    def encode(captions):
+        k = max(1, max(len(c.split()) for c in captions))  # one "word" = one chunk here
+        embeds = torch.stack([torch.cat([chunk_values(c, i) for i in range(k)]) for c in captions])
+        return embeds, torch.stack([chunk_values(c, 0)[0] for c in captions])
+
+    cache = TextEmbeddingCache(encode)
+    assert cache.precompute(["one", "two words", "three word caption", "one"]) == 3
+    batch = ["one", "three word caption", "two words"]
+    embeds, pooled = cache(batch)
+    joint = encode(batch)
+    assert embeds.shape == (3, 231, 3)
+    assert torch.equal(embeds, joint[0]) and torch.equal(pooled, joint[1])

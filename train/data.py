@@ -12,7 +12,7 @@ All randomness comes from the `random.Random` the caller passes in; the loop see
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,22 +119,53 @@ class TrainingData:
 
 
 class TextEmbeddingCache:
-    """Memoised text-encoder outputs per caption, for runs without caption augmentation.
+    """Text-encoder outputs per caption, for runs without caption augmentation.
 
     `encode(captions) -> (prompt_embeds (B, 77k, D), pooled (B, P))` is `encode_prompts` bound to
-    the frozen encoders. A batch whose captions need different chunk counts is encoded afresh
-    (its chunks must line up), so results always equal an uncached encoding.
+    the frozen encoders. Each caption is encoded once, alone, and kept in CPU memory;
+    `precompute` does that for every caption of the dataset up front, after which the encoders
+    are not needed any more and can leave the GPU. A batch whose captions have different chunk
+    counts is padded with the encoding of an empty chunk (`[BOS, EOS, pad...]`): every chunk is
+    encoded on its own (train.text_encoding), so that is exactly what encoding the batch together
+    gives, and the pooled output comes from the first chunk only.
     """
 
-    def __init__(self, encode: Callable[[list[str]], tuple[Tensor, Tensor]]):
+    def __init__(self, encode: Callable[[list[str]], tuple[Tensor, Tensor]], device: torch.device | str = "cpu"):
         self._encode = encode
+        self._device = torch.device(device)
         self._memo: dict[str, tuple[Tensor, Tensor]] = {}
+        self._empty_chunk: Tensor | None = None  # (77, D)
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def precompute(self, captions: Iterable[str]) -> int:
+        """Encode every caption not cached yet; returns how many were encoded."""
+        new = [c for c in dict.fromkeys(captions) if c not in self._memo]
+        for caption in new:
+            self._add(caption)
+        return len(new)
+
+    def _add(self, caption: str) -> tuple[Tensor, Tensor]:
+        embeds, pooled = self._encode([caption])
+        pin = self._device.type == "cuda"
+        stored = tuple(t[0].detach().to("cpu").pin_memory() if pin else t[0].detach().to("cpu")
+                       for t in (embeds, pooled))
+        self._memo[caption] = stored
+        return stored
+
+    def _empty(self) -> Tensor:
+        if self._empty_chunk is None:
+            self._empty_chunk = self._encode([""])[0][0].detach().to("cpu")  # one chunk: [BOS, EOS, pad...]
+        return self._empty_chunk
 
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        for caption in dict.fromkeys(c for c in captions if c not in self._memo):
-            embeds, pooled = self._encode([caption])
-            self._memo[caption] = (embeds[0], pooled[0])
-        pairs = [self._memo[c] for c in captions]
-        if len({embeds.shape for embeds, _ in pairs}) > 1:
-            return self._encode(captions)
-        return torch.stack([e for e, _ in pairs]), torch.stack([p for _, p in pairs])
+        pairs = [self._memo.get(c) or self._add(c) for c in captions]
+        length = max(embeds.shape[0] for embeds, _ in pairs)
+        if any(embeds.shape[0] != length for embeds, _ in pairs):
+            empty = self._empty()
+            pairs = [(torch.cat([embeds] + [empty] * ((length - embeds.shape[0]) // empty.shape[0])), pooled)
+                     for embeds, pooled in pairs]
+        embeds = torch.stack([e for e, _ in pairs]).to(self._device, non_blocking=True)  # (B, 77k, D)
+        pooled = torch.stack([p for _, p in pairs]).to(self._device, non_blocking=True)  # (B, P)
+        return embeds, pooled
