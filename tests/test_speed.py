@@ -94,6 +94,15 @@ def test_default_settings_change_nothing(reference):
     assert all(torch.equal(grads[n], reference[1][n]) for n in grads)
 
 
+def test_fused_lora_is_on_by_default_and_can_be_turned_off(reference):
+    fused, plain = _unet(), _unet()
+    apply_speed_settings(fused, SpeedSettings())
+    apply_speed_settings(plain, SpeedSettings(fused_lora=False))
+    assert all("forward" in m.__dict__ for m in lora_modules(fused).values())
+    assert not any("forward" in m.__dict__ for m in lora_modules(plain).values())
+    _assert_same(reference, _loss_and_grads(plain))
+
+
 def test_sdpa_replaces_classic_attention_with_same_result(reference):
     unet = _unet()
     unet.set_attn_processor(AttnProcessor())

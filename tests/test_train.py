@@ -109,6 +109,26 @@ def test_prefetching_changes_nothing(uninterrupted, tiny_model, dataset, tmp_pat
     assert draws[0] == draws[1]
 
 
+def test_cached_text_outputs_train_the_same_lora(tiny_model, dataset, tmp_path):
+    """data.cache_text_outputs: captions encoded once up front (encoders then off the GPU) give
+    the LoRA that encoding every step gives."""
+    fixed = {"shuffle_captions": False, "tag_dropout": 0.0, "caption_dropout": 0.0}
+    runs = []
+    for cached in (False, True):
+        root = tmp_path / f"cached{cached}"
+        root.mkdir()
+        config = write_config(root / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                              run_dir=root / "run", data={**fixed, "cache_text_outputs": cached},
+                              train={"max_steps": 3}, output={"save_every_n_steps": 3})
+        result = run(train_command(config))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("captions encoded" in result.stderr) is cached
+        runs.append(_lora(root / "run"))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        torch.testing.assert_close(runs[1][key], runs[0][key], rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_latest_ignores_incomplete_checkpoints(tmp_path):
     state = checkpoint.TrainState(step=2)
     complete = checkpoint.temp_dir(tmp_path, 2)
@@ -195,6 +215,26 @@ def test_bf16_weights_autocast_and_gradient_checkpointing(tiny_model, dataset, t
     weights = _lora(tmp_path / "run")
     assert all(v.dtype == torch.float32 for v in weights.values())
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "nf4"])
+def test_quantized_base_trains_and_exports(tiny_model, dataset, tmp_path, mode):
+    """model.quantize: the frozen UNet is compressed after the adapters exist; the run trains the
+    LoRA (fp32) and exports files that load into an ordinary pipeline."""
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run", model={"weight_dtype": "bf16", "quantize": mode},
+                          train={"max_steps": 2, "gradient_accumulation_steps": 1, "mixed_precision": "bf16",
+                                 "gradient_checkpointing": True}, output={"save_every_n_steps": 2})
+    result = run(train_command(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model.quantize = {mode}: frozen UNet weights" in result.stderr
+    weights = _lora(tmp_path / "run")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model.diffusers_dir))
+    pipe.load_lora_weights(str(tmp_path / "run" / "test_lora.safetensors"))
 
 
 def test_dora_run_exports_the_diffusers_folder_only(tiny_model, dataset, tmp_path):

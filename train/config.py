@@ -35,6 +35,10 @@ class ModelConfig(_Section):
     tokenizer_dir: str | None = None  # folder with tokenizer/ and tokenizer_2/
     weight_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     vae_dtype: Literal["bf16", "fp32"] = "fp32"  # never fp16: the SDXL VAE overflows
+    # Frozen UNet weights stored compressed (train.quantize): "fp8" (Linear and Conv2d in
+    # float8 with per-channel scales, about half of bf16) or "nf4" (bitsandbytes 4-bit Linear,
+    # fp8 convolutions, about a third); computed in weight_dtype. For small GPUs.
+    quantize: Literal["none", "fp8", "nf4"] = "none"
 
 
 class DataConfig(_Section):
@@ -98,6 +102,7 @@ class SpeedConfig(_Section):
     channels_last: bool = False  # NHWC UNet weights: faster convolutions on CUDA tensor cores
     compile: Literal["none", "regional", "full"] = "none"  # torch.compile: per transformer block or whole UNet
     cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (needs compile; batch-1 speed)
+    fused_lora: bool = True  # each LoRA branch's up-projection, scale and add in one kernel (addmm)
     fused_optimizer: bool = True  # AdamW's update in one fused kernel
 
     @model_validator(mode="after")

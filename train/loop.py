@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,14 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from train import checkpoint, diffusion
 from train.checkpoint import TrainState
 from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConfig
-from train.data import CaptionAugment, TextEmbeddingCache, TrainBatch, TrainingData, load_rows
+from train.data import (
+    CaptionAugment,
+    TextEmbeddingCache,
+    TrainBatch,
+    TrainingData,
+    load_rows,
+    make_caption,
+)
 from train.latents import LatentCache, cache_latents, row_geometry
 from train.optim import build_lr_scheduler, build_optimizer
 from train.prefetch import MicroBatch, Prefetcher, micro_batch_seed, prefetched, sampler_position
@@ -45,8 +54,9 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 MEMORY_ADVICE = (
     "lower train.batch_size (raise train.gradient_accumulation_steps to keep the effective batch), "
     "set train.gradient_checkpointing = true, set data.cache_text_outputs = true (no caption "
-    "augmentation), use optimizer.name = 'adamw8bit', keep model.weight_dtype = 'bf16', lower "
-    "lora.rank, or set data.resolution_scale below 1"
+    "augmentation), use optimizer.name = 'adamw8bit', keep model.weight_dtype = 'bf16', set "
+    "model.quantize = 'fp8' (or 'nf4'), lower lora.rank, or set data.resolution_scale below 1; "
+    "README 'Memory presets' lists settings per card size"
 )
 
 
@@ -81,14 +91,34 @@ def build_accelerator(run_dir: Path, *, mixed_precision: str, gradient_accumulat
 
 
 def build_model(model: ModelConfig, device: torch.device):
-    """The frozen base model on `device` (the VAE too: it encodes uncached latents)."""
+    """The frozen base model on `device` (the VAE too: it encodes uncached latents).
+
+    A UNet to be quantized stays on the CPU: `quantize_unet` moves it once compressed, so a small
+    GPU never holds its full-precision weights.
+    """
     from train.models import load_base_model
 
     base = load_base_model(model.source, config_dir=model.config_dir, tokenizer_dir=model.tokenizer_dir,
                            weight_dtype=TORCH_DTYPES[model.weight_dtype], vae_dtype=TORCH_DTYPES[model.vae_dtype])
-    for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+    modules = [base.vae, base.text_encoder, base.text_encoder_2]
+    if model.quantize == "none":
+        modules.append(base.unet)
+    for module in modules:
         module.to(device)
     return base
+
+
+def quantize_unet(unet, mode: str, *, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Compress the frozen UNet weights (`model.quantize`), then move the UNet to `device`."""
+    if mode == "none":
+        return
+    from train.quantize import frozen_weight_bytes, quantize_frozen_unet
+
+    before = frozen_weight_bytes(unet)
+    quantize_frozen_unet(unet, mode, compute_dtype)
+    unet.to(device)
+    logger.info("model.quantize = %s: frozen UNet weights %.2f GiB -> %.2f GiB", mode, before / 2**30,
+                frozen_weight_bytes(unet) / 2**30)
 
 
 def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: bool) -> list[dict]:
@@ -132,8 +162,14 @@ def build_data(data: DataConfig, base, accelerator: Accelerator) -> TrainingData
     return TrainingData(rows, cache, augment, flip=data.flip)
 
 
-def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, cache_outputs: bool):
-    """captions -> (prompt_embeds, pooled): `encode_prompts` bound to the model, memoised if asked."""
+def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, cached_captions: list[str] | None,
+                          device: torch.device):
+    """captions -> (prompt_embeds, pooled): `encode_prompts` bound to the model.
+
+    With `cached_captions` (no caption augmentation, frozen encoders), every caption is encoded
+    now and kept in CPU memory, and the text encoders leave the GPU (1.6 GiB in bf16 on SDXL):
+    training never runs them again.
+    """
     from train.text_encoding import encode_prompts
 
     tokenizers = (base.tokenizer, base.tokenizer_2)
@@ -143,7 +179,18 @@ def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, ca
         with torch.set_grad_enabled(train_text_encoder and torch.is_grad_enabled()):
             return encode_prompts(captions, tokenizers, encoders, max_chunks=max_chunks)
 
-    return TextEmbeddingCache(encode) if cache_outputs else encode
+    if cached_captions is None:
+        return encode
+    cache = TextEmbeddingCache(encode, device)
+    with torch.no_grad():
+        cache.precompute(cached_captions)
+    if device.type != "cpu":
+        for encoder in encoders:
+            encoder.to("cpu")
+        torch.cuda.empty_cache()
+    logger.info("data.cache_text_outputs: %d captions encoded; text encoders moved off the %s", len(cache),
+                device.type)
+    return cache
 
 
 def build_sampler(rows: list[dict], *, batch_size: int, seed: int, accelerator: Accelerator) -> BucketBatchSampler:
@@ -257,10 +304,15 @@ def setup(config: Config, state: TrainState) -> Components:
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
     param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing)
+    # After the adapters: PEFT gives a new adapter its base layer's dtype, which for fp8 would ruin it.
+    quantize_unet(base.unet, config.model.quantize, compute_dtype=TORCH_DTYPES[config.model.weight_dtype],
+                  device=accelerator.device)
     # After the adapters (a compiled region must contain the LoRA branches), before DDP wraps the UNet.
     apply_speed_settings(base.unet, config.speed)
-    # Latents are cached here, before training, so the VAE is used only now.
+    # Latents are cached here, before training, so the VAE is used only now (and for sample grids).
     data = build_data(config.data, base, accelerator)
+    if accelerator.device.type != "cpu":
+        base.vae.to("cpu")
     sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
     optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps,
                                 fused=config.speed.fused_optimizer)
@@ -278,8 +330,11 @@ def setup(config: Config, state: TrainState) -> Components:
     if config.data.cache_text_outputs and not cache_text:
         logger.warning("data.cache_text_outputs ignored: captions change per draw (shuffle/dropout) "
                        "or the text encoders are trained")
+    captions = [make_caption(r["caption_head"], r["caption_body"], r["caption_tail"], random.Random(0), data.augment)
+                for r in data.rows] if cache_text else None  # augmentation off: one fixed caption per row
     text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks,
-                                 train_text_encoder=config.lora.train_text_encoder, cache_outputs=cache_text)
+                                 train_text_encoder=config.lora.train_text_encoder, cached_captions=captions,
+                                 device=accelerator.device)
     checkpoint.register_lora_checkpointing(accelerator)
     accelerator.register_for_checkpointing(state, lr_scheduler)
 
@@ -387,7 +442,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             accelerator.log(metrics, step=state.step)
             log.write(state.step, metrics)
         if c.sample_hook is not None and should_sample(state.step, config.sample):
-            grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
+            with modules_on(accelerator.device, c.base.vae, c.base.text_encoder, c.base.text_encoder_2):
+                grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
             log_image(accelerator.trackers, "samples", grid, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
             checkpoint.save_checkpoint(accelerator, run_dir, state, c.export, config.output.checkpoints_total_limit)
@@ -401,6 +457,20 @@ def train(config: Config, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+@contextmanager
+def modules_on(device: torch.device, *modules: torch.nn.Module):
+    """Modules moved to `device` for the block and back where they were (text encoders that
+    cached text outputs sent to the CPU come back for sample grids)."""
+    moved = [(m, home) for m in modules if (home := next(m.parameters()).device).type != device.type]
+    for module, _ in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in moved:
+            module.to(home)
 
 
 def _unwrapped(accelerator: Accelerator, trained: list) -> dict:

@@ -21,6 +21,9 @@ of each on an H100 is in docs/performance.md; bench/train_step.py measures them 
   mode, one recorded graph per bucket shape): a step becomes a few graph launches instead of
   thousands of kernel launches, which is what batch 1 is bound by. Needs `compile`; on CPU it
   is a no-op (inductor skips CUDA graphs for CPU tensors).
+- `fused_lora`: each LoRA layer's up-projection, scale and residual add as one `addmm` kernel
+  instead of PEFT's matmul, multiply and add (`train.lora_fused`); layers it cannot fuse (DoRA,
+  dropout) keep PEFT's forward. Applied before compiling, so compiled graphs contain it.
 - `fused_optimizer`: AdamW's update as one fused kernel (`train.optim`).
 
 Applied after the adapters are attached (the compiled graphs must contain the LoRA branches) and
@@ -55,6 +58,7 @@ class SpeedSettings:
     channels_last: bool = False
     compile: CompileMode = "none"
     cuda_graphs: bool = False
+    fused_lora: bool = True
     fused_optimizer: bool = True
 
 
@@ -84,6 +88,10 @@ def apply_speed_settings(unet, settings) -> None:
         ensure_sdpa(unet)
     if settings.channels_last:
         unet.to(memory_format=torch.channels_last)
+    if settings.fused_lora:
+        from train.lora_fused import fuse_lora_layers
+
+        fuse_lora_layers(unet)
     if settings.compile != "none":
         # One specialised graph per bucket: more buckets than dynamo's default limit of 8 would
         # silently fall back to eager for the rest.
@@ -93,5 +101,5 @@ def apply_speed_settings(unet, settings) -> None:
             unet.compile_repeated_blocks(**options)
         else:
             unet.compile(**options)
-    logger.info("speed settings: sdpa=%s channels_last=%s compile=%s cuda_graphs=%s",
-                settings.sdpa, settings.channels_last, settings.compile, settings.cuda_graphs)
+    logger.info("speed settings: sdpa=%s channels_last=%s fused_lora=%s compile=%s cuda_graphs=%s",
+                settings.sdpa, settings.channels_last, settings.fused_lora, settings.compile, settings.cuda_graphs)
