@@ -9,9 +9,11 @@ Two paths train the same frozen weights on the same random batch:
 - reference: the diffusers-example recipe. PEFT LoRA injected with `peft.inject_adapter_in_model`,
   frozen weights bf16 on GPU (fp32 on CPU), LoRA parameters fp32, `torch.optim.AdamW(fused=True)`
   on CUDA, no compile, plain MSE on epsilon.
-- project: `train.lora.add_unet_lora`, `train.speed.apply_speed_settings`, `train.loop.loss_step`
-  and the optimizer table's "adamw" (`train.optim.build_optimizer`), i.e. what `animagine-lora
-  train` runs per micro-batch (without accelerate's wrapper, a no-op on one process).
+- project: `train.lora.add_unet_lora`, `train.quantize.quantize_frozen_unet` (`model.quantize`),
+  `train.speed.apply_speed_settings` (channels_last, fused LoRA, compile, CUDA graphs),
+  `train.loop.loss_step` and the optimizer table (`train.optim.build_optimizer`, fused AdamW or
+  adamw8bit), i.e. what `animagine-lora train` runs per micro-batch (without accelerate's
+  wrapper, a no-op on one process). A case's switches default to the config's defaults.
 Both run under bf16 autocast on CUDA, as `mixed_precision = "bf16"` does.
 
 Per configuration: images/s (median step time of `--steps` timed steps after `--warmup` steps;
@@ -22,6 +24,7 @@ checkpointing included), achieved TFLOP/s, its share of a measured dense matmul 
 the speed-up over the reference at the same preset, batch and checkpointing.
 
     python bench/train_step.py                  # GPU: SDXL at 1024^2 (latent 128), every configuration
+    python bench/train_step.py --presets        # GPU: peak memory of each memory preset vs its card
     python bench/train_step.py --tiny           # CPU: tiny UNet, every configuration
     python bench/train_step.py --tiny --quick   # a small subset (tests)
 
@@ -58,7 +61,9 @@ from train import tiny
 from train.data import TrainBatch
 from train.loop import LossSettings, loss_step
 from train.lora import TARGET_PRESETS, add_unet_lora
+from train.memory_presets import MEMORY_PRESETS
 from train.optim import build_optimizer
+from train.quantize import quantize_frozen_unet
 from train.speed import SpeedSettings, apply_speed_settings
 
 logger = logging.getLogger("bench.train_step")
@@ -79,6 +84,12 @@ class Case:
     gradient_checkpointing: bool
     channels_last: bool = False
     compile: str = "none"
+    cuda_graphs: bool = False
+    fused_lora: bool = True  # the config defaults (train.config.SpeedConfig)
+    fused_optimizer: bool = True
+    quantize: str = "none"
+    optimizer: str = "adamw"
+    memory_preset: str = ""  # the train.memory_presets entry this case checks
 
     @property
     def workload(self) -> tuple:
@@ -87,9 +98,18 @@ class Case:
 
     @property
     def name(self) -> str:
-        switches = [s for s, on in (("gc", self.gradient_checkpointing), ("cl", self.channels_last)) if on]
+        if self.memory_preset:
+            return f"preset {self.memory_preset}: {self.preset} r{self.rank} b{self.batch} " \
+                   f"{'gc ' if self.gradient_checkpointing else ''}{self.quantize} {self.optimizer}"
+        switches = [s for s, on in (("gc", self.gradient_checkpointing), ("cl", self.channels_last),
+                                    ("cudagraphs", self.cuda_graphs)) if on]
         if self.compile != "none":
             switches.append(f"compile-{self.compile}")
+        if self.path == "project":
+            switches += [s for s, off in (("unfused-lora", not self.fused_lora),
+                                          ("foreach-adamw", not self.fused_optimizer)) if off]
+            switches += [self.quantize] if self.quantize != "none" else []
+            switches += [self.optimizer] if self.optimizer != "adamw" else []
         return f"{self.path} {self.preset} r{self.rank} b{self.batch}" + (" " + "+".join(switches) if switches else "")
 
 
@@ -180,10 +200,13 @@ def project_step_fn(setup: Setup, unet, case: Case, inputs: dict) -> Callable[[]
     add_unet_lora(unet, preset=case.preset, rank=case.rank, alpha=float(case.rank))
     if case.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    apply_speed_settings(unet, SpeedSettings(channels_last=case.channels_last, compile=case.compile))
+    if case.quantize != "none":
+        quantize_frozen_unet(unet, case.quantize, setup.weight_dtype)
+    apply_speed_settings(unet, SpeedSettings(channels_last=case.channels_last, compile=case.compile,
+                                             cuda_graphs=case.cuda_graphs, fused_lora=case.fused_lora))
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = build_optimizer("adamw", [{"params": params, "lr": LR}], lr=LR, weight_decay=1e-2,
-                                betas=(0.9, 0.999), eps=1e-8)
+    optimizer = build_optimizer(case.optimizer, [{"params": params, "lr": LR}], lr=LR, weight_decay=1e-2,
+                                betas=(0.9, 0.999), eps=1e-8, fused=case.fused_optimizer)
     settings = LossSettings("epsilon", 0.0, None, 0, 1000)
     alphas_cumprod = torch.linspace(0.9991, 0.0047, 1000)
     batch = TrainBatch(inputs["latents"], [""] * len(inputs["latents"]), inputs["time_ids"], [])
@@ -282,12 +305,19 @@ def out_of_memory(case: Case) -> dict:
 
 
 def cases(*, sdxl: bool, quick: bool) -> list[Case]:
-    """Every configuration to measure, each workload's reference first."""
+    """Every configuration to measure, each workload's reference first.
+
+    1. reference vs project (config defaults) for attn and attn-mlp, each batch, checkpointing
+       off and on;
+    2. at attn-mlp and the largest batch, the fastest settings and each one of them turned off;
+    3. at batch 1 (launch-bound, what consumer GPUs run), compile and CUDA graphs;
+    4. at batch 1 with checkpointing, the quantized frozen bases.
+    """
     rank = 32 if sdxl else 4
     if quick:
-        batch = 1
-        base = Case("reference", "attn-mlp", rank, batch, False)
-        return [base, replace(base, path="project"), replace(base, path="project", channels_last=True)]
+        base = Case("reference", "attn-mlp", rank, 1, False)
+        return [base, replace(base, path="project"), replace(base, path="project", channels_last=True),
+                replace(base, path="project", fused_lora=False)]
     batches = (1, 4, 8) if sdxl else (1, 2)
     out = []
     for preset in ("attn", "attn-mlp"):
@@ -295,10 +325,27 @@ def cases(*, sdxl: bool, quick: bool) -> list[Case]:
             for checkpointing in (False, True):
                 base = Case("reference", preset, rank, batch, checkpointing)
                 out += [base, replace(base, path="project")]
-    switched = Case("project", "attn-mlp", rank, batches[-1], False)
-    out += [replace(switched, channels_last=True), replace(switched, compile="regional"),
-            replace(switched, compile="full"), replace(switched, channels_last=True, compile="regional"),
-            replace(switched, gradient_checkpointing=True, compile="regional")]
+    best = Case("project", "attn-mlp", rank, batches[-1], False, channels_last=True, compile="full")
+    out += [best, replace(best, fused_lora=False), replace(best, fused_optimizer=False),
+            replace(best, channels_last=False), replace(best, compile="regional"), replace(best, compile="none"),
+            replace(best, gradient_checkpointing=True)]
+    one = Case("project", "attn-mlp", rank, 1, False, channels_last=True)
+    out += [replace(one, compile="full"), replace(one, compile="full", cuda_graphs=True),
+            replace(one, compile="regional", cuda_graphs=True)]
+    small = Case("project", "attn-mlp", rank, 1, True)
+    out += [replace(small, quantize="fp8"), replace(small, quantize="nf4"),
+            replace(small, quantize="nf4", optimizer="adamw8bit")]
+    return out
+
+
+def preset_cases(*, sdxl: bool) -> list[Case]:
+    """One case per memory preset: its batch, checkpointing, quantization and optimizer."""
+    rank = 32 if sdxl else 4
+    out = []
+    for preset in MEMORY_PRESETS.values():
+        train, model, optimizer = preset.section("train"), preset.section("model"), preset.section("optimizer")
+        out.append(Case("project", "attn-mlp", rank, train["batch_size"], train["gradient_checkpointing"],
+                        quantize=model["quantize"], optimizer=optimizer["name"], memory_preset=preset.name))
     return out
 
 
@@ -332,11 +379,14 @@ def print_table(report: dict) -> None:
 
     for r in report["results"]:
         step_ms = r["step_s_median"] and r["step_s_median"] * 1e3
+        memory = fmt(r["peak_memory_gib"], ".2f")
+        if r.get("memory_budget_gib"):  # a memory preset: its peak against the card's budget
+            memory += f" / {r['memory_budget_gib']:.1f}" + {True: " ok", False: " OVER", None: ""}[r["fits_budget"]]
         table.add_row(r["name"], fmt(r["images_per_s"], ".3g"), fmt(step_ms, ".1f"),
                       fmt(r["first_step_s"], ".2f"), fmt(r["tflop_per_step"] and r["tflop_per_step"] * scale, ".3g"),
                       fmt(r["achieved_tflops"] and r["achieved_tflops"] * scale, ".3g"),
                       fmt(r["share_of_peak"] and 100 * r["share_of_peak"], ".1f"),
-                      fmt(r["peak_memory_gib"], ".2f"), fmt(r["speedup_vs_reference"], ".2f"))
+                      memory, fmt(r["speedup_vs_reference"], ".2f"))
     Console(width=150).print(table)
 
 
@@ -352,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny UNet on CPU (the default without CUDA)")
     parser.add_argument("--quick", action="store_true", help="reference, project, channels_last at batch 1 only")
+    parser.add_argument("--presets", action="store_true",
+                        help="only the memory presets (train/memory_presets.py): peak memory against each budget")
     parser.add_argument("--steps", type=int, help="timed steps per configuration (default 10, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3, quick 1)")
     parser.add_argument("--latent", type=int, help="latent side (default 128 = 1024² on SDXL, 16 tiny)")
@@ -375,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = random_inputs(setup, 1)
     flops: dict = {}
     results = []
-    for case in cases(sdxl=sdxl, quick=args.quick):
+    for case in preset_cases(sdxl=sdxl) if args.presets else cases(sdxl=sdxl, quick=args.quick):
         batch_inputs = inputs if case.batch == 1 else random_inputs(setup, case.batch)
         try:
             results.append(measure(setup, case, state, batch_inputs, steps=steps, warmup=warmup, flops=flops))
@@ -403,7 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                      "diffusers": diffusers.__version__, "peft": peft.__version__},
         "results": results,
     }
-    default = f"train_step_{'cuda_sdxl' if sdxl else 'cpu_tiny'}{'_quick' if args.quick else ''}.json"
+    for r in results:
+        if r["memory_preset"]:
+            budget = MEMORY_PRESETS[r["memory_preset"]].unet_budget_gib
+            r["memory_budget_gib"] = budget
+            r["fits_budget"] = None if r["peak_memory_gib"] is None else r["peak_memory_gib"] <= budget
+    suffix = "_presets" if args.presets else "_quick" if args.quick else ""
+    default = f"train_step_{'cuda_sdxl' if sdxl else 'cpu_tiny'}{suffix}.json"
     write_json(args.json or REPO / "bench" / "results" / default, report)
     print_table(report)
     return 0

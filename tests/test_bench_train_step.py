@@ -26,8 +26,9 @@ def test_quick_tiny_bench_writes_positive_numbers(tmp_path):
     assert report["unet"] == "tiny" and report["matmul_dtype"] == "fp32" and report["matmul_peak_tflops"] > 0
     assert {"torch", "diffusers", "peft"} <= report["versions"].keys()
     results = report["results"]
-    assert [r["path"] for r in results] == ["reference", "project", "project"]
+    assert [r["path"] for r in results] == ["reference", "project", "project", "project"]
     assert results[2]["channels_last"] and not results[1]["channels_last"]
+    assert results[1]["fused_lora"] and not results[3]["fused_lora"]
     for r in results:
         assert FIELDS <= r.keys(), FIELDS - r.keys()
         for key in ("images_per_s", "step_s_median", "tflop_per_step", "achieved_tflops", "share_of_peak",
@@ -37,6 +38,25 @@ def test_quick_tiny_bench_writes_positive_numbers(tmp_path):
     # Same workload, same FLOPs: the project path does the reference's maths.
     assert len({r["tflop_per_step"] for r in results}) == 1
     assert results[0]["speedup_vs_reference"] == 1.0
+
+
+def test_memory_presets_run_on_the_tiny_unet(tmp_path):
+    """--presets: one row per memory preset with its settings; the budget check needs CUDA."""
+    from train.memory_presets import MEMORY_PRESETS
+
+    out = tmp_path / "presets.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--tiny", "--presets",
+                           "--steps", "1", "--warmup", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text("utf-8"))["results"]
+    assert [r["memory_preset"] for r in results] == list(MEMORY_PRESETS)
+    for r, preset in zip(results, MEMORY_PRESETS.values(), strict=True):
+        assert (r["batch"], r["quantize"], r["optimizer"]) == (
+            preset.section("train")["batch_size"], preset.section("model")["quantize"],
+            preset.section("optimizer")["name"])
+        assert r["images_per_s"] > 0 and r["memory_budget_gib"] == preset.unet_budget_gib
+        assert r["fits_budget"] is None  # CPU: no peak memory to compare
 
 
 def test_out_of_memory_rows_keep_the_table_and_ratios_working(capsys, monkeypatch):
