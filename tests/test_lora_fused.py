@@ -20,40 +20,20 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
+from unet_helpers import (
+    assert_same_loss_and_grads,
+    fixed_batch,
+    fixed_text,
+    loss_and_grads,
+    tiny_lora_unet,
+)
 
-from train import tiny
-from train.data import TrainBatch
-from train.loop import LossSettings, loss_step
-from train.lora import add_unet_lora, lora_modules, lora_state_dict
+from train.lora import lora_modules, lora_state_dict
 from train.lora_fused import fuse_lora_layers, unfuse_lora_layers
 
 RTOL, ATOL = 1e-4, 1e-6
 BF16_REL = 2e-2
 slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="torch.compile on CPU: set RUN_SLOW=1")
-
-
-def _unet(*, lora: bool = True, dora: bool = False, gradient_checkpointing: bool = False
-          ) -> UNet2DConditionModel:
-    """The tiny SDXL UNet (as in tests/test_speed.py) with a rank-4 LoRA whose B is random.
-
-    B = 0 would give A no gradient. `lora=False` gives the same base weights without adapters.
-    """
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**tiny._sdxl_config("unet"), **tiny.TINY_UNET})
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in unet.parameters():
-            if param.ndim > 1 and param.abs().sum() == 0:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    unet.requires_grad_(False)
-    if lora:
-        add_unet_lora(unet, preset="attn-mlp", rank=4, alpha=4.0, dora=dora)
-        with torch.no_grad():
-            for module in lora_modules(unet).values():
-                module.lora_B["default"].weight.normal_(0, 0.02, generator=generator)
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet
 
 
 def _bf16_base(unet: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -65,47 +45,15 @@ def _bf16_base(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return unet
 
 
-def _batch() -> TrainBatch:
-    generator = torch.Generator().manual_seed(2)
-    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2)
-    return TrainBatch(torch.randn(2, 4, 16, 16, generator=generator), ["a", "b"], time_ids, ["0", "1"])
-
-
-def _text(captions):
-    generator = torch.Generator().manual_seed(3)
-    width = tiny.TEXT_HIDDEN_1 + tiny.TEXT_HIDDEN_2
-    return (torch.randn(len(captions), 77, width, generator=generator),
-            torch.randn(len(captions), tiny.TEXT_HIDDEN_2, generator=generator))
-
-
-def _loss_and_grads(unet, model_dtype: torch.dtype = torch.float32
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    settings = LossSettings("epsilon", 0.0, None, 0, 1000)
-    alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
-    loss = loss_step(unet, _batch(), _text, settings, alphas_cumprod, torch.Generator().manual_seed(4),
-                     torch.device("cpu"), model_dtype)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
-
-
 def _forward(unet, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The UNet's prediction for a fixed noisy batch, no autocast: (2, 4, 16, 16) in `dtype`."""
-    batch = _batch()
-    prompt_embeds, pooled = _text(batch.captions)
+    batch = fixed_batch()
+    prompt_embeds, pooled = fixed_text(batch.captions)
     with torch.no_grad():
         return unet(batch.latents.to(dtype), torch.tensor([500, 20]),
                     encoder_hidden_states=prompt_embeds.to(dtype),
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids.to(dtype)},
                     ).sample
-
-
-def _assert_same(expected, actual) -> None:
-    (loss_a, grads_a), (loss_b, grads_b) = expected, actual
-    torch.testing.assert_close(loss_b, loss_a, rtol=RTOL, atol=0)
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
-    for name in grads_a:
-        assert grads_a[name].abs().sum() > 0, f"{name}: no gradient, the comparison would prove nothing"
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,7 +95,7 @@ def peft_forward_forbidden(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference():
-    return _loss_and_grads(_unet())
+    return loss_and_grads(tiny_lora_unet())
 
 
 def _layer(in_features: int = 16, out_features: int = 24, **config) -> nn.Module:
@@ -165,28 +113,28 @@ def _layer(in_features: int = 16, out_features: int = 24, **config) -> nn.Module
 
 
 def test_fp32_same_loss_and_grads(reference, peft_forward_forbidden):
-    unet = _unet()
+    unet = tiny_lora_unet()
     assert fuse_lora_layers(unet) == len(lora_modules(unet)) > 0
     peft_forward_forbidden()
-    _assert_same(reference, _loss_and_grads(unet))
+    assert_same_loss_and_grads(reference, loss_and_grads(unet))
 
 
 def test_bf16_base_fp32_lora_under_autocast(peft_forward_forbidden):
     # fp32 maths on the same (bf16-rounded) weights: what both bf16 runs approximate.
-    exact = _loss_and_grads(_bf16_base(_unet()).float())
+    exact = loss_and_grads(_bf16_base(tiny_lora_unet()).float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        peft = _loss_and_grads(_bf16_base(_unet()), torch.bfloat16)
-        unet = _bf16_base(_unet())
+        peft = loss_and_grads(_bf16_base(tiny_lora_unet()), torch.bfloat16)
+        unet = _bf16_base(tiny_lora_unet())
         assert fuse_lora_layers(unet) == len(lora_modules(unet))
         peft_forward_forbidden()
-        fused = _loss_and_grads(unet, torch.bfloat16)
+        fused = loss_and_grads(unet, torch.bfloat16)
     assert all(g.dtype == torch.float32 for g in fused[1].values())
     _assert_as_accurate_as_peft(exact, peft, fused)
 
 
 def test_bf16_base_fp32_lora_without_autocast():
-    expected = _forward(_bf16_base(_unet()), torch.bfloat16)
-    unet = _bf16_base(_unet())
+    expected = _forward(_bf16_base(tiny_lora_unet()), torch.bfloat16)
+    unet = _bf16_base(tiny_lora_unet())
     fuse_lora_layers(unet)
     actual = _forward(unet, torch.bfloat16)
     assert actual.dtype == expected.dtype == torch.bfloat16
@@ -194,12 +142,12 @@ def test_bf16_base_fp32_lora_without_autocast():
 
 
 def test_disable_enable_adapters_and_unfuse():
-    base = _forward(_unet(lora=False))
-    peft_unet = _unet()
+    base = _forward(tiny_lora_unet(lora=False))
+    peft_unet = tiny_lora_unet()
     with_lora = _forward(peft_unet)
     assert not torch.allclose(with_lora, base)  # the comparison below must tell them apart
 
-    unet = _unet()
+    unet = tiny_lora_unet()
     fuse_lora_layers(unet)
     unet.disable_adapters()
     assert torch.equal(_forward(unet), base)
@@ -212,7 +160,7 @@ def test_disable_enable_adapters_and_unfuse():
 
 
 def test_merged_adapter_falls_back_to_peft():
-    unet = _unet()
+    unet = tiny_lora_unet()
     with_lora = _forward(unet)
     fuse_lora_layers(unet)
     for module in lora_modules(unet).values():
@@ -221,7 +169,7 @@ def test_merged_adapter_falls_back_to_peft():
 
 
 def test_state_dict_unchanged():
-    unet = _unet()
+    unet = tiny_lora_unet()
     before = {k: v.clone() for k, v in lora_state_dict(unet).items()}
     keys = list(unet.state_dict())
     fuse_lora_layers(unet)
@@ -232,34 +180,34 @@ def test_state_dict_unchanged():
 
 
 def test_dora_is_not_fused(caplog):
-    expected = _loss_and_grads(_unet(dora=True))
-    unet = _unet(dora=True)
+    expected = loss_and_grads(tiny_lora_unet(dora=True))
+    unet = tiny_lora_unet(dora=True)
     with caplog.at_level(logging.INFO, logger="train.lora_fused"):
         assert fuse_lora_layers(unet) == 0
     assert f"{len(lora_modules(unet))} DoRA" in caplog.text
-    actual = _loss_and_grads(unet)
+    actual = loss_and_grads(unet)
     assert torch.equal(actual[0], expected[0])
     assert all(torch.equal(actual[1][n], expected[1][n]) for n in expected[1])
 
 
 def test_gradient_checkpointing_same_grads(reference, peft_forward_forbidden):
-    unet = _unet(gradient_checkpointing=True)
+    unet = tiny_lora_unet(gradient_checkpointing=True)
     assert fuse_lora_layers(unet) == len(lora_modules(unet))
     peft_forward_forbidden()
-    _assert_same(reference, _loss_and_grads(unet))
+    assert_same_loss_and_grads(reference, loss_and_grads(unet))
 
 
 @slow
 @pytest.mark.parametrize("mode", ["regional", "full"])
 def test_compile_same_loss_and_grads(reference, mode):
     torch._dynamo.reset()
-    unet = _unet()
+    unet = tiny_lora_unet()
     fuse_lora_layers(unet)
     if mode == "regional":
         unet.compile_repeated_blocks(dynamic=False)
     else:
         unet.compile(dynamic=False)
-    _assert_same(reference, _loss_and_grads(unet))
+    assert_same_loss_and_grads(reference, loss_and_grads(unet))
 
 
 # ---------------------------------------------------------------- one layer
@@ -354,9 +302,9 @@ def test_quantized_base_layers_are_fused_too(mode):
     """model.quantize swaps the base layers (train.quantize): the LoRA layers around them still fuse."""
     from train.quantize import quantize_frozen_unet
 
-    unet = _unet()
+    unet = tiny_lora_unet()
     quantize_frozen_unet(unet, mode, torch.float32)
-    expected = _loss_and_grads(unet)
+    expected = loss_and_grads(unet)
     unet.zero_grad(set_to_none=True)
     assert fuse_lora_layers(unet) == len(lora_modules(unet)) > 0
-    _assert_same(expected, _loss_and_grads(unet))
+    assert_same_loss_and_grads(expected, loss_and_grads(unet))

@@ -25,10 +25,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
+from unet_helpers import ALPHAS_CUMPROD, SETTINGS, fixed_batch, fixed_text, tiny_lora_unet
 
 from train import tiny
 from train.data import TrainBatch
-from train.loop import LossSettings, loss_step
+from train.loop import loss_step
 from train.lora import add_unet_lora, lora_modules, lora_state_dict
 from train.quantize import (
     QUANTIZE_MODES,
@@ -40,58 +41,16 @@ from train.quantize import (
     quantize_frozen_unet,
 )
 
-SETTINGS = LossSettings("epsilon", 0.0, None, 0, 1000)
-ALPHAS_CUMPROD = torch.linspace(0.999, 0.01, 1000)
-
-
-def _tiny_unet(dtype: torch.dtype, *, dora: bool = False) -> UNet2DConditionModel:
-    """The tiny SDXL UNet, frozen base in `dtype`, rank-4 LoRA (fp32) whose B is random (B = 0
-    would give A no gradient), as tests/test_speed.py builds it."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**tiny._sdxl_config("unet"), **tiny.TINY_UNET})
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in unet.parameters():
-            if param.ndim > 1 and param.abs().sum() == 0:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-    unet.requires_grad_(False)
-    unet.to(dtype)
-    add_unet_lora(unet, preset="attn-mlp", rank=4, alpha=4.0, dora=dora)
-    with torch.no_grad():
-        for module in lora_modules(unet).values():
-            module.lora_B["default"].weight.normal_(0, 0.02, generator=generator)
-    return unet
-
 
 @pytest.fixture(scope="module")
 def bf16_unet() -> UNet2DConditionModel:
     """Built once; every test works on a deep copy."""
-    return _tiny_unet(torch.bfloat16)
+    return tiny_lora_unet(base_dtype=torch.bfloat16)
 
 
 def _quantized(base: nn.Module, mode: str, compute_dtype=torch.bfloat16):
     unet = copy.deepcopy(base)
     return unet, quantize_frozen_unet(unet, mode, compute_dtype)
-
-
-def _batch(seed: int = 2, batch_size: int = 2) -> TrainBatch:
-    generator = torch.Generator().manual_seed(seed)
-    time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * batch_size)
-    return TrainBatch(
-        torch.randn(batch_size, 4, 16, 16, generator=generator),
-        ["a"] * batch_size,
-        time_ids,
-        [str(i) for i in range(batch_size)],
-    )
-
-
-def _text(captions):
-    generator = torch.Generator().manual_seed(3)
-    width = tiny.TEXT_HIDDEN_1 + tiny.TEXT_HIDDEN_2
-    return (
-        torch.randn(len(captions), 77, width, generator=generator),
-        torch.randn(len(captions), tiny.TEXT_HIDDEN_2, generator=generator),
-    )
 
 
 def _loss(unet, batch: TrainBatch, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -100,7 +59,7 @@ def _loss(unet, batch: TrainBatch, seed: int, dtype: torch.dtype) -> torch.Tenso
         return loss_step(
             unet,
             batch,
-            _text,
+            fixed_text,
             SETTINGS,
             ALPHAS_CUMPROD,
             torch.Generator().manual_seed(seed),
@@ -110,7 +69,7 @@ def _loss(unet, batch: TrainBatch, seed: int, dtype: torch.dtype) -> torch.Tenso
 
 
 def _loss_and_grads(unet, dtype=torch.bfloat16) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = _loss(unet, _batch(), 4, dtype)
+    loss = _loss(unet, fixed_batch(), 4, dtype)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
@@ -264,7 +223,7 @@ def test_backward_keeps_only_the_fp8_weight(index):
 
 def test_fp8_model_computes_exactly_its_rounded_weights():
     """fp32: the fp8 model equals a plain model whose weights are the fp8 round trip."""
-    base = _tiny_unet(torch.float32)
+    base = tiny_lora_unet(base_dtype=torch.float32)
     fp8, _ = _quantized(base, "fp8", torch.float32)
     rounded = copy.deepcopy(base)
     _round_trip_weights(rounded)
@@ -363,7 +322,7 @@ def _train(base: nn.Module, mode: str) -> tuple[torch.Tensor, bool]:
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     losses = []
     for step in range(STEPS):
-        loss = _loss(unet, _batch(seed=100 + step, batch_size=1), 200 + step, torch.bfloat16)
+        loss = _loss(unet, fixed_batch(seed=100 + step, batch_size=1), 200 + step, torch.bfloat16)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -409,7 +368,7 @@ def test_trainable_weight_is_an_error_and_nothing_is_converted(bf16_unet):
 def test_dora_needs_nf4_linears():
     """PEFT's DoRA reads the base weight every forward: bitsandbytes weights it can dequantise,
     fp8 bytes it cannot (refused). With NF4 on the adapted Linears, DoRA trains as usual."""
-    unet = _tiny_unet(torch.bfloat16, dora=True)
+    unet = tiny_lora_unet(base_dtype=torch.bfloat16, dora=True)
     with pytest.raises(ValueError, match="DoRA.*fp8 layer"):
         quantize_frozen_unet(unet, "fp8", torch.bfloat16)
     assert not any(isinstance(m, (Fp8Linear, Fp8Conv2d)) for m in unet.modules())
