@@ -292,6 +292,7 @@ class Components:
     model_dtype: torch.dtype
     export: object  # export(folder, step)
     sample_hook: object | None
+    cuda_graphs: bool = False  # speed.cuda_graphs: each micro-batch starts a new graph replay
 
 
 def setup(config: Config, state: TrainState) -> Components:
@@ -349,7 +350,7 @@ def setup(config: Config, state: TrainState) -> Components:
     return Components(
         accelerator, base, trained, [p for g in param_groups for p in g["params"]], data, sampler, text, optimizer,
         lr_scheduler, LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
-                                   tc.timestep_max), model_dtype, export, sample_hook)
+                                   tc.timestep_max), model_dtype, export, sample_hook, config.speed.cuda_graphs)
 
 
 def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: TrainState, *, seed: int,
@@ -362,6 +363,10 @@ def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: Tr
     for _ in range(accumulation):
         micro = next(micro_batches)
         draws.write(state.step + 1, micro.batch, micro.data.ids)
+        if c.cuda_graphs:
+            # Tells inductor's CUDA-graph trees that the previous iteration's outputs are dead, so
+            # the graphs' memory can be reused (PyTorch's documented pattern for training loops).
+            torch.compiler.cudagraph_mark_step_begin()
         with accelerator.accumulate(*c.trained):
             loss = loss_step(c.base.unet, micro.data, c.text, c.settings, c.base.noise_scheduler.alphas_cumprod,
                              torch.Generator().manual_seed(micro_batch_seed(seed, micro.number,
