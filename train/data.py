@@ -148,9 +148,7 @@ class TextEmbeddingCache:
 
     def _add(self, caption: str) -> tuple[Tensor, Tensor]:
         embeds, pooled = self._encode([caption])
-        pin = self._device.type == "cuda"
-        stored = tuple(t[0].detach().to("cpu").pin_memory() if pin else t[0].detach().to("cpu")
-                       for t in (embeds, pooled))
+        stored = (embeds[0].detach().to("cpu"), pooled[0].detach().to("cpu"))
         self._memo[caption] = stored
         return stored
 

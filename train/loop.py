@@ -41,7 +41,7 @@ from train.data import (
 )
 from train.latents import LatentCache, cache_latents, row_geometry
 from train.optim import build_lr_scheduler, build_optimizer
-from train.prefetch import MicroBatch, Prefetcher, micro_batch_seed, prefetched, sampler_position
+from train.prefetch import MicroBatch, micro_batch_seed, prefetched, sampler_position
 from train.prefetch import micro_batches as build_micro_batches
 from train.sample_hook import should_sample
 from train.sampler import BucketBatchSampler
@@ -454,8 +454,7 @@ def train(config: Config, resume: str | None = None) -> Path:
             checkpoint.save_checkpoint(accelerator, run_dir, state, c.export, config.output.checkpoints_total_limit)
 
     progress.close()
-    if isinstance(micro_batches, Prefetcher):
-        micro_batches.close()
+    micro_batches.close()  # the prefetch thread, or the plain generator
     if accelerator.is_main_process:
         c.export(run_dir, state.step)
     checkpoint.write_rank_weights(run_dir, accelerator, c.base.unet)

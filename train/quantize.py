@@ -141,6 +141,17 @@ def _frozen_bias(bias: Tensor | None, dtype: torch.dtype) -> nn.Parameter | None
     return nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
 
+def _store_fp8(module: nn.Module, layer: nn.Linear | nn.Conv2d, compute_dtype: torch.dtype) -> None:
+    """Give `module` the fp8 form of `layer`'s frozen weight and bias (the attributes both fp8
+    layers share: `weight` bits, `weight_scale`, `bias`, `compute_dtype`, train mode)."""
+    module.compute_dtype = compute_dtype
+    bits, scale = fp8_quantize(layer.weight)
+    module.weight = nn.Parameter(bits, requires_grad=False)
+    module.bias = _frozen_bias(layer.bias, compute_dtype)
+    module.register_buffer("weight_scale", scale)
+    module.train(layer.training)
+
+
 class Fp8Linear(nn.Module):
     """A frozen `nn.Linear` stored in fp8 (per-output-channel scale), computing in `compute_dtype`.
 
@@ -151,12 +162,7 @@ class Fp8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype
-        bits, scale = fp8_quantize(linear.weight)
-        self.weight = nn.Parameter(bits, requires_grad=False)
-        self.bias = _frozen_bias(linear.bias, compute_dtype)
-        self.register_buffer("weight_scale", scale)
-        self.train(linear.training)
+        _store_fp8(self, linear, compute_dtype)
 
     def fp8_weight(self) -> Tensor:
         """The stored weight as `torch.float8_e4m3fn` (a view, no copy), before scaling."""
@@ -195,12 +201,7 @@ class Fp8Conv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
-        self.compute_dtype = compute_dtype
-        bits, scale = fp8_quantize(conv.weight)
-        self.weight = nn.Parameter(bits, requires_grad=False)
-        self.bias = _frozen_bias(conv.bias, compute_dtype)
-        self.register_buffer("weight_scale", scale)
-        self.train(conv.training)
+        _store_fp8(self, conv, compute_dtype)
 
     def fp8_weight(self) -> Tensor:
         """The stored weight as `torch.float8_e4m3fn` (a view, no copy), before scaling."""
