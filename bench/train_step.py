@@ -1,17 +1,17 @@
 """LoRA training-step speed: the project's path against the naive reference, in one process.
 
-The UNet is the exact SDXL architecture (train/sdxl_configs/unet) with random weights, built on
+The UNet is the exact SDXL architecture (train/model/sdxl_configs/unet) with random weights, built on
 the GPU (random weights run at the same speed as the real checkpoint, docs/performance.md); with
-`--tiny`, or without CUDA, it is the tiny UNet of train/tiny.py on a small latent, so the bench
+`--tiny`, or without CUDA, it is the tiny UNet of train/model/tiny.py on a small latent, so the bench
 runs (and is tested) on CPU.
 
 Two paths train the same frozen weights on the same random batch:
 - reference: the diffusers-example recipe. PEFT LoRA injected with `peft.inject_adapter_in_model`,
   frozen weights bf16 on GPU (fp32 on CPU), LoRA parameters fp32, `torch.optim.AdamW(fused=True)`
   on CUDA, no compile, plain MSE on epsilon.
-- project: `train.lora.add_unet_lora`, `train.quantize.quantize_frozen_unet` (`model.quantize`),
-  `train.speed.apply_speed_settings` (channels_last, fused LoRA, compile, CUDA graphs),
-  `train.loop.loss_step` and the optimizer table (`train.optim.build_optimizer`, fused AdamW or
+- project: `train.lora.adapters.add_unet_lora`, `train.model.quantize.quantize_frozen_unet` (`model.quantize`),
+  `train.runtime.speed.apply_speed_settings` (channels_last, fused LoRA, compile, CUDA graphs),
+  `train.loop.loss_step` and the optimizer table (`train.runtime.optim.build_optimizer`, fused AdamW or
   adamw8bit), i.e. what `animagine-lora train` runs per micro-batch (without accelerate's
   wrapper, a no-op on one process). A case's switches default to the config's defaults.
 Both run under bf16 autocast on CUDA, as `mixed_precision = "bf16"` does.
@@ -57,14 +57,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from train import tiny
-from train.data import TrainBatch
+from train.data.rows import TrainBatch
 from train.loop import LossSettings, loss_step
-from train.lora import TARGET_PRESETS, add_unet_lora
-from train.memory_presets import MEMORY_PRESETS
-from train.optim import build_optimizer
-from train.quantize import quantize_frozen_unet
-from train.speed import SpeedSettings, apply_speed_settings
+from train.lora.adapters import TARGET_PRESETS, add_unet_lora
+from train.model import tiny
+from train.model.quantize import quantize_frozen_unet
+from train.runtime.memory_presets import MEMORY_PRESETS
+from train.runtime.optim import build_optimizer
+from train.runtime.speed import SpeedSettings, apply_speed_settings
 
 logger = logging.getLogger("bench.train_step")
 
@@ -89,7 +89,7 @@ class Case:
     fused_optimizer: bool = True
     quantize: str = "none"
     optimizer: str = "adamw"
-    memory_preset: str = ""  # the train.memory_presets entry this case checks
+    memory_preset: str = ""  # the train.runtime.memory_presets entry this case checks
 
     @property
     def workload(self) -> tuple:
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny UNet on CPU (the default without CUDA)")
     parser.add_argument("--quick", action="store_true", help="reference, project, channels_last at batch 1 only")
     parser.add_argument("--presets", action="store_true",
-                        help="only the memory presets (train/memory_presets.py): peak memory against each budget")
+                        help="only the memory presets (train/runtime/memory_presets.py): peak memory against each budget")
     parser.add_argument("--steps", type=int, help="timed steps per configuration (default 10, quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3, quick 1)")
     parser.add_argument("--latent", type=int, help="latent side (default 128 = 1024² on SDXL, 16 tiny)")

@@ -46,8 +46,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, clip_bpe_path: Path):
-    """The tiny SDXL (train.tiny), built once per session: diffusers folder + SGM single file."""
-    from train.tiny import build_tiny_model
+    """The tiny SDXL (train.model.tiny), built once per session: diffusers folder + SGM single file."""
+    from train.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", clip_bpe_path)
 
@@ -62,7 +62,7 @@ def lora_pipeline(tiny_model):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from train.lora import add_text_encoder_lora, add_unet_lora, lora_modules
+    from train.lora.adapters import add_text_encoder_lora, add_unet_lora, lora_modules
 
     def make(preset="attn-mlp", rank=4, alpha=2.0, text_encoders=True, dora=False, seed=0):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model.diffusers_dir)

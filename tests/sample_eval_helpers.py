@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from train.export import save_webui_lora, webui_metadata
-from train.lora import add_text_encoder_lora, add_unet_lora
-from train.models import load_base_model
+from train.lora.adapters import add_text_encoder_lora, add_unet_lora
+from train.lora.export import save_webui_lora, webui_metadata
+from train.model.loading import load_base_model
 
 HEAD = ["1girl", "herta (honkai: star rail)", "honkai: star rail", "safe"]
 

@@ -42,7 +42,7 @@ def test_quick_tiny_bench_writes_positive_numbers(tmp_path):
 
 def test_memory_presets_run_on_the_tiny_unet(tmp_path):
     """--presets: one row per memory preset with its settings; the budget check needs CUDA."""
-    from train.memory_presets import MEMORY_PRESETS
+    from train.runtime.memory_presets import MEMORY_PRESETS
 
     out = tmp_path / "presets.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--tiny", "--presets",

@@ -1,4 +1,4 @@
-"""train.sampler.BucketBatchSampler: one bucket per batch, repeats, disjoint ranks, resume."""
+"""train.data.bucket_batches.BucketBatchSampler: one bucket per batch, repeats, disjoint ranks, resume."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import islice
 
 import pytest
 
-from train.sampler import BucketBatchSampler
+from train.data.bucket_batches import BucketBatchSampler
 
 BUCKETS = [(64, 64)] * 5 + [(64, 96)] * 3 + [(96, 64)]
 REPEATS = [2] * 5 + [1] * 3 + [1]

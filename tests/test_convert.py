@@ -1,4 +1,4 @@
-"""`animagine-lora convert` (train.convert): both directions, alpha handling, sd-scripts names, errors."""
+"""`animagine-lora convert` (train.lora.convert): both directions, alpha handling, sd-scripts names, errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from train.cli import main as cli_main
-from train.convert import convert, read_lora
-from train.export import save_diffusers_lora, save_webui_lora, webui_metadata
+from train.lora.convert import convert, read_lora
+from train.lora.export import save_diffusers_lora, save_webui_lora, webui_metadata
 
 RANK, ALPHA = 4, 2.0
 

@@ -1,4 +1,4 @@
-"""train.data: caption augmentation, batches with SDXL time ids, the text-output cache."""
+"""train.data.rows: caption augmentation, batches with SDXL time ids, the text-output cache."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from train.data import CaptionAugment, TextEmbeddingCache, TrainingData, make_caption
+from train.data.rows import CaptionAugment, TextEmbeddingCache, TrainingData, make_caption
 
 HEAD, BODY, TAIL = ["1girl", "mira"], ["blue hair", "smile", "long hair", "shirt"], ["safe", "masterpiece"]
 

@@ -17,15 +17,15 @@ from sample_eval_helpers import (
 from tagger_helpers import build_tiny_tagger
 
 from train.cli import main
-from train.evaluate import (
+from train.evaluate.compare import (
     EvalRow,
     character_tags,
     discover_checkpoints,
     read_prompt_file,
     recommend,
 )
-from train.models import load_base_model
-from train.validation import ValidationLoss, dataset_sources, encode_items, folder_sources
+from train.evaluate.validation import ValidationLoss, dataset_sources, encode_items, folder_sources
+from train.model.loading import load_base_model
 
 pytest.importorskip("onnx")
 

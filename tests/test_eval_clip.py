@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from sample_eval_helpers import build_tiny_clip
 
-from train.clip_score import ClipScorer
+from train.evaluate.clip_score import ClipScorer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""LoRA export (train.export): every rule of docs/lora_formats.md, checked statically and by reloading."""
+"""LoRA export (train.lora.export): every rule of docs/lora_formats.md, checked statically and by reloading."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from train.export import (
+from train.lora.adapters import lora_modules
+from train.lora.export import (
     REQUIRED_METADATA,
     kohya_module_name,
     save_diffusers_lora,
     save_webui_lora,
     webui_metadata,
 )
-from train.lora import lora_modules
 
 RANK, ALPHA = 4, 2.0  # alpha != r on purpose: a loader that assumes alpha = r gets the scale wrong
 

@@ -1,4 +1,4 @@
-"""train.latents: geometry at a resolution scale, pixels, cache keys that never serve stale latents."""
+"""train.data.latents: geometry at a resolution scale, pixels, cache keys that never serve stale latents."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.latents import LatentCache, cache_latents, load_pixels, row_geometry
+from train.data.latents import LatentCache, cache_latents, load_pixels, row_geometry
 
 ROW = {"id": "x.png", "image_path": "", "sha256": "ab" * 32, "width": 1200, "height": 900,
        "bucket_width": 1152, "bucket_height": 896, "resize_width": 1195, "resize_height": 896,

@@ -1,4 +1,4 @@
-"""LoRA set-up (train.lora): target presets on the real SDXL architecture, init, dtypes."""
+"""LoRA set-up (train.lora.adapters): target presets on the real SDXL architecture, init, dtypes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from train.lora import (
+from train.lora.adapters import (
     TARGET_PRESETS,
     add_text_encoder_lora,
     add_unet_lora,
@@ -16,7 +16,7 @@ from train.lora import (
     lora_modules,
     lora_state_dict,
 )
-from train.models import SDXL_CONFIGS, load_base_model
+from train.model.loading import SDXL_CONFIGS, load_base_model
 
 
 def _sdxl_unet_on_meta():

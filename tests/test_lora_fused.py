@@ -1,4 +1,4 @@
-"""The fused LoRA forward (train.lora_fused) keeps PEFT's maths, dtypes and adapter controls.
+"""The fused LoRA forward (train.lora.fused) keeps PEFT's maths, dtypes and adapter controls.
 
 fp32 on CPU: loss and every LoRA gradient within rtol 1e-4 of PEFT's forward (the addmm sums in
 a different order). bf16 under autocast: the loss within 2e-2 of PEFT's, and the LoRA gradients
@@ -28,8 +28,8 @@ from unet_helpers import (
     tiny_lora_unet,
 )
 
-from train.lora import lora_modules, lora_state_dict
-from train.lora_fused import fuse_lora_layers, unfuse_lora_layers
+from train.lora.adapters import lora_modules, lora_state_dict
+from train.lora.fused import fuse_lora_layers, unfuse_lora_layers
 
 RTOL, ATOL = 1e-4, 1e-6
 BF16_REL = 2e-2
@@ -182,7 +182,7 @@ def test_state_dict_unchanged():
 def test_dora_is_not_fused(caplog):
     expected = loss_and_grads(tiny_lora_unet(dora=True))
     unet = tiny_lora_unet(dora=True)
-    with caplog.at_level(logging.INFO, logger="train.lora_fused"):
+    with caplog.at_level(logging.INFO, logger="train.lora.fused"):
         assert fuse_lora_layers(unet) == 0
     assert f"{len(lora_modules(unet))} DoRA" in caplog.text
     actual = loss_and_grads(unet)
@@ -275,7 +275,7 @@ def test_layer_fallbacks_to_peft():
 ], ids=["dropout", "dora", "lora_bias"])
 def test_ineligible_layers_keep_peft_forward(config, reason, caplog):
     model = _layer(**config)
-    with caplog.at_level(logging.INFO, logger="train.lora_fused"):
+    with caplog.at_level(logging.INFO, logger="train.lora.fused"):
         assert fuse_lora_layers(model) == 0
     assert f"1 {reason}" in caplog.text
     assert "forward" not in model.proj.__dict__
@@ -299,8 +299,8 @@ def test_fused_layer_traces_without_graph_breaks(autocast):
 
 @pytest.mark.parametrize("mode", ["fp8", "nf4"])
 def test_quantized_base_layers_are_fused_too(mode):
-    """model.quantize swaps the base layers (train.quantize): the LoRA layers around them still fuse."""
-    from train.quantize import quantize_frozen_unet
+    """model.quantize swaps the base layers (train.model.quantize): the LoRA layers around them still fuse."""
+    from train.model.quantize import quantize_frozen_unet
 
     unet = tiny_lora_unet()
     quantize_frozen_unet(unet, mode, torch.float32)

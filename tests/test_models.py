@@ -1,4 +1,4 @@
-"""Base-model loading (train.models), the tiny SDXL (train.tiny) and the shipped SDXL configs."""
+"""Base-model loading (train.model.loading), the tiny SDXL (train.model.tiny) and the shipped SDXL configs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from accelerate import init_empty_weights
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
-from train.models import SDXL_CONFIGS, load_base_model, vae_fingerprint
-from train.tiny import build_tiny_model
+from train.model.loading import SDXL_CONFIGS, load_base_model, vae_fingerprint
+from train.model.tiny import build_tiny_model
 
 
 def test_shipped_unet_config_is_sdxl_base():

@@ -1,4 +1,4 @@
-"""train.prefetch: micro-batches built ahead in a thread are the ones the loop would build itself."""
+"""train.data.prefetch: micro-batches built ahead in a thread are the ones the loop would build itself."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from train.data import TrainBatch
-from train.prefetch import Prefetcher, micro_batches, prefetched, sampler_position
-from train.sampler import BucketBatchSampler
+from train.data.bucket_batches import BucketBatchSampler
+from train.data.prefetch import Prefetcher, micro_batches, prefetched, sampler_position
+from train.data.rows import TrainBatch
 
 
 class _Data:

@@ -9,8 +9,8 @@ from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 from sample_eval_helpers import HEAD, lora_model, write_lora
 
-from train.models import load_base_model
-from train.prompts import (
+from train.generate.hook import SampleConfig, TrainingSampler, share_components
+from train.generate.prompts import (
     CARD_NEGATIVE,
     QUALITY_TAIL,
     PromptOrderer,
@@ -19,8 +19,7 @@ from train.prompts import (
     prepare_prompt,
     split_tags,
 )
-from train.sample_hook import SampleConfig, TrainingSampler, share_components
-from train.sampling import (
+from train.generate.sampling import (
     LoraFileError,
     SampleSettings,
     build_pipeline,
@@ -29,6 +28,7 @@ from train.sampling import (
     load_lora,
     unload_lora,
 )
+from train.model.loading import load_base_model
 
 PROMPT = "1girl, herta (honkai: star rail), honkai: star rail, safe, smile"
 SETTINGS = SampleSettings(width=64, height=64, steps=3, seeds=[3, 11], batch_size=2)

@@ -1,4 +1,4 @@
-"""Chunked SDXL caption encoding (train.text_encoding) against diffusers and a by-hand computation."""
+"""Chunked SDXL caption encoding (train.data.text_encoding) against diffusers and a by-hand computation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from train.text_encoding import chunk_token_ids, encode_prompts
+from train.data.text_encoding import chunk_token_ids, encode_prompts
 
 SHORT = "1girl, hatsune miku, vocaloid, solo, smile, looking at viewer, masterpiece, best quality"
 # About 200 tokens: needs three chunks.
@@ -80,7 +80,7 @@ def test_long_caption_is_chunks_encoded_separately(pipe):
 @torch.no_grad()
 def test_max_chunks_truncates_with_warning(pipe, caplog):
     tokenizers, encoders = _encoders(pipe)
-    with caplog.at_level(logging.WARNING, logger="train.text_encoding"):
+    with caplog.at_level(logging.WARNING, logger="train.data.text_encoding"):
         embeds, _ = encode_prompts([LONG], tokenizers, encoders, max_chunks=2)
     assert embeds.shape == (1, 154, 80)
     assert "truncated" in caplog.text

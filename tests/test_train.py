@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from train_helpers import make_dataset, popen, run, train_command, write_config
 
-from train import checkpoint
+from train.runtime import checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""train.optim: every optimizer in the table builds and steps; schedules warm up; bad names fail."""
+"""train.runtime.optim: every optimizer in the table builds and steps; schedules warm up; bad names fail."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train.optim import OPTIMIZERS, build_lr_scheduler, build_optimizer
+from train.runtime.optim import OPTIMIZERS, build_lr_scheduler, build_optimizer
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

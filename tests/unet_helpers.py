@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from train import tiny
-from train.data import TrainBatch
+from train.data.rows import TrainBatch
 from train.loop import LossSettings, loss_step
-from train.lora import add_unet_lora, lora_modules
+from train.lora.adapters import add_unet_lora, lora_modules
+from train.model import tiny
 
 SETTINGS = LossSettings("epsilon", 0.0, None, 0, 1000)
 ALPHAS_CUMPROD = torch.linspace(0.999, 0.01, 1000)

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from train.config import ConfigError
-    from train.data import load_rows
-    from train.latents import LatentCache, cache_latents
+    from train.data.latents import LatentCache, cache_latents
+    from train.data.rows import load_rows
     from train.loop import build_model
 
     try:

@@ -19,9 +19,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("train.prep.cli", "build a training dataset from raw images, with a report"),
     "cache": ("train.cache_cli", "encode latents into the dataset's cache"),
     "train": ("train.__main__", "train a LoRA (same as `accelerate launch -m train CONFIG`)"),
-    "convert": ("train.convert", "convert LoRA files between WebUI and diffusers formats"),
-    "sample": ("train.sample_cli", "generate with a LoRA on Animagine XL 4.0 Opt/Zero at the card's settings"),
-    "eval": ("train.eval_cli", "evaluate a run's checkpoints side by side and recommend one"),
+    "convert": ("train.lora.convert", "convert LoRA files between WebUI and diffusers formats"),
+    "sample": ("train.generate.cli", "generate with a LoRA on Animagine XL 4.0 Opt/Zero at the card's settings"),
+    "eval": ("train.evaluate.cli", "evaluate a run's checkpoints side by side and recommend one"),
 }
 
 

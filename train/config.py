@@ -16,7 +16,7 @@ from typing import Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from train.sample_hook import SampleConfig
+from train.generate.hook import SampleConfig
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -35,7 +35,7 @@ class ModelConfig(_Section):
     tokenizer_dir: str | None = None  # folder with tokenizer/ and tokenizer_2/
     weight_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     vae_dtype: Literal["bf16", "fp32"] = "fp32"  # never fp16: the SDXL VAE overflows
-    # Frozen UNet weights stored compressed (train.quantize): "fp8" (Linear and Conv2d in
+    # Frozen UNet weights stored compressed (train.model.quantize): "fp8" (Linear and Conv2d in
     # float8 with per-channel scales, about half of bf16) or "nf4" (bitsandbytes 4-bit Linear,
     # fp8 convolutions, about a third); computed in weight_dtype. For small GPUs.
     quantize: Literal["none", "fp8", "nf4"] = "none"
@@ -96,7 +96,7 @@ class TrainConfig(_Section):
 
 
 class SpeedConfig(_Section):
-    """Speed switches, applied by `train.speed.apply_speed_settings` (the defaults change no maths)."""
+    """Speed switches, applied by `train.runtime.speed.apply_speed_settings` (the defaults change no maths)."""
 
     sdpa: bool = True  # diffusers' AttnProcessor2_0 (scaled_dot_product_attention) everywhere
     channels_last: bool = False  # NHWC UNet weights: faster convolutions on CUDA tensor cores
@@ -129,8 +129,8 @@ class Config(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig
     output: OutputConfig
-    sample: SampleConfig = SampleConfig()  # sample grids during training (train.sample_hook)
-    speed: SpeedConfig = SpeedConfig()  # UNet speed switches (train.speed)
+    sample: SampleConfig = SampleConfig()  # sample grids during training (train.generate.hook)
+    speed: SpeedConfig = SpeedConfig()  # UNet speed switches (train.runtime.speed)
 
 
 # Fields holding filesystem paths, resolved against the config file's folder.

@@ -2,7 +2,7 @@
 
     python -m train.demo --shared ../shared          (what `make demo` runs)
 
-1. builds the tiny SDXL (`train.tiny`) into OUT/tiny_model (reused when already built);
+1. builds the tiny SDXL (`train.model.tiny`) into OUT/tiny_model (reused when already built);
 2. preps `datasets/sample.toml` into OUT/sample_prep (`animagine-lora prep`; "up to date" on reruns);
 3. trains `configs/tiny.toml` (paths pointed at OUT), which caches latents on first use,
    checkpoints, and exports the WebUI and diffusers LoRA files;
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.cli import main as cli
     from train.loop import TrainingStopped, train
-    from train.tiny import build_tiny_model
+    from train.model.tiny import build_tiny_model
 
     tiny = build_tiny_model(out / "tiny_model", clip_bpe)
     prep_dir = out / "sample_prep"

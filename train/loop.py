@@ -28,10 +28,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-from train import checkpoint, diffusion
-from train.checkpoint import TrainState
+from train import diffusion
 from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConfig
-from train.data import (
+from train.data.bucket_batches import BucketBatchSampler
+from train.data.latents import LatentCache, cache_latents, row_geometry
+from train.data.prefetch import MicroBatch, micro_batch_seed, prefetched, sampler_position
+from train.data.prefetch import micro_batches as build_micro_batches
+from train.data.rows import (
     CaptionAugment,
     TextEmbeddingCache,
     TrainBatch,
@@ -39,14 +42,12 @@ from train.data import (
     load_rows,
     make_caption,
 )
-from train.latents import LatentCache, cache_latents, row_geometry
-from train.optim import build_lr_scheduler, build_optimizer
-from train.prefetch import MicroBatch, micro_batch_seed, prefetched, sampler_position
-from train.prefetch import micro_batches as build_micro_batches
-from train.sample_hook import should_sample
-from train.sampler import BucketBatchSampler
-from train.speed import apply_speed_settings
-from train.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
+from train.generate.hook import should_sample
+from train.runtime import checkpoint
+from train.runtime.checkpoint import TrainState
+from train.runtime.optim import build_lr_scheduler, build_optimizer
+from train.runtime.speed import apply_speed_settings
+from train.runtime.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def build_model(model: ModelConfig, device: torch.device):
     A UNet to be quantized stays on the CPU: `quantize_unet` moves it once compressed, so a small
     GPU never holds its full-precision weights.
     """
-    from train.models import load_base_model
+    from train.model.loading import load_base_model
 
     base = load_base_model(model.source, config_dir=model.config_dir, tokenizer_dir=model.tokenizer_dir,
                            weight_dtype=TORCH_DTYPES[model.weight_dtype], vae_dtype=TORCH_DTYPES[model.vae_dtype])
@@ -112,7 +113,7 @@ def quantize_unet(unet, mode: str, *, compute_dtype: torch.dtype, device: torch.
     """Compress the frozen UNet weights (`model.quantize`), then move the UNet to `device`."""
     if mode == "none":
         return
-    from train.quantize import frozen_weight_bytes, quantize_frozen_unet
+    from train.model.quantize import frozen_weight_bytes, quantize_frozen_unet
 
     before = frozen_weight_bytes(unet)
     quantize_frozen_unet(unet, mode, compute_dtype)
@@ -126,7 +127,7 @@ def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: boo
 
     Trainable parameters are kept in float32 whatever the frozen weights' dtype.
     """
-    from train.lora import add_text_encoder_lora, add_unet_lora
+    from train.lora.adapters import add_text_encoder_lora, add_unet_lora
 
     add_unet_lora(base.unet, preset=lora.preset, rank=lora.rank, alpha=lora.alpha, dora=lora.dora)
     encoders = (base.text_encoder, base.text_encoder_2) if lora.train_text_encoder else ()
@@ -170,7 +171,7 @@ def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, ca
     now and kept in CPU memory, and the text encoders leave the GPU (1.6 GiB in bf16 on SDXL):
     training never runs them again.
     """
-    from train.text_encoding import encode_prompts
+    from train.data.text_encoding import encode_prompts
 
     tokenizers = (base.tokenizer, base.tokenizer_2)
     encoders = (base.text_encoder, base.text_encoder_2)
@@ -207,7 +208,7 @@ def build_sample_hook(sample, base, *, run_dir: Path, accelerator: Accelerator, 
     """The training-time sampler (main process only), or None when `sample.every_n_steps` is 0."""
     if sample.every_n_steps == 0 or not accelerator.is_main_process:
         return None
-    from train.sample_hook import TrainingSampler
+    from train.generate.hook import TrainingSampler
 
     return TrainingSampler(sample, train_model=base, out_dir=run_dir, device=accelerator.device,
                            dataset_heads=[row["caption_head"] for row in rows], weight_dtype=weight_dtype)
@@ -242,7 +243,7 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
 def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
                   *, source: str, resolution: tuple[int, int]):
     """`export(folder, step)`: the WebUI file and the diffusers folder of the current LoRA."""
-    from train.export import save_diffusers_lora, save_webui_lora, webui_metadata
+    from train.lora.export import save_diffusers_lora, save_webui_lora, webui_metadata
 
     tag_frequency: dict[str, Counter] = {}
     for row in rows:
@@ -262,7 +263,7 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
             prediction_type=base.prediction_type, conv=lora.preset == "attn-mlp-conv",
             extra={"ss_steps": step, "ss_num_train_images": len(rows)})
         # The WebUI loaders disagree on DoRA's magnitude axis and diffusers drops it on load, so
-        # a DoRA run gets the diffusers folder only (train.export refuses a WebUI DoRA file).
+        # a DoRA run gets the diffusers folder only (train.lora.export refuses a WebUI DoRA file).
         if not lora.dora:
             save_webui_lora(Path(folder) / f"{output.name}.safetensors", unet=unet, metadata=metadata, **encoders)
         save_diffusers_lora(Path(folder) / "diffusers", unet=unet, **encoders)
@@ -280,7 +281,7 @@ class Components:
     """What `setup` built: everything the loop touches, prepared by accelerate."""
 
     accelerator: Accelerator
-    base: object  # train.models.BaseModel, trained modules DDP-wrapped
+    base: object  # train.model.loading.BaseModel, trained modules DDP-wrapped
     trained: list  # the prepared modules carrying adapters (UNet, then text encoders if trained)
     params: list  # trainable parameters, for clipping
     data: TrainingData

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.data import TrainBatch, TrainingData
-from train.sampler import Batch
+from train.data.bucket_batches import Batch
+from train.data.rows import TrainBatch, TrainingData
 
 
 @dataclass(frozen=True)

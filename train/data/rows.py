@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from train.data.latents import LatentCache, row_geometry
 from train.diffusion import compute_time_ids
-from train.latents import LatentCache, row_geometry
 
 # Columns the trainer reads from the prepped dataset (notes/contract.md).
 COLUMNS = ("id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height",
@@ -126,7 +126,7 @@ class TextEmbeddingCache:
     `precompute` does that for every caption of the dataset up front, after which the encoders
     are not needed any more and can leave the GPU. A batch whose captions have different chunk
     counts is padded with the encoding of an empty chunk (`[BOS, EOS, pad...]`): every chunk is
-    encoded on its own (train.text_encoding), so that is exactly what encoding the batch together
+    encoded on its own (train.data.text_encoding), so that is exactly what encoding the batch together
     gives, and the pooled output comes from the first chunk only.
     """
 

@@ -4,7 +4,7 @@
     animagine-lora eval a.safetensors b.safetensors --dataset prepped/herta --no-images -o eval/ab
 
 Writes `report.json`, `report.csv`, `index.html`, `plots/`, `grids/`, `comparison.png` in OUT and
-prints the table with the recommended checkpoint. See train.evaluate for the metrics.
+prints the table with the recommended checkpoint. See train.evaluate.compare for the metrics.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from train.prompts import CARD_CFG, CARD_NEGATIVE, parse_size
+from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _training_heads(dataset: Path | None) -> list[list[str]]:
     if dataset is None:
         return []
-    from train.data import load_rows
+    from train.data.rows import load_rows
 
     return [row["caption_head"] for row in load_rows(dataset, split="train")]
 
@@ -61,8 +61,8 @@ def _training_heads(dataset: Path | None) -> list[list[str]]:
 def _prompts(args, heads, problems: list[str]) -> list[str]:
     from collections import Counter
 
-    from train.evaluate import read_prompt_file
-    from train.prompts import PromptOrderer, default_prompts, prepare_prompt
+    from train.evaluate.compare import read_prompt_file
+    from train.generate.prompts import PromptOrderer, default_prompts, prepare_prompt
 
     if args.prompts:
         raw, file_problems = read_prompt_file(args.prompts)
@@ -83,8 +83,8 @@ def _load(source: str, args, device: str):
     """A loaded BaseModel and its pipeline (bf16 on CUDA, fp32 on CPU; VAE always fp32)."""
     import torch
 
-    from train.models import load_base_model
-    from train.sampling import build_pipeline, resolve_model_source
+    from train.generate.sampling import build_pipeline, resolve_model_source
+    from train.model.loading import load_base_model
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_base_model(resolve_model_source(source), config_dir=args.config_dir,
@@ -94,7 +94,7 @@ def _load(source: str, args, device: str):
 
 def _validation(args, model):
     """The ValidationLoss over the val rows or folder, or None when there are none."""
-    from train import validation
+    from train.evaluate import validation
 
     if args.val_folder:
         sources = validation.folder_sources(args.val_folder, args.val_scale)
@@ -109,9 +109,9 @@ def _validation(args, model):
 
 def _build_plan(args, prompts, heads, device, problems) -> tuple:
     """(image pipeline, EvalPlan): models loaded once, validation latents encoded once."""
-    from train.evaluate import EvalPlan, character_tags, tag_targets
-    from train.sample_hook import share_components
-    from train.sampling import SampleSettings
+    from train.evaluate.compare import EvalPlan, character_tags, tag_targets
+    from train.generate.hook import share_components
+    from train.generate.sampling import SampleSettings
 
     width, height = parse_size(args.size)
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, negative=args.negative,
@@ -136,8 +136,8 @@ def _build_plan(args, prompts, heads, device, problems) -> tuple:
         plan.targets = tag_targets(plan.tagger, prompts, character_tags(heads), args.negative)
     if prompts and args.clip:
         from captioning.images import load_rgb
-        from train.clip_score import ClipScorer
-        from train.data import load_rows
+        from train.data.rows import load_rows
+        from train.evaluate.clip_score import ClipScorer
 
         references = [load_rgb(r["image_path"]) for r in load_rows(args.dataset)[:32]] if args.dataset else []
         plan.clip = ClipScorer(args.clip, references, device=device)
@@ -147,7 +147,8 @@ def _build_plan(args, prompts, heads, device, problems) -> tuple:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from train.eval_report import (
+    from train.evaluate.compare import comparison_sheet, discover_checkpoints, evaluate, recommend
+    from train.evaluate.report import (
         log_wandb,
         print_table,
         write_csv,
@@ -155,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         write_json,
         write_plots,
     )
-    from train.evaluate import comparison_sheet, discover_checkpoints, evaluate, recommend
-    from train.sampling import save_png
+    from train.generate.sampling import save_png
 
     checkpoints, problems = discover_checkpoints(args.inputs)
     for problem in problems:

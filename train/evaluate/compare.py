@@ -1,7 +1,7 @@
 """Evaluate a run's checkpoints side by side, the base model as step 0.
 
 For each checkpoint's WebUI LoRA file, swapped into one loaded pipeline (never reloaded):
-validation loss (train.validation), a prompts x seeds grid at the card's settings, tag fidelity
+validation loss (train.evaluate.validation), a prompts x seeds grid at the card's settings, tag fidelity
 with a WD v3 tagger (recall of the prompt's tags, recall of the trained character's head tags,
 share of images showing a negative-prompt tag), optional CLIP scores. `recommend` picks the
 checkpoint with the best validation loss among those whose tag fidelity is within a margin of
@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from train.prompts import split_tags
-from train.sampling import (
+from train.generate.prompts import split_tags
+from train.generate.sampling import (
     LoraFileError,
     SampleSettings,
     generate,
@@ -249,11 +249,11 @@ class EvalPlan:
     prompts: list[str]  # final texts (already ordered)
     settings: SampleSettings
     strength: float = 1.0
-    validation: object | None = None  # train.validation.ValidationLoss
+    validation: object | None = None  # train.evaluate.validation.ValidationLoss
     val_pipe: object | None = None  # a second pipeline for the validation loss; None: the image one
     tagger: object | None = None  # captioning.tagger.WDTagger
     targets: TagTargets | None = None
-    clip: object | None = None  # train.clip_score.ClipScorer
+    clip: object | None = None  # train.evaluate.clip_score.ClipScorer
     thumbnails: dict[str, list[Image.Image]] = field(default_factory=dict)
 
 

@@ -15,8 +15,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from train.evaluate import METRICS, EvalRow
-from train.sampling import save_text as write_text
+from train.evaluate.compare import METRICS, EvalRow
+from train.generate.sampling import save_text as write_text
 
 logger = logging.getLogger(__name__)
 _COLUMNS = ("name", "step", *METRICS, "lora", "grid", "error")
@@ -72,7 +72,7 @@ def write_plots(rows: Sequence[EvalRow], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from train.sampling import save_png
+    from train.generate.sampling import save_png
 
     paths = []
     for metric in METRICS:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from train.data import load_rows
+from train.data.latents import Geometry, encode, load_pixels, row_geometry
+from train.data.rows import load_rows
+from train.data.text_encoding import encode_prompts
 from train.diffusion import add_noise, compute_time_ids, sample_noise, training_target, weighted_mse
-from train.latents import Geometry, encode, load_pixels, row_geometry
-from train.prompts import CARD_RESOLUTIONS
-from train.text_encoding import encode_prompts
+from train.generate.prompts import CARD_RESOLUTIONS
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from train.prompts import (
+from train.generate.prompts import (
     CARD_CFG,
     CARD_NEGATIVE,
     CARD_STEPS,
@@ -55,7 +55,7 @@ def _head_order(dataset: Path | None) -> tuple[str, ...]:
         return ()
     from collections import Counter
 
-    from train.data import load_rows
+    from train.data.rows import load_rows
 
     heads = Counter(tuple(row["caption_head"]) for row in load_rows(dataset, split="train"))
     return heads.most_common(1)[0][0] if heads else ()
@@ -64,8 +64,7 @@ def _head_order(dataset: Path | None) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from train.models import load_base_model
-    from train.sampling import (
+    from train.generate.sampling import (
         LoraFileError,
         SampleSettings,
         build_pipeline,
@@ -76,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         save_png,
         save_text,
     )
+    from train.model.loading import load_base_model
 
     try:
         width, height = parse_size(args.size)

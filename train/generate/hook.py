@@ -6,7 +6,7 @@ The training loop builds one `TrainingSampler` and, on the main process, calls
 
 - `sample_model = "train"`: the pipeline wraps the training components themselves (the LoRA is
   active in them, nothing is copied or loaded).
-- `sample_model = "opt"`: the current LoRA is exported to a WebUI file (train.export) and loaded on
+- `sample_model = "opt"`: the current LoRA is exported to a WebUI file (train.lora.export) and loaded on
   the Opt pipeline with `load_lora_weights`, the path users take, then removed again. The Opt
   model is loaded once, when the sampler is built (a bad source fails before training). Its VAE
   and text encoders are replaced by the training model's when their weight hashes are identical
@@ -26,9 +26,8 @@ import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 
-from train.models import vae_fingerprint
-from train.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, default_prompts, parse_size
-from train.sampling import (
+from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, default_prompts, parse_size
+from train.generate.sampling import (
     SampleSettings,
     build_pipeline,
     load_lora,
@@ -36,6 +35,7 @@ from train.sampling import (
     resolve_model_source,
     unload_lora,
 )
+from train.model.loading import vae_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 def share_components(sample_model, train_model, names: tuple[str, ...] = _SHAREABLE) -> list[str]:
     """Replace `sample_model`'s components `names` by `train_model`'s where the weights are equal.
 
-    Returns the names shared. Both are `train.models.BaseModel`s; a training text encoder that
+    Returns the names shared. Both are `train.model.loading.BaseModel`s; a training text encoder that
     carries LoRA layers hashes differently and is therefore never shared.
     """
     shared = []
@@ -118,7 +118,7 @@ class TrainingSampler:
     def _opt_pipeline(self):
         if self._opt_pipe is not None:
             return self._opt_pipe
-        from train.models import load_base_model
+        from train.model.loading import load_base_model
 
         source = resolve_model_source(self.config.opt_model)
         model = load_base_model(source, config_dir=self.config.opt_config_dir,
@@ -174,8 +174,8 @@ class TrainingSampler:
         return grid
 
     def _render_on_opt(self, step, path, unet, text_encoder, text_encoder_2):
-        from train.export import save_webui_lora, webui_metadata
-        from train.lora import lora_config
+        from train.lora.adapters import lora_config
+        from train.lora.export import save_webui_lora, webui_metadata
 
         pipe = self._opt_pipeline()
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ Sampler and noise conventions (what "the same seed" means here):
   latent and then every ancestral step's noise in order, on the CPU. That is A1111's RNG source
   "CPU" (a generator per seed, the sampler's noise drawn from it) and ComfyUI's CPU noise, so the
   same seed gives the same starting noise on any GPU. Seeds are per image, not per batch.
-- Prompts longer than 75 tokens are encoded in 75-token chunks (train.text_encoding), as in
+- Prompts longer than 75 tokens are encoded in 75-token chunks (train.data.text_encoding), as in
   training and in the WebUIs; the negative prompt is encoded in the same batch so both have the
   same number of chunks (classifier-free guidance concatenates them).
 """
@@ -40,8 +40,8 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from train.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
-from train.text_encoding import encode_prompts
+from train.data.text_encoding import encode_prompts
+from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def resolve_model_source(model: str) -> str:
 
 def build_pipeline(model, *, device: str | torch.device = "cpu",
                    timestep_spacing: str = "linspace") -> StableDiffusionXLPipeline:
-    """A `StableDiffusionXLPipeline` over a loaded `train.models.BaseModel`'s components.
+    """A `StableDiffusionXLPipeline` over a loaded `train.model.loading.BaseModel`'s components.
 
     The components are used as they are (no copy): LoRA weights loaded into the pipeline land in
     these modules. The scheduler is Euler Ancestral from the model's own scheduler config.

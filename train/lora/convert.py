@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from train.export import (
+from train.lora.export import (
     DIFFUSERS_WEIGHT_NAME,
     check_metadata,
     kohya_module_name,
@@ -40,7 +40,7 @@ from train.export import (
     write_diffusers_file,
     write_safetensors,
 )
-from train.models import SDXL_CONFIGS
+from train.model.loading import SDXL_CONFIGS
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 from torch import Tensor
 
-from train import checkpoint_keys
-from train.lora import lora_config, lora_modules, lora_state_dict
+from train.lora.adapters import lora_config, lora_modules, lora_state_dict
+from train.model import sgm_keys
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -54,11 +54,11 @@ def kohya_module_name(
 
     Text encoder names always start `text_model_`, as in the checkpoints, even where recent
     transformers versions have flattened `CLIPTextModel` and dropped that level. With
-    `sgm_block_map` (`checkpoint_keys.unet_module_map`), UNet names use the original SGM blocks
+    `sgm_block_map` (`sgm_keys.unet_module_map`), UNet names use the original SGM blocks
     (`lora_unet_input_blocks_4_1_...`), as sd-scripts writes them.
     """
     if component == "unet" and sgm_block_map is not None:
-        module_path = checkpoint_keys.unet_module_name_to_sgm(module_path, sgm_block_map)
+        module_path = sgm_keys.unet_module_name_to_sgm(module_path, sgm_block_map)
     if component != "unet" and not module_path.startswith("text_model."):
         module_path = "text_model." + module_path
     return KOHYA_PREFIXES[component] + module_path.replace(".", "_")
@@ -83,7 +83,7 @@ def kohya_state_dict(
     if block_names not in ("diffusers", "sgm"):
         raise ValueError(f"block_names {block_names!r}: choose diffusers or sgm")
     block_map = (
-        checkpoint_keys.unet_module_map(dict(model.config))
+        sgm_keys.unet_module_map(dict(model.config))
         if block_names == "sgm" and component == "unet"
         else None
     )

@@ -20,7 +20,7 @@ same model, and `unfuse_lora_layers` restores PEFT's forward.
 Eligible: a `peft.tuners.lora.layer.Linear` (not a subclass with its own forward) with exactly
 one adapter, plain LoRA (no DoRA or other PEFT variant, no `lora_bias`), `lora_dropout` 0 (the
 dropout is `nn.Identity`), `fan_in_fan_out` false, and a base layer that is an `nn.Linear` (or a
-subclass, such as bitsandbytes' `Linear4bit`) or a `train.quantize.Fp8Linear`: its output is one
+subclass, such as bitsandbytes' `Linear4bit`) or a `train.model.quantize.Fp8Linear`: its output is one
 tensor of shape (..., out_features), which the fused add needs.
 Other layers keep PEFT's forward. The fused forward hands the call back to PEFT's class forward
 whenever the adapters are disabled, merged or switched, extra arguments such as `adapter_names`
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 
-from train.quantize import Fp8Linear
+from train.model.quantize import Fp8Linear
 
 logger = logging.getLogger(__name__)
 

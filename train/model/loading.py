@@ -171,7 +171,7 @@ def load_base_model(
     Args:
         source: Hub id, local diffusers folder, or single-file checkpoint.
         config_dir: component configs for single-file loading (default: SDXL 1.0 base configs
-            shipped in `train/sdxl_configs`). Ignored for the other sources.
+            shipped in `train/model/sdxl_configs`). Ignored for the other sources.
         tokenizer_dir: folder with `tokenizer/` and `tokenizer_2/`. Default: the source itself
             (folder or Hub id), or for a single file the Hub's `DEFAULT_MODEL`.
         weight_dtype: dtype of UNet and text encoders.

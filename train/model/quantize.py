@@ -347,7 +347,7 @@ def _check_convertible(layers, mode: str, dora_bases: set[str]) -> None:
 def quantize_frozen_unet(unet: nn.Module, mode: str, compute_dtype: torch.dtype) -> QuantizeReport:
     """Compress the frozen base weights of `unet` in place (see the module docstring).
 
-    Call AFTER `train.lora.add_unet_lora`: PEFT's `_move_adapter_to_device_of_base_layer`
+    Call AFTER `train.lora.adapters.add_unet_lora`: PEFT's `_move_adapter_to_device_of_base_layer`
     casts newly created adapter weights to the dtype of the base layer's weight, which for an fp8
     or 4-bit base would round (or break) the fresh LoRA weights.
 

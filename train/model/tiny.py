@@ -12,7 +12,7 @@ The build writes three things under `out_dir`:
 - `tiny_sdxl.safetensors`: the same weights as one SGM-layout checkpoint (like an A1111 model),
 - `configs/`: model_index.json and component configs, for single-file loading offline.
 
-Usage: `python -m train.tiny OUT_DIR --clip-bpe ../shared/data/clip_bpe_simple_vocab_16e6.txt.gz`
+Usage: `python -m train.model.tiny OUT_DIR --clip-bpe ../shared/data/clip_bpe_simple_vocab_16e6.txt.gz`
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from captioning import build_clip_tokenizer_files
-from train import checkpoint_keys
+from train.model import sgm_keys
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +162,10 @@ def _write_build(root: Path, bpe_gz: Path, seed: int) -> None:
     )
 
     checkpoint = {
-        **checkpoint_keys.unet_to_sgm(unet.state_dict(), dict(unet.config)),
-        **checkpoint_keys.vae_to_sgm(vae.state_dict(), dict(vae.config)),
-        **checkpoint_keys.clip_l_to_sgm(te1.state_dict()),
-        **checkpoint_keys.open_clip_to_sgm(te2.state_dict()),
+        **sgm_keys.unet_to_sgm(unet.state_dict(), dict(unet.config)),
+        **sgm_keys.vae_to_sgm(vae.state_dict(), dict(vae.config)),
+        **sgm_keys.clip_l_to_sgm(te1.state_dict()),
+        **sgm_keys.open_clip_to_sgm(te2.state_dict()),
     }
     checkpoint = {k: v.contiguous() for k, v in checkpoint.items()}
     save_file(checkpoint, paths.single_file, metadata={"format": "pt"})

@@ -91,7 +91,7 @@ def make_temp_dir(out: Path) -> Path:
 
 
 # Folders later stages write inside OUT, kept across re-preps: the latent cache is keyed by
-# sha256 + geometry + VAE (train.latents), so entries stay valid for rows that did not change.
+# sha256 + geometry + VAE (train.data.latents), so entries stay valid for rows that did not change.
 CARRIED_OVER = ("latents",)
 
 

@@ -22,9 +22,9 @@ of each on an H100 is in docs/performance.md; bench/train_step.py measures them 
   thousands of kernel launches, which is what batch 1 is bound by. Needs `compile`; on CPU it
   is a no-op (inductor skips CUDA graphs for CPU tensors).
 - `fused_lora`: each LoRA layer's up-projection, scale and residual add as one `addmm` kernel
-  instead of PEFT's matmul, multiply and add (`train.lora_fused`); layers it cannot fuse (DoRA,
+  instead of PEFT's matmul, multiply and add (`train.lora.fused`); layers it cannot fuse (DoRA,
   dropout) keep PEFT's forward. Applied before compiling, so compiled graphs contain it.
-- `fused_optimizer`: AdamW's update as one fused kernel (`train.optim`).
+- `fused_optimizer`: AdamW's update as one fused kernel (`train.runtime.optim`).
 
 Applied after the adapters are attached (the compiled graphs must contain the LoRA branches) and
 before `accelerator.prepare` (DDP wraps the compiled module).
@@ -89,7 +89,7 @@ def apply_speed_settings(unet, settings) -> None:
     if settings.channels_last:
         unet.to(memory_format=torch.channels_last)
     if settings.fused_lora:
-        from train.lora_fused import fuse_lora_layers
+        from train.lora.fused import fuse_lora_layers
 
         fuse_lora_layers(unet)
     if settings.compile != "none":
