@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from kdiff_reference import load_k_diffusion
 
 from train.generate.comfy_sampling import CFGDenoiser, Conditioning, initial_noise, sample_latents
 from train.generate.k_samplers import ModelSampling, karras_sigmas, normal_sigmas
@@ -59,38 +55,7 @@ def test_normal_and_karras_sigmas_and_integer_timesteps_for_28_steps():
 
 @pytest.fixture(scope="module")
 def kdiff():
-    """k-diffusion's `sampling` and `external` modules, loaded without its package `__init__`.
-
-    The package's `__init__` imports torchvision and more; only `utils.py`'s torchvision import is
-    stubbed here, for the time of the import, and the reference code itself is unmodified.
-    """
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed (dev extra; see the Makefile)")
-    pytest.importorskip("torchsde")
-    pytest.importorskip("torchdiffeq")
-    package = types.ModuleType("kdiff_reference")
-    package.__path__ = [str(Path(spec.origin).parent)]
-    stubs = {}
-    if importlib.util.find_spec("torchvision") is None:
-        functional = types.ModuleType("torchvision.transforms.functional")
-        transforms = types.ModuleType("torchvision.transforms")
-        transforms.functional = functional
-        stubs = {"torchvision": types.ModuleType("torchvision"), "torchvision.transforms": transforms,
-                 "torchvision.transforms.functional": functional}
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    sys.modules["kdiff_reference"] = package
-    try:
-        sampling = importlib.import_module("kdiff_reference.sampling")
-        external = importlib.import_module("kdiff_reference.external")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return types.SimpleNamespace(sampling=sampling, external=external)
+    return load_k_diffusion()
 
 
 class TinyEps(torch.nn.Module):
