@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from sample_eval_helpers import HEAD, lora_model, write_lora
 
 from train.data.text_encoding import chunk_tokens, encode_prompts
-from train.generate.emphasis import encode_weighted_prompts, escape
+from train.generate.emphasis import escape
 from train.generate.hook import SampleConfig, TrainingSampler, share_components
+from train.generate.prompt_encoding import encode_weighted_prompts
 from train.generate.prompts import (
     CARD_NEGATIVE,
     QUALITY_TAIL,
@@ -249,9 +252,16 @@ def test_sample_cli_writes_images_grid_and_prompts(tiny_model, lora_file, tag_db
     out = tmp_path / "out"
     status = main(["sample", "--lora", str(lora_file), "--model", str(tiny_model.diffusers_dir), "--size", "64x64",
                    "--steps", "2", "--seed", "1", "2", "--tags-db", str(tag_db_path), "--device", "cpu",
+                   "--scheduler", "karras", "--noise-device", "cpu", "--workflow", str(tmp_path / "wf.json"),
                    "smile, herta \\(honkai: star rail\\), 1girl", "-o", str(out)])
     assert status == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-s1.png", "p00-s2.png", "prompts.txt"]
+    graph = json.loads((tmp_path / "wf.json").read_text())
+    samplers = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+    assert [(k["seed"], k["sampler_name"], k["scheduler"], k["steps"]) for k in samplers] == [
+        (1, "euler_ancestral", "karras", 2), (2, "euler_ancestral", "karras", 2)]
+    lora = next(n["inputs"] for n in graph.values() if n["class_type"] == "LoraLoader")
+    assert lora["lora_name"] == lora_file.name and lora["strength_model"] == lora["strength_clip"] == 1.0
     assert (out / "prompts.txt").read_text().startswith("1girl, herta \\(honkai: star rail\\), smile")
     bad = main(["sample", "--lora", str(tiny_model.single_file), "--model", str(tiny_model.diffusers_dir),
                 "--size", "64x64", "--steps", "1", "--no-reorder", "--device", "cpu", "1girl", "-o", str(tmp_path / "b")])

@@ -14,22 +14,14 @@ level and on the escapes; it has no `[text]`, and a nested `(text:w)` sets the w
 instead of multiplying. `comfy_text` writes parsed pieces in a form both read the same way, which
 is what `sample --workflow` puts in the ComfyUI graph.
 
-Weights are applied to the token embeddings as ComfyUI does by default, per text encoder and per
-75-token chunk: z = (z - z_empty) * w + z_empty, where z_empty encodes the empty prompt
-(`ClipTokenWeightEncoder.encode_token_weights`); the A1111 WebUI instead scales z by w and then
-restores the chunk's mean, so its images with weights differ slightly. Training captions never
-pass through here: training text is literal (`train.data.text_encoding`).
+Plain Python, no torch: `train.generate.prompt_encoding` applies the weights to the embeddings.
+Training captions never pass through here: training text is literal (`train.data.text_encoding`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-
-import torch
-from torch import Tensor
-
-from train.data.text_encoding import CHUNK_TOKENS, chunk_tokens, encode_chunks
 
 ROUND_FACTOR = 1.1
 _TOKEN = re.compile(
@@ -122,55 +114,3 @@ def comfy_text(pieces: list[Piece], *, comfy: bool = False) -> str:
         lead, body, trail = re.match(r"(\s*)(.*?)(\s*)$", piece, re.DOTALL).groups()
         out.append(f"{lead}({escaped(body)}:{weight:.6g}){trail}")
     return "".join(out)
-
-
-def weighted_tokens(prompt: str, tokenizer) -> tuple[list[int], list[float]]:
-    """Token ids (no BOS/EOS) of the prompt's literal text and each token's weight."""
-    tokens: list[int] = []
-    weights: list[float] = []
-    for piece, weight in parse_emphasis(prompt):
-        ids = tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False).input_ids if piece else []
-        tokens += ids
-        weights += [weight] * len(ids)
-    return tokens, weights
-
-
-def _chunk_weights(weights: list[list[float]], num_chunks: int, max_chunks: int) -> Tensor:
-    """(B, k, 77) weights aligned with `chunk_tokens`' ids: 1.0 on BOS, EOS and padding."""
-    out = torch.ones(len(weights), num_chunks, CHUNK_TOKENS + 2)
-    for b, row in enumerate(weights):
-        row = row[: CHUNK_TOKENS * max_chunks]
-        for k in range(num_chunks):
-            body = row[k * CHUNK_TOKENS : (k + 1) * CHUNK_TOKENS]
-            out[b, k, 1 : len(body) + 1] = torch.tensor(body)
-    return out
-
-
-@torch.no_grad()
-def encode_weighted_prompts(prompts: list[str], tokenizers, text_encoders, *, max_chunks: int = 3
-                            ) -> tuple[Tensor, Tensor]:
-    """SDXL embeddings of prompts with emphasis; `train.data.text_encoding.encode_prompts`'s layout.
-
-    Returns prompt_embeds (B, 77k, d1+d2) and pooled (B, d_pooled) of the first chunk, k the chunk
-    count of the longest prompt (at most `max_chunks`). Without weights other than 1 the result is
-    exactly `encode_prompts` of the prompts' literal text.
-    """
-    batch = len(prompts)
-    hidden_states, pooled = [], None
-    num_chunks = None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        tokens, weights = zip(*(weighted_tokens(p, tokenizer) for p in prompts))
-        if num_chunks is None:
-            num_chunks = max(1, min(max_chunks, max(math.ceil(len(t) / CHUNK_TOKENS) for t in tokens)))
-        ids = chunk_tokens(list(tokens), tokenizer, num_chunks=num_chunks, max_chunks=max_chunks)
-        z, first = encode_chunks(ids, encoder)  # (B*k, 77, d)
-        w = _chunk_weights(list(weights), num_chunks, max_chunks).reshape(-1, CHUNK_TOKENS + 2, 1).to(z.device)
-        if (w != 1.0).any():
-            empty = chunk_tokens([[]], tokenizer, num_chunks=1)
-            z_empty, _ = encode_chunks(empty, encoder)  # (1, 77, d)
-            z = torch.where(w != 1.0, (z - z_empty) * w.to(z.dtype) + z_empty, z)
-        hidden_states.append(z.reshape(batch, num_chunks * (CHUNK_TOKENS + 2), -1))
-        if encoder is text_encoders[-1]:
-            pooled = first.reshape(batch, num_chunks, -1)[:, 0]  # (B, d_pooled)
-    dtype = hidden_states[-1].dtype
-    return torch.cat([h.to(dtype) for h in hidden_states], dim=-1), pooled

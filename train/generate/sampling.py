@@ -41,8 +41,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from train.generate.comfy_sampling import CFGDenoiser, Conditioning, sample_latents
-from train.generate.emphasis import encode_weighted_prompts
 from train.generate.k_samplers import SAMPLERS, SCHEDULERS, ModelSampling
+from train.generate.prompt_encoding import encode_weighted_prompts
 from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
 
 logger = logging.getLogger(__name__)
