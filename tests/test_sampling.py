@@ -139,7 +139,8 @@ def tiny_model_base(pipe):
 def test_default_sampler_is_comfyui_euler_a_on_the_unet(pipe):
     kdiff = load_k_diffusion()
     embeds = encode(pipe, [PROMPT], CARD_NEGATIVE)
-    ours = sample_latents_batch(pipe, embeds, [3], SETTINGS)
+    settings = SampleSettings(width=64, height=64, steps=2)  # the default sampler: euler_ancestral, normal
+    ours = sample_latents_batch(pipe, embeds, [3], settings)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
 
@@ -152,9 +153,9 @@ def test_default_sampler_is_comfyui_euler_a_on_the_unet(pipe):
     def model(x, sigma):
         negative = wrapped(x, sigma, embeds=embeds["negative_prompt_embeds"], pooled=embeds["negative_pooled_prompt_embeds"])
         positive = wrapped(x, sigma, embeds=embeds["prompt_embeds"], pooled=embeds["pooled_prompt_embeds"])
-        return negative + (positive - negative) * SETTINGS.cfg
+        return negative + (positive - negative) * settings.cfg
 
-    sigmas = wrapped.get_sigmas(SETTINGS.steps)
+    sigmas = wrapped.get_sigmas(settings.steps)
     generator = torch.Generator().manual_seed(3)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     expected = kdiff.sampling.sample_euler_ancestral(
@@ -188,7 +189,9 @@ def test_sizes_and_default_prompts():
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_size("big")
     heads = [HEAD, HEAD, ["1girl", "safe"]]
-    assert default_prompts(heads, 1) == [", ".join(HEAD + list(QUALITY_TAIL))]
+    # Prompt text: the series' parentheses are escaped so emphasis leaves them literal.
+    assert default_prompts(heads, 1) == [", ".join(escape(t) for t in HEAD + list(QUALITY_TAIL))]
+    assert split_tags(default_prompts(heads, 1)[0]) == HEAD + list(QUALITY_TAIL)
 
 
 def test_sample_config_rejects_unknown_keys():

@@ -299,9 +299,11 @@ def _comfy_latents(pipe, embeds: dict[str, torch.Tensor], seeds: list[int], sett
     device = pipe._execution_device  # the UNet's device, also under model CPU offload
     size = (settings.height, settings.width)
     denoiser = CFGDenoiser(pipe.unet, sampling, cond, uncond, settings.cfg, size)
-    return sample_latents(denoiser, seeds=seeds, size=size, sampler=settings.sampler,
-                          scheduler=settings.scheduler, steps=settings.steps, device=device,
-                          noise_device=settings.noise_device)
+    latents = sample_latents(denoiser, seeds=seeds, size=size, sampler=settings.sampler,
+                             scheduler=settings.scheduler, steps=settings.steps, device=device,
+                             noise_device=settings.noise_device)
+    pipe.maybe_free_model_hooks()  # under model CPU offload, the UNet leaves the GPU as after a pipeline call
+    return latents
 
 
 def make_grid(rows: Sequence[Sequence[Image.Image]], *, row_labels: Sequence[str] = (),
