@@ -48,7 +48,8 @@ class SampleConfig(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     every_n_steps: int = Field(0, ge=0, description="0 turns sampling off")
-    prompts: list[str] = Field(default_factory=list, description="empty: the dataset's most frequent heads")
+    prompts: list[str] = Field(default_factory=list, description="prompt text ((tag:1.2), escaped \\( \\)); "
+                               "empty: the dataset's most frequent heads")
     num_default_prompts: int = Field(2, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
     size: str = "square"

@@ -12,6 +12,7 @@ prompts is not reproduced (chunks are cut every 75 tokens, as in training).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 from train.data.text_encoding import CHUNK_TOKENS, chunk_tokens, encode_chunks
 from train.generate.emphasis import parse_emphasis
 
+logger = logging.getLogger(__name__)
 
 def weighted_tokens(prompt: str, tokenizer) -> tuple[list[int], list[float]]:
     """Token ids (no BOS/EOS) of the prompt's literal text and each token's weight."""
@@ -58,7 +60,11 @@ def encode_weighted_prompts(prompts: list[str], tokenizers, text_encoders, *, ma
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         tokens, weights = zip(*(weighted_tokens(p, tokenizer) for p in prompts))
         if num_chunks is None:
-            num_chunks = max(1, min(max_chunks, max(math.ceil(len(t) / CHUNK_TOKENS) for t in tokens)))
+            longest = max(len(t) for t in tokens)
+            num_chunks = max(1, min(max_chunks, math.ceil(longest / CHUNK_TOKENS)))
+            if longest > CHUNK_TOKENS * max_chunks:
+                logger.warning("a prompt of %d tokens was cut to %d (%d chunks)", longest,
+                               CHUNK_TOKENS * max_chunks, max_chunks)
         ids = chunk_tokens(list(tokens), tokenizer, num_chunks=num_chunks, max_chunks=max_chunks)
         z, first = encode_chunks(ids, encoder)  # (B*k, 77, d)
         w = _chunk_weights(list(weights), num_chunks, max_chunks).reshape(-1, CHUNK_TOKENS + 2, 1).to(z.device)

@@ -129,14 +129,19 @@ class PromptOrderer:
     def order(self, prompt: str) -> str:
         """The prompt re-ordered as a training caption, quality tail appended, weights kept (prompt text)."""
         tags = weighted_tags(prompt)
-        weights = {tag.lower(): weight for tag, weight in tags}
+        weights = {_tag_key(tag): weight for tag, weight in tags}
         result = self.captioner.caption_tags([tag for tag, _ in tags])
         for warning in getattr(result, "warnings", []):
             logger.warning("prompt %r: %s", prompt, warning)
         ordered = list(result.caption.tags)
         head = [t for t in self.head_order if t in ordered]
         ordered = with_quality_tail(head + [t for t in ordered if t not in head], self.tail)
-        return join_tags([(t, weights.get(t.lower(), 1.0)) for t in ordered])
+        return join_tags([(t, weights.get(_tag_key(t), 1.0)) for t in ordered])
+
+
+def _tag_key(tag: str) -> str:
+    """A tag as the captioner may rewrite it (`Long_Hair` -> `long hair`), to find its weight again."""
+    return tag.lower().replace("_", " ")
 
 
 def prepare_prompt(prompt: str, orderer: PromptOrderer | None) -> str:
