@@ -14,6 +14,8 @@ $(BIN)/animagine-lora: pyproject.toml
 	# The pinned CPU build first: an unpinned torch would pull several GB of CUDA wheels.
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# The sampler tests' reference; --no-deps: its dependencies would pull torchvision and CUDA torch.
+	$(BIN)/pip install --quiet --no-deps "k-diffusion==0.1.1.post1"
 	touch $@
 
 venv: $(BIN)/animagine-lora

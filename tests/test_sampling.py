@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+from kdiff_reference import load_k_diffusion
 from safetensors.torch import load_file, save_file
 from sample_eval_helpers import HEAD, lora_model, write_lora
 
+from train.data.text_encoding import chunk_tokens, encode_prompts
+from train.generate.emphasis import escape
 from train.generate.hook import SampleConfig, TrainingSampler, share_components
+from train.generate.prompt_encoding import encode_weighted_prompts
 from train.generate.prompts import (
     CARD_NEGATIVE,
     QUALITY_TAIL,
@@ -26,12 +32,16 @@ from train.generate.sampling import (
     encode,
     generate,
     load_lora,
+    sample_latents_batch,
     unload_lora,
 )
+from train.loop import build_text_encoder_fn
 from train.model.loading import load_base_model
 
-PROMPT = "1girl, herta (honkai: star rail), honkai: star rail, safe, smile"
+PROMPT = "1girl, herta \\(honkai: star rail\\), honkai: star rail, safe, smile"  # prompt text: escaped
+LITERAL = "1girl, herta (honkai: star rail), honkai: star rail, safe, smile"  # what the encoder reads
 SETTINGS = SampleSettings(width=64, height=64, steps=3, seeds=[3, 11], batch_size=2)
+DIFFUSERS = SampleSettings(width=64, height=64, steps=3, seeds=[3, 11], batch_size=2, sampler="diffusers-euler-a")
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +59,13 @@ def _arrays(images):
     return [np.asarray(im, dtype=np.int16) for im in images]
 
 
-def test_hook_sample_equals_plain_diffusers_call_with_webui_lora(tiny_model, pipe, lora_file):
+def test_diffusers_sampler_equals_plain_diffusers_call_with_webui_lora(tiny_model, pipe, lora_file):
     load_lora(pipe, lora_file, "herta", strength=0.8)
     try:
-        ours = generate(pipe, [PROMPT], SETTINGS, progress=False)[0]
+        ours = generate(pipe, [PROMPT], DIFFUSERS, progress=False)[0]
     finally:
         unload_lora(pipe, "herta")
-    bare = generate(pipe, [PROMPT], SETTINGS, progress=False)[0]
+    bare = generate(pipe, [PROMPT], DIFFUSERS, progress=False)[0]
 
     reference = StableDiffusionXLPipeline.from_pretrained(tiny_model.diffusers_dir, dtype=torch.float32)
     reference.scheduler = EulerAncestralDiscreteScheduler.from_config(
@@ -64,7 +74,7 @@ def test_hook_sample_equals_plain_diffusers_call_with_webui_lora(tiny_model, pip
     reference.load_lora_weights(str(lora_file), adapter_name="x")
     reference.set_adapters(["x"], adapter_weights=[0.8])
     expected = reference(
-        prompt=[PROMPT] * 2, negative_prompt=[CARD_NEGATIVE] * 2, width=64, height=64, num_inference_steps=3,
+        prompt=[LITERAL] * 2, negative_prompt=[CARD_NEGATIVE] * 2, width=64, height=64, num_inference_steps=3,
         guidance_scale=5.0, generator=[torch.Generator("cpu").manual_seed(s) for s in SETTINGS.seeds],
     ).images
     for got, want, without in zip(_arrays(ours), _arrays(expected), _arrays(bare)):
@@ -93,6 +103,67 @@ def test_long_prompt_is_chunked_not_cut(pipe):
     assert torch.equal(embeds["prompt_embeds"][0, :77], embeds["prompt_embeds"][1, :77])
 
 
+def test_emphasis_weights_token_embeddings_as_comfyui_and_training_text_stays_literal(tiny_model, pipe):
+    tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+    caption = "1girl, herta (honkai: star rail), (smile:1.5)"  # a training caption: literal characters
+    plain, plain_pooled = encode_prompts([caption], tokenizers, encoders)
+    same, same_pooled = encode_weighted_prompts([escape(caption)], tokenizers, encoders)
+    assert torch.equal(plain, same) and torch.equal(plain_pooled, same_pooled)  # weights 1: nothing changes
+
+    weighted, pooled = encode_weighted_prompts(["1girl, (smile:1.5)"], tokenizers, encoders)
+    unweighted, unweighted_pooled = encode_prompts(["1girl, smile"], tokenizers, encoders)
+    assert torch.equal(pooled, unweighted_pooled)  # ComfyUI weights the sequence, not the pooled vector
+    smile = 1 + len(pipe.tokenizer("1girl, ", add_special_tokens=False).input_ids)  # after BOS
+    empty = torch.cat([encoders[k](chunk_tokens([[]], tokenizers[k], num_chunks=1), output_hidden_states=True)
+                       .hidden_states[-2] for k in range(2)], dim=-1)[0]  # (77, d1+d2)
+    expected = unweighted.clone()
+    expected[0, smile] = (unweighted[0, smile] - empty[smile]) * 1.5 + empty[smile]
+    torch.testing.assert_close(weighted, expected)
+
+    # The training loop's encoder reads emphasis syntax as literal characters.
+    encode = build_text_encoder_fn(tiny_model_base(pipe), max_chunks=3, train_text_encoder=False,
+                                   cached_captions=None, device=torch.device("cpu"))
+    training, _ = encode(["1girl, (smile:1.5)"])
+    literal, _ = encode_weighted_prompts([escape("1girl, (smile:1.5)")], tokenizers, encoders)
+    assert torch.equal(training, literal) and not torch.allclose(training, weighted)
+
+
+def tiny_model_base(pipe):
+    """The attributes `build_text_encoder_fn` reads, from the pipeline's components."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, text_encoder=pipe.text_encoder,
+                           text_encoder_2=pipe.text_encoder_2)
+
+
+def test_default_sampler_is_comfyui_euler_a_on_the_unet(pipe):
+    kdiff = load_k_diffusion()
+    embeds = encode(pipe, [PROMPT], CARD_NEGATIVE)
+    settings = SampleSettings(width=64, height=64, steps=2)  # the default sampler: euler_ancestral, normal
+    ours = sample_latents_batch(pipe, embeds, [3], settings)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+
+    def eps(x, t, embeds, pooled):
+        return pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})[0]
+
+    wrapped = kdiff.external.DiscreteEpsDDPMDenoiser(eps, torch.cumprod(1 - betas, 0).float(), quantize=True)
+
+    def model(x, sigma):
+        negative = wrapped(x, sigma, embeds=embeds["negative_prompt_embeds"], pooled=embeds["negative_pooled_prompt_embeds"])
+        positive = wrapped(x, sigma, embeds=embeds["prompt_embeds"], pooled=embeds["pooled_prompt_embeds"])
+        return negative + (positive - negative) * settings.cfg
+
+    sigmas = wrapped.get_sigmas(settings.steps)
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = kdiff.sampling.sample_euler_ancestral(
+        model, noise * torch.sqrt(1 + sigmas[0] ** 2), sigmas, disable=True,
+        noise_sampler=lambda *_: torch.randn(1, 4, 8, 8, generator=generator))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_prompt_tags_are_put_in_card_order_with_quality_tail(tag_db_path):
     orderer = PromptOrderer.load(str(tag_db_path))
     text = prepare_prompt("smile, safe, herta \\(honkai: star rail\\), 1girl, honkai: star rail", orderer)
@@ -100,12 +171,14 @@ def test_prompt_tags_are_put_in_card_order_with_quality_tail(tag_db_path):
     assert tags[:4] == HEAD
     assert "smile" in tags[4:]
     assert tuple(tags[-len(QUALITY_TAIL):]) == QUALITY_TAIL
-    assert "\\" not in text  # literal parentheses, as in training captions
+    assert "herta \\(honkai: star rail\\)" in text  # prompt text: literal parentheses escaped
+    weighted = prepare_prompt("(smile:1.2), [safe], 1girl, herta \\(honkai: star rail\\), honkai: star rail", orderer)
+    assert weighted.startswith("1girl, herta \\(honkai: star rail\\), honkai: star rail, (safe:0.909091), (smile:1.2)")
     assert prepare_prompt("smile, 1girl", None) == "smile, 1girl"  # --no-reorder keeps the order
     assert prepare_prompt("1girl, masterpiece", orderer).count("masterpiece") == 1
     # A new character is unknown to the tag database; the training head puts it back in front.
     trained = PromptOrderer.load(str(tag_db_path), head_order=["1girl", "mira (oc)", "original", "safe"])
-    assert split_tags(trained.order("smile, safe, mira (oc), 1girl"))[:4] == ["1girl", "mira (oc)", "safe", "smile"]
+    assert split_tags(trained.order("smile, safe, mira \\(oc\\), 1girl"))[:4] == ["1girl", "mira (oc)", "safe", "smile"]
 
 
 def test_sizes_and_default_prompts():
@@ -116,7 +189,9 @@ def test_sizes_and_default_prompts():
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_size("big")
     heads = [HEAD, HEAD, ["1girl", "safe"]]
-    assert default_prompts(heads, 1) == [", ".join(HEAD + list(QUALITY_TAIL))]
+    # Prompt text: the series' parentheses are escaped so emphasis leaves them literal.
+    assert default_prompts(heads, 1) == [", ".join(escape(t) for t in HEAD + list(QUALITY_TAIL))]
+    assert split_tags(default_prompts(heads, 1)[0]) == HEAD + list(QUALITY_TAIL)
 
 
 def test_sample_config_rejects_unknown_keys():
@@ -180,10 +255,17 @@ def test_sample_cli_writes_images_grid_and_prompts(tiny_model, lora_file, tag_db
     out = tmp_path / "out"
     status = main(["sample", "--lora", str(lora_file), "--model", str(tiny_model.diffusers_dir), "--size", "64x64",
                    "--steps", "2", "--seed", "1", "2", "--tags-db", str(tag_db_path), "--device", "cpu",
+                   "--scheduler", "karras", "--noise-device", "cpu", "--workflow", str(tmp_path / "wf.json"),
                    "smile, herta \\(honkai: star rail\\), 1girl", "-o", str(out)])
     assert status == 0
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "p00-s1.png", "p00-s2.png", "prompts.txt"]
-    assert (out / "prompts.txt").read_text().startswith("1girl, herta (honkai: star rail), smile")
+    graph = json.loads((tmp_path / "wf.json").read_text())
+    samplers = [n["inputs"] for n in graph.values() if n["class_type"] == "KSampler"]
+    assert [(k["seed"], k["sampler_name"], k["scheduler"], k["steps"]) for k in samplers] == [
+        (1, "euler_ancestral", "karras", 2), (2, "euler_ancestral", "karras", 2)]
+    lora = next(n["inputs"] for n in graph.values() if n["class_type"] == "LoraLoader")
+    assert lora["lora_name"] == lora_file.name and lora["strength_model"] == lora["strength_clip"] == 1.0
+    assert (out / "prompts.txt").read_text().startswith("1girl, herta \\(honkai: star rail\\), smile")
     bad = main(["sample", "--lora", str(tiny_model.single_file), "--model", str(tiny_model.diffusers_dir),
                 "--size", "64x64", "--steps", "1", "--no-reorder", "--device", "cpu", "1girl", "-o", str(tmp_path / "b")])
     assert bad == 1 and not (tmp_path / "b").exists()

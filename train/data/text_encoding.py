@@ -41,19 +41,36 @@ def chunk_token_ids(
     Returns:
         (B, k, 77) int64 ids. A chunk past the end of a shorter caption is `[BOS, EOS, pad...]`.
     """
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     tokens = tokenizer(
         captions, add_special_tokens=False, truncation=False, verbose=False
     ).input_ids
+    return chunk_tokens(tokens, tokenizer, num_chunks=num_chunks, max_chunks=max_chunks)
+
+
+def chunk_tokens(
+    tokens: list[list[int]], tokenizer, *, num_chunks: int | None = None, max_chunks: int = 3
+) -> Tensor:
+    """Token lists (no BOS/EOS) cut into `k` chunks of 77 ids; see `chunk_token_ids`. (B, k, 77)"""
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     tokens = [t[: CHUNK_TOKENS * max_chunks] for t in tokens]
     if num_chunks is None:
         num_chunks = max(1, max(math.ceil(len(t) / CHUNK_TOKENS) for t in tokens))
-    ids = torch.full((len(captions), num_chunks, CHUNK_TOKENS + 2), pad, dtype=torch.long)
+    ids = torch.full((len(tokens), num_chunks, CHUNK_TOKENS + 2), pad, dtype=torch.long)
     for b, caption_tokens in enumerate(tokens):
         for k in range(num_chunks):
             body = caption_tokens[k * CHUNK_TOKENS : (k + 1) * CHUNK_TOKENS]
             ids[b, k, : len(body) + 2] = torch.tensor([bos, *body, eos], dtype=torch.long)
     return ids
+
+
+def encode_chunks(ids: Tensor, encoder) -> tuple[Tensor, Tensor]:
+    """One text encoder over (B, k, 77) chunk ids.
+
+    Returns the penultimate hidden states (B*k, 77, d), chunk by chunk, and the encoder's first
+    output (B*k, d_pooled for CLIPTextModelWithProjection).
+    """
+    out = encoder(ids.reshape(-1, CHUNK_TOKENS + 2).to(encoder.device), output_hidden_states=True)
+    return out.hidden_states[-2], out[0]
 
 
 def encode_prompts(
@@ -89,12 +106,10 @@ def encode_prompts(
     pooled = None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         ids = chunk_token_ids(captions, tokenizer, num_chunks=num_chunks, max_chunks=max_chunks)
-        ids = ids.reshape(batch * num_chunks, CHUNK_TOKENS + 2).to(encoder.device)  # (B*k, 77)
-        out = encoder(ids, output_hidden_states=True)
-        penultimate = out.hidden_states[-2]  # (B*k, 77, d)
+        penultimate, first = encode_chunks(ids, encoder)  # (B*k, 77, d)
         hidden_states.append(penultimate.reshape(batch, num_chunks * (CHUNK_TOKENS + 2), -1))
         if encoder is text_encoders[-1]:
-            pooled = out[0].reshape(batch, num_chunks, -1)[:, 0]  # (B, d_pooled), first chunk
+            pooled = first.reshape(batch, num_chunks, -1)[:, 0]  # (B, d_pooled), first chunk
     dtype = hidden_states[-1].dtype
     prompt_embeds = torch.cat([h.to(dtype) for h in hidden_states], dim=-1)  # (B, 77k, d1+d2)
     return prompt_embeds, pooled

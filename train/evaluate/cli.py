@@ -13,6 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from train.generate.cli import add_sampler_arguments
 from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default=CARD_NEGATIVE)
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=4)
+    add_sampler_arguments(parser)
     parser.add_argument("--no-images", action="store_true", help="validation loss only (no grids, tags, CLIP)")
     parser.add_argument("--no-reorder", action="store_true", help="use prompts as given")
     parser.add_argument("--tags-db", help="tag database for prompt re-ordering")
@@ -115,7 +117,8 @@ def _build_plan(args, prompts, heads, device, problems) -> tuple:
 
     width, height = parse_size(args.size)
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg, negative=args.negative,
-                              seeds=list(args.seeds), batch_size=args.batch_size)
+                              seeds=list(args.seeds), batch_size=args.batch_size, sampler=args.sampler,
+                              scheduler=args.scheduler, noise_device=args.noise_device)
     model, pipe = _load(args.val_model if args.no_images and args.val_model else args.model, args, device)
     plan = EvalPlan(prompts=prompts, settings=settings, strength=args.strength)
     val_model = model

@@ -3,9 +3,12 @@
     animagine-lora sample --lora my_lora.safetensors --model opt --size portrait --seed 1 2 \\
         "1girl, safe, herta (honkai: star rail), smile" -o samples/
 
-Each prompt is re-ordered as a training caption (people count, character, series, rating, the
-rest, then the quality tail) unless `--no-reorder`. Writes one PNG per prompt and seed
-(`p00-s1.png`, ...), a grid of them, and `prompts.txt` with the exact texts encoded.
+Prompts are WebUI/ComfyUI text: `(tag:1.2)`, `(tag)`, `[tag]` weight tags, literal parentheses are
+escaped (`herta \\(honkai: star rail\\)`). Each prompt is re-ordered as a training caption (people
+count, character, series, rating, the rest, then the quality tail) unless `--no-reorder`, weights
+kept. Writes one PNG per prompt and seed (`p00-s1.png`, ...), a grid of them, `prompts.txt` with the
+exact prompt texts, and with `--workflow FILE` the ComfyUI (API format) graph that reproduces them.
+The sampler is ComfyUI's KSampler loop (`--sampler`, `--scheduler`, `--noise-device`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ from train.generate.prompts import (
 )
 
 logger = logging.getLogger(__name__)
+SAMPLERS = ("euler_ancestral", "euler", "dpmpp_2m", "diffusers-euler-a")  # sampling.SAMPLER_NAMES, torch-free
+SCHEDULERS = ("normal", "karras")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --scheduler, --noise-device (shared by `sample` and `eval`)."""
+    parser.add_argument("--sampler", choices=SAMPLERS, default="euler_ancestral",
+                        help="ComfyUI's sampler names (default euler_ancestral, the card's Euler a); "
+                             "diffusers-euler-a: diffusers' pipeline scheduler instead")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="normal", help="ComfyUI's scheduler (default normal)")
+    parser.add_argument("--noise-device", choices=("gpu", "cpu"), default="gpu",
+                        help="ancestral noise generator: gpu = the sampling device, as ComfyUI (default); "
+                             "cpu = the same images on any machine")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "order of the trained character's tags (unknown to the tag database)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    add_sampler_arguments(parser)
+    parser.add_argument("--workflow", type=Path, metavar="FILE.json",
+                        help="also write the ComfyUI workflow (API format) that reproduces these images")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
 
 
@@ -93,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
                             tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg,
-                              negative=args.negative, seeds=list(args.seeds), batch_size=args.batch_size)
+                              negative=args.negative, seeds=list(args.seeds), batch_size=args.batch_size,
+                              sampler=args.sampler, scheduler=args.scheduler, noise_device=args.noise_device)
     pipe = build_pipeline(model, device=device, timestep_spacing=settings.timestep_spacing)
     if args.lora:
         try:
@@ -107,7 +127,27 @@ def run(args: argparse.Namespace) -> int:
             save_png(image, args.out / f"p{p:02d}-s{seed}.png")
     save_png(make_grid(images, col_labels=[f"seed {s}" for s in settings.seeds]), args.out / "grid.png")
     save_text(args.out / "prompts.txt", "\n".join(texts) + "\n")
+    if args.workflow:
+        _write_workflow(args, texts, settings)
     for p, text in enumerate(texts):
         print(f"p{p:02d}: {text}")
     print(f"{len(texts) * len(settings.seeds)} image(s) in {args.out}")
     return 0
+
+
+def _write_workflow(args: argparse.Namespace, texts: list[str], settings) -> None:
+    """The ComfyUI graph of this run at `args.workflow` (atomic write)."""
+    from train.generate.sampling import DIFFUSERS_SAMPLER, save_text
+    from train.generate.workflow import WorkflowSpec, checkpoint_name, workflow_json
+
+    sampler = settings.sampler
+    if sampler == DIFFUSERS_SAMPLER:
+        logger.warning("--workflow: ComfyUI has no diffusers-euler-a; the workflow uses euler_ancestral + normal, "
+                       "whose images are close to, not equal to, these")
+        sampler = "euler_ancestral"
+    spec = WorkflowSpec(checkpoint=checkpoint_name(args.model), lora=Path(args.lora).name if args.lora else None,
+                        strength=args.strength, prompts=texts, negative=settings.negative, seeds=settings.seeds,
+                        sampler=sampler, scheduler=settings.scheduler if sampler == settings.sampler else "normal",
+                        steps=settings.steps, cfg=settings.cfg, width=settings.width, height=settings.height)
+    save_text(args.workflow, workflow_json(spec))
+    print(f"ComfyUI workflow (API format): {args.workflow}")

@@ -48,7 +48,8 @@ class SampleConfig(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     every_n_steps: int = Field(0, ge=0, description="0 turns sampling off")
-    prompts: list[str] = Field(default_factory=list, description="empty: the dataset's most frequent heads")
+    prompts: list[str] = Field(default_factory=list, description="prompt text ((tag:1.2), escaped \\( \\)); "
+                               "empty: the dataset's most frequent heads")
     num_default_prompts: int = Field(2, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
     size: str = "square"
@@ -57,6 +58,9 @@ class SampleConfig(Schema):
     negative: str = CARD_NEGATIVE
     strength: float = 1.0
     batch_size: int = Field(4, ge=1)
+    sampler: Literal["euler_ancestral", "euler", "dpmpp_2m", "diffusers-euler-a"] = "euler_ancestral"
+    scheduler: Literal["normal", "karras"] = "normal"
+    noise_device: Literal["gpu", "cpu"] = Field("gpu", description="ancestral noise: the sampling device or the CPU")
     sample_model: Literal["opt", "train"] = "opt"
     opt_model: str = Field("opt", description="'opt', 'zero', a Hub id, a diffusers folder or a .safetensors")
     opt_config_dir: str | None = None
@@ -65,7 +69,8 @@ class SampleConfig(Schema):
     def settings(self) -> SampleSettings:
         width, height = parse_size(self.size)
         return SampleSettings(width=width, height=height, steps=self.steps, cfg=self.cfg,
-                              negative=self.negative, seeds=list(self.seeds), batch_size=self.batch_size)
+                              negative=self.negative, seeds=list(self.seeds), batch_size=self.batch_size,
+                              sampler=self.sampler, scheduler=self.scheduler, noise_device=self.noise_device)
 
 
 def should_sample(step: int, config: SampleConfig) -> bool:

@@ -5,10 +5,10 @@ the negative prompt, the quality tail, the resolution table. Prompts given as ta
 card's order by the captioning step (`Captioner.caption_tags`), the same order the LoRA's training
 captions had, with the quality tail appended.
 
-Prompt text convention: WebUI/ComfyUI prompts escape parentheses (`herta \\(honkai: star rail\\)`)
-because `( )` means attention weight there; the text encoder saw literal parentheses in training.
-`parse_tags` accepts either form and the text given to the encoder is always the literal one.
-Attention-weight syntax (`(tag:1.2)`) is not interpreted.
+Prompt text convention: prompts are WebUI/ComfyUI text. `( )` and `[ ]` are emphasis
+(train.generate.emphasis), so literal parentheses are escaped (`herta \\(honkai: star rail\\)`);
+the text encoder saw the literal text in training. Prompts made here from training captions
+(`default_prompts`) are escaped, and re-ordered prompts keep each tag's weight.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
+
+from train.generate.emphasis import comfy_text, escape, parse_emphasis
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +61,34 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def weighted_tags(prompt: str) -> list[tuple[str, float]]:
+    """The prompt's comma-separated literal tags, stripped, each with its emphasis weight.
+
+    A tag takes the weight of its first non-blank piece (`(smile:1.2)` -> ("smile", 1.2)); empty
+    tags are dropped.
+    """
+    tags: list[tuple[str, float]] = []
+    current, weight = "", None
+    for piece, piece_weight in parse_emphasis(prompt):
+        for i, part in enumerate(piece.split(",")):
+            if i:
+                tags.append((current.strip(), weight or 1.0))
+                current, weight = "", None
+            current += part
+            if weight is None and part.strip():
+                weight = piece_weight
+    tags.append((current.strip(), weight or 1.0))
+    return [(tag, w) for tag, w in tags if tag]
+
+
 def split_tags(prompt: str) -> list[str]:
-    """Comma-separated tags, stripped, WebUI escapes `\\(` `\\)` undone, empty pieces dropped."""
-    tags = [t.strip().replace("\\(", "(").replace("\\)", ")") for t in prompt.split(",")]
-    return [t for t in tags if t]
+    """The prompt's literal tags (escapes undone, weights dropped), stripped, empty pieces dropped."""
+    return [tag for tag, _ in weighted_tags(prompt)]
+
+
+def join_tags(tags: Sequence[tuple[str, float]]) -> str:
+    """Weighted literal tags as prompt text: `(tag:w)` or the escaped tag, comma-separated."""
+    return ", ".join(comfy_text([(tag, weight)]) for tag, weight in tags)
 
 
 def with_quality_tail(tags: Sequence[str], tail: Sequence[str] = QUALITY_TAIL) -> list[str]:
@@ -101,20 +127,28 @@ class PromptOrderer:
         return cls(Captioner(load_profile(profile), TagDatabase.load(tag_db), None), head_order=head_order)
 
     def order(self, prompt: str) -> str:
-        """The prompt re-ordered, in training form (literal parentheses), quality tail appended."""
-        result = self.captioner.caption_tags(split_tags(prompt))
+        """The prompt re-ordered as a training caption, quality tail appended, weights kept (prompt text)."""
+        tags = weighted_tags(prompt)
+        weights = {_tag_key(tag): weight for tag, weight in tags}
+        result = self.captioner.caption_tags([tag for tag, _ in tags])
         for warning in getattr(result, "warnings", []):
             logger.warning("prompt %r: %s", prompt, warning)
-        tags = list(result.caption.tags)
-        head = [t for t in self.head_order if t in tags]
-        return ", ".join(with_quality_tail(head + [t for t in tags if t not in head], self.tail))
+        ordered = list(result.caption.tags)
+        head = [t for t in self.head_order if t in ordered]
+        ordered = with_quality_tail(head + [t for t in ordered if t not in head], self.tail)
+        return join_tags([(t, weights.get(_tag_key(t), 1.0)) for t in ordered])
+
+
+def _tag_key(tag: str) -> str:
+    """A tag as the captioner may rewrite it (`Long_Hair` -> `long hair`), to find its weight again."""
+    return tag.lower().replace("_", " ")
 
 
 def prepare_prompt(prompt: str, orderer: PromptOrderer | None) -> str:
-    """The text to encode: ordered by `orderer`, or as given (escapes undone) when it is None."""
+    """The prompt text to encode: ordered by `orderer`, or as given (stripped) when it is None."""
     if orderer is not None:
         return orderer.order(prompt)
-    return ", ".join(split_tags(prompt)) if "," in prompt else prompt.strip()
+    return prompt.strip()
 
 
 def default_prompts(heads: Iterable[Sequence[str]], count: int = 2,
@@ -123,6 +157,7 @@ def default_prompts(heads: Iterable[Sequence[str]], count: int = 2,
 
     `heads` are the rows' `caption_head` lists (display form): for a character LoRA the most
     frequent head is "1girl, <character>, <series>, <rating>", the prompt a user tries first.
+    Returned as prompt text: the tags' literal parentheses are escaped.
     """
     counts = Counter(tuple(h) for h in heads if h)
-    return [", ".join(with_quality_tail(head, tail)) for head, _ in counts.most_common(count)]
+    return [", ".join(escape(t) for t in with_quality_tail(head, tail)) for head, _ in counts.most_common(count)]

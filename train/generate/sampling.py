@@ -1,26 +1,26 @@
 """Generate images with a LoRA at the Animagine XL 4.0 card's settings: CLI, training hook, eval.
 
 One code path for all three users: `build_pipeline` wraps loaded components in diffusers'
-`StableDiffusionXLPipeline`, `load_lora` puts a WebUI (kohya) LoRA file on it exactly as users
-will (`pipe.load_lora_weights`), `generate` encodes the prompts with the training-time chunked
-encoder and runs the pipeline, `make_grid` lays the images out.
+`StableDiffusionXLPipeline` (it holds the modules, the LoRA adapters and the image processor),
+`load_lora` puts a WebUI (kohya) LoRA file on it exactly as users will (`pipe.load_lora_weights`),
+`generate` encodes the prompts (emphasis, 75-token chunks) and samples, `make_grid` lays the
+images out.
 
-Sampler and noise conventions (what "the same seed" means here):
+Samplers (`SampleSettings.sampler`):
 
-- Sampler: Euler Ancestral (`EulerAncestralDiscreteScheduler` from the model's scheduler config),
-  with `timestep_spacing="linspace"` by default: timesteps evenly spaced from 999 to 0, which is
-  what A1111's "Euler a" with the Automatic schedule and ComfyUI's `euler_ancestral` + `normal`
-  use (k-diffusion `get_sigmas`), and which makes the first latent `noise * sigma_max` as in
-  k-diffusion. Pass `timestep_spacing="leading"` to get the SDXL scheduler config's own spacing.
-  Remaining difference: diffusers interpolates sigma, k-diffusion log-sigma, between training
-  timesteps; images are close, not bit-identical, to the WebUIs'.
-- Noise: one `torch.Generator("cpu")` per image seeded with that image's seed, drawing the initial
-  latent and then every ancestral step's noise in order, on the CPU. That is A1111's RNG source
-  "CPU" (a generator per seed, the sampler's noise drawn from it) and ComfyUI's CPU noise, so the
-  same seed gives the same starting noise on any GPU. Seeds are per image, not per batch.
-- Prompts longer than 75 tokens are encoded in 75-token chunks (train.data.text_encoding), as in
-  training and in the WebUIs; the negative prompt is encoded in the same batch so both have the
-  same number of chunks (classifier-free guidance concatenates them).
+- `euler_ancestral` (default, the card's "Euler a"), `euler`, `dpmpp_2m`, with the `normal`
+  (default) or `karras` scheduler: ComfyUI's KSampler loop (train.generate.comfy_sampling). The
+  same seed, prompt and settings give ComfyUI's latent: initial noise from a CPU generator per
+  image seed (ComfyUI at batch size 1), ancestral noise from a second generator with the same
+  seed on `noise_device` (`gpu`: the sampling device, as ComfyUI; `cpu`: the same on any machine).
+- `diffusers-euler-a`: diffusers' `EulerAncestralDiscreteScheduler` (`timestep_spacing`
+  "linspace") in the pipeline, one CPU generator per image drawing the initial and the ancestral
+  noise. Close to, not equal to, ComfyUI and the WebUIs (fractional timesteps, sigma
+  interpolation, noise * sigma_max start).
+
+Prompts are WebUI/ComfyUI text with emphasis (train.generate.emphasis), encoded in 75-token chunks
+as in training; the negative prompt is encoded in the same batch so both have the same number of
+chunks (classifier-free guidance concatenates them).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from train.data.text_encoding import encode_prompts
+from train.generate.comfy_sampling import CFGDenoiser, Conditioning, sample_latents
+from train.generate.k_samplers import SAMPLERS, SCHEDULERS, ModelSampling
+from train.generate.prompt_encoding import encode_weighted_prompts
 from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ ZERO_REPO = "cagliostrolab/animagine-xl-4.0-zero"
 MODEL_ALIASES = {"opt": OPT_REPO, "zero": ZERO_REPO}
 _LORA_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 _LORA_UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight", ".lora.up.weight")
+DIFFUSERS_SAMPLER = "diffusers-euler-a"
+SAMPLER_NAMES = (*SAMPLERS, DIFFUSERS_SAMPLER)
+SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
 class LoraFileError(ValueError):
@@ -60,7 +65,7 @@ class LoraFileError(ValueError):
 
 @dataclass
 class SampleSettings:
-    """How to generate: the card's defaults (28 steps, CFG 5, its negative prompt)."""
+    """How to generate: the card's defaults (28 steps, CFG 5, its negative prompt, Euler a)."""
 
     width: int = 1024
     height: int = 1024
@@ -69,7 +74,10 @@ class SampleSettings:
     negative: str = CARD_NEGATIVE
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 4
-    timestep_spacing: str = "linspace"
+    sampler: str = "euler_ancestral"  # SAMPLER_NAMES: ComfyUI's names, or "diffusers-euler-a"
+    scheduler: str = "normal"  # SCHEDULER_NAMES (ComfyUI loop only)
+    noise_device: str = "gpu"  # ancestral noise on the sampling device (ComfyUI) or "cpu"
+    timestep_spacing: str = "linspace"  # diffusers-euler-a only
 
 
 def resolve_model_source(model: str) -> str:
@@ -210,12 +218,12 @@ def unload_lora(pipe: StableDiffusionXLPipeline, adapter_name: str) -> None:
 
 @torch.no_grad()
 def encode(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], negative: str) -> dict[str, torch.Tensor]:
-    """Chunked embeddings of `prompts` and of `negative`, all with the same number of chunks.
+    """Chunked embeddings of `prompts` and of `negative` (emphasis applied), same number of chunks.
 
     Returns the pipeline's keyword arguments: `prompt_embeds` (P, 77k, d), `pooled_prompt_embeds`
     (P, d_pooled), and the negative ones repeated to P rows.
     """
-    embeds, pooled = encode_prompts(
+    embeds, pooled = encode_weighted_prompts(
         [*prompts, negative], [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
     )
     count = len(prompts)
@@ -240,24 +248,62 @@ def generate(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], settings: 
              *, progress: bool = True, description: str = "sampling") -> list[list[Image.Image]]:
     """Images for every prompt x seed: `result[p][s]` is prompt `p` with `settings.seeds[s]`.
 
-    `prompts` are final texts (already ordered, literal parentheses). Work is batched over
-    (prompt, seed) pairs, `settings.batch_size` at a time; each image has its own CPU generator.
+    `prompts` are final prompt texts (already ordered; emphasis syntax, escaped parentheses). Work
+    is batched over (prompt, seed) pairs, `settings.batch_size` at a time; each image has its own
+    generators, so an image does not depend on its batch.
+
+    Raises:
+        ValueError: an unknown sampler, scheduler or noise device.
     """
+    if settings.sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler {settings.sampler!r}: expected one of {list(SAMPLER_NAMES)}")
     embeds = encode(pipe, prompts, settings.negative)
     pairs = [(p, s) for p in range(len(prompts)) for s in range(len(settings.seeds))]
     images: dict[tuple[int, int], Image.Image] = {}
     batches = [pairs[i:i + settings.batch_size] for i in range(0, len(pairs), settings.batch_size)]
     for batch in tqdm(batches, desc=description, disable=not progress, leave=False):
         rows = torch.tensor([p for p, _ in batch])
-        generators = [torch.Generator("cpu").manual_seed(settings.seeds[s]) for _, s in batch]
-        latents = pipe(
-            **{name: value[rows] for name, value in embeds.items()},
-            width=settings.width, height=settings.height, num_inference_steps=settings.steps,
-            guidance_scale=settings.cfg, generator=generators, output_type="latent",
-        ).images  # (b, 4, H/8, W/8)
+        seeds = [settings.seeds[s] for _, s in batch]
+        latents = sample_latents_batch(pipe, {name: value[rows] for name, value in embeds.items()}, seeds, settings)
         for key, image in zip(batch, decode_latents(pipe, latents)):
             images[key] = image
     return [[images[(p, s)] for s in range(len(settings.seeds))] for p in range(len(prompts))]
+
+
+def sample_latents_batch(pipe, embeds: dict[str, torch.Tensor], seeds: list[int],
+                         settings: SampleSettings) -> torch.Tensor:
+    """Final latents (b, 4, H/8, W/8) of one batch: `embeds` as from `encode`, one row per seed."""
+    if settings.sampler == DIFFUSERS_SAMPLER:
+        return _diffusers_latents(pipe, embeds, seeds, settings)
+    return _comfy_latents(pipe, embeds, seeds, settings)
+
+
+def _diffusers_latents(pipe, embeds: dict[str, torch.Tensor], seeds: list[int], settings: SampleSettings):
+    """(b, 4, H/8, W/8) from the pipeline's Euler Ancestral scheduler, a CPU generator per image."""
+    if not isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler) or (
+            pipe.scheduler.config.timestep_spacing != settings.timestep_spacing):
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing=settings.timestep_spacing)
+    return pipe(
+        **embeds, width=settings.width, height=settings.height, num_inference_steps=settings.steps,
+        guidance_scale=settings.cfg, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="latent",
+    ).images
+
+
+def _comfy_latents(pipe, embeds: dict[str, torch.Tensor], seeds: list[int], settings: SampleSettings):
+    """(b, 4, H/8, W/8) from ComfyUI's KSampler loop over the pipeline's UNet."""
+    sampling = ModelSampling.from_scheduler_config(pipe.scheduler.config)
+    cond = Conditioning(embeds["prompt_embeds"], embeds["pooled_prompt_embeds"])
+    uncond = Conditioning(embeds["negative_prompt_embeds"], embeds["negative_pooled_prompt_embeds"])
+    device = pipe._execution_device  # the UNet's device, also under model CPU offload
+    size = (settings.height, settings.width)
+    denoiser = CFGDenoiser(pipe.unet, sampling, cond, uncond, settings.cfg, size)
+    latents = sample_latents(denoiser, seeds=seeds, size=size, sampler=settings.sampler,
+                             scheduler=settings.scheduler, steps=settings.steps, device=device,
+                             noise_device=settings.noise_device)
+    pipe.maybe_free_model_hooks()  # under model CPU offload, the UNet leaves the GPU as after a pipeline call
+    return latents
 
 
 def make_grid(rows: Sequence[Sequence[Image.Image]], *, row_labels: Sequence[str] = (),
