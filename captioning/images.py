@@ -3,7 +3,8 @@
 Shared by dataset prep (validation), the WD tagger and the trainer's latent cache, so every stage
 agrees on orientation and colour: EXIF orientation applied, palette/CMYK/16-bit/greyscale converted
 to 8-bit RGB, transparency composited onto white (what the WD taggers were trained on and what
-Animagine's dataset builder does).
+Animagine's dataset builder does). `load_mask` reads the transparency (or a mask image) back as
+the trainer's loss mask.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         peak = 1.0
     scaled = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(scaled, mode="L")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """True when the opened image carries transparency (an alpha channel or a tRNS colour)."""
+    return image.mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in image.info
+
+
+def load_mask(path: str | Path) -> Image.Image:
+    """A loss mask as 8-bit "L", oriented like the image: the alpha channel of an image that has
+    one, otherwise the grey level of a mask image (`name.mask.png`: white = train, black = ignore).
+
+    Raises:
+        OSError / PIL.UnidentifiedImageError: unreadable, truncated or not an image.
+    """
+    with Image.open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        if has_alpha(image):
+            return image.convert("RGBA").getchannel("A")
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            return _to_8bit(image)
+        return image.convert("L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

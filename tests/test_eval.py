@@ -196,6 +196,7 @@ def test_discovery_follows_the_trainer_layout(tiny_model, tmp_path):
         folder = run / f"checkpoint-{step:06d}"
         (folder / "diffusers").mkdir(parents=True)
         write_lora(folder / "herta.safetensors", model, steps=step)
+        write_lora(folder / "herta-raw.safetensors", model, steps=step)  # train.ema_decay: the raw weights
         save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 64)},
                   folder / "diffusers" / "pytorch_lora_weights.safetensors")
         save_file({"x": torch.zeros(1)}, folder / "model.safetensors")

@@ -180,8 +180,11 @@ def _sha(prep: Path, image_id: str) -> str:
 def test_two_processes_draw_disjoint_samples_and_agree(tiny_model, dataset, tmp_path):
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("accelerate CLI missing from the venv")
+    # With regularization rows (the dataset as its own class set) and the validation loss: one
+    # rank holds the only val image, the other none, and the loss is reduced over both.
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
                           run_dir=tmp_path / "run", train={"max_steps": 4, "gradient_accumulation_steps": 1},
+                          data={"regularization": str(dataset)}, validation={"every_n_steps": 4, "timesteps": [500]},
                           output={"save_every_n_steps": 4})
     accelerate = str(Path(sys.executable).parent / "accelerate")
     # `accelerate launch --cpu` starts one process unless MPI is set up; torchrun's multi-process
@@ -193,6 +196,8 @@ def test_two_processes_draw_disjoint_samples_and_agree(tiny_model, dataset, tmp_
     draws = [[json.loads(line) for line in (tmp_path / "run" / "draws" / f"rank{r}.jsonl").read_text().splitlines()]
              for r in range(2)]
     assert len(draws[0]) == len(draws[1]) == 4
+    val = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val if "val_loss" in r] == [4]
     for epoch in {d["epoch"] for d in draws[0]}:
         entries = [{e for d in rank if d["epoch"] == epoch for e in d["entries"]} for rank in draws]
         assert not entries[0] & entries[1], f"ranks drew the same samples in epoch {epoch}"
@@ -248,3 +253,43 @@ def test_dora_run_exports_the_diffusers_folder_only(tiny_model, dataset, tmp_pat
     assert not (tmp_path / "run" / "test_lora.safetensors").exists()
     weights = load_file(str(tmp_path / "run" / "diffusers" / "pytorch_lora_weights.safetensors"))
     assert any("lora_magnitude_vector" in key for key in weights)
+
+
+def test_regularization_masks_validation_and_ema_run_and_resume_exactly(tiny_model, tmp_path):
+    """All of issue 13's switches at once (the dataset is its own class set): the validation loss
+    is logged and the best step kept, the EMA is the run's LoRA with the raw weights beside it,
+    and a run resumed from its step-2 checkpoint ends bit for bit where the full run ended."""
+    prep = make_dataset(tmp_path / "prep", masks=True)
+    sections = {"data": {"regularization": str(prep), "prior_loss_weight": 0.5, "flip": False},
+                "train": {"masked_loss": True, "ema_decay": 0.9, "max_steps": 4, "gradient_accumulation_steps": 1},
+                "validation": {"every_n_steps": 2, "timesteps": [300, 700]}, "output": {"keep_best": True}}
+    runs = {name: tmp_path / name for name in ("full", "resumed")}
+    configs = {name: write_config(tmp_path / f"{name}.toml", model_dir=tiny_model.diffusers_dir, dataset=prep,
+                                  run_dir=folder, **sections) for name, folder in runs.items()}
+    result = run(train_command(configs["full"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.regularization: 5 class images" in result.stderr
+    assert "train.masked_loss: 4 of 10 images have a mask" in result.stderr
+
+    records = [json.loads(line) for line in (runs["full"] / "log.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert list(val) == [2, 4] and all(math.isfinite(v) and v > 0 for v in val.values())
+    best = json.loads((runs["full"] / "best" / "best.json").read_text())
+    assert best == {"step": min(val, key=val.get), "val_loss": min(val.values())}
+    assert (runs["full"] / "best" / "test_lora.safetensors").is_file()
+
+    from safetensors import safe_open
+
+    ema, raw = (load_file(str(runs["full"] / f"test_lora{s}.safetensors")) for s in ("", "-raw"))
+    assert ema.keys() == raw.keys() and any(not torch.equal(ema[k], raw[k]) for k in ema)
+    with safe_open(str(runs["full"] / "test_lora.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_ema_decay"] == "0.9" and handle.metadata()["ss_num_reg_images"] == "5"
+    assert (runs["full"] / "diffusers-raw" / "pytorch_lora_weights.safetensors").is_file()
+
+    shutil.copytree(runs["full"] / "checkpoint-000002", runs["resumed"] / "checkpoint-000002")
+    result = run(train_command(configs["resumed"], "--resume", "latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("ranks/lora_rank0.safetensors", "checkpoint-000004/ema.safetensors", "test_lora.safetensors"):
+        expected, resumed = (load_file(str(folder / name)) for folder in runs.values())
+        assert expected.keys() == resumed.keys()
+        assert all(torch.equal(expected[k], resumed[k]) for k in expected), name

@@ -27,21 +27,35 @@ ROWS = [
 ]
 
 
-def make_dataset(out: Path, seed: int = 0) -> Path:
-    """A prepped dataset (contract columns) of small generated images at `out/dataset`."""
+def make_dataset(out: Path, seed: int = 0, masks: bool = False) -> Path:
+    """A prepped dataset (contract columns) of small generated images at `out/dataset`.
+
+    `masks`: a `mask_path` column as prep writes it: a.png gets an alpha channel (its left half
+    transparent), b.png a `b.mask.png` beside it, the others none.
+    """
     rng = np.random.default_rng(seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     columns: dict[str, list] = {name: [] for name in (
         "id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height", "resize_width",
         "resize_height", "crop_left", "crop_top", "caption_head", "caption_body", "caption_tail", "repeats",
-        "rating", "score", "year", "source", "split", "metadata")}
+        "rating", "score", "year", "source", "split", "metadata", *(("mask_path",) if masks else ()))}
     for i, (name, (bw, bh), repeats, split) in enumerate(ROWS):
         # Originals a bit larger than the bucket, so resize and crop are exercised.
         width, height = bw + 16, bh + 8 * (i % 2)
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         path = images / name
-        Image.fromarray(pixels).save(path)
+        mask_path = None
+        if masks and name == "a.png":
+            alpha = np.full((height, width, 1), 255, dtype=np.uint8)
+            alpha[:, : width // 2] = 0
+            Image.fromarray(np.concatenate([pixels, alpha], axis=2), "RGBA").save(path)
+            mask_path = str(path)
+        else:
+            Image.fromarray(pixels).save(path)
+        if masks and name == "b.png":
+            mask_path = str(images / "b.mask.png")
+            Image.fromarray(np.tri(height, width, dtype=np.uint8) * 255).save(mask_path)
         row = {
             "id": name, "image_path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "width": width, "height": height, "bucket_width": bw, "bucket_height": bh,
@@ -51,6 +65,7 @@ def make_dataset(out: Path, seed: int = 0) -> Path:
             "caption_head": ["1girl", "mira"], "caption_body": ["blue hair", "smile", f"tag{i}"],
             "caption_tail": ["safe", "masterpiece"], "repeats": repeats, "rating": "g", "score": None,
             "year": 2024, "source": "test", "split": split, "metadata": "{}",
+            **({"mask_path": mask_path} if masks else {}),
         }
         row["crop_left"] = (row["resize_width"] - bw) // 2
         row["crop_top"] = (row["resize_height"] - bh) // 2

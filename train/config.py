@@ -16,6 +16,7 @@ from typing import Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from train.evaluate.validation import DEFAULT_TIMESTEPS
 from train.generate.hook import SampleConfig
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -52,6 +53,11 @@ class DataConfig(_Section):
     cache_text_outputs: bool = False
     max_chunks: int = Field(3, ge=1, le=8)  # 75-token chunks per caption (3 = 225 tokens)
     prefetch_batches: int = Field(2, ge=0, le=16)  # micro-batches built ahead in a thread (0: in the loop)
+    # Regularization (class) images: another prep OUT folder, its "train" rows balanced 1:1 with
+    # the training entries every epoch (train.data.bucket_batches); None trains without.
+    regularization: str | None = None
+    regularization_repeats: int | None = Field(None, ge=1)  # None: the repeats prep recorded per row
+    prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of a regularization sample
 
 
 class LoraConfig(_Section):
@@ -87,6 +93,9 @@ class TrainConfig(_Section):
     min_snr_gamma: float | None = Field(None, gt=0)  # None disables the weighting
     timestep_min: int = Field(0, ge=0)
     timestep_max: int = Field(1000, ge=1)  # exclusive
+    masked_loss: bool = False  # weight the loss by each image's alpha / name.mask.png (recorded by prep)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights (e.g. 0.999); None: off
+    ema_device: Literal["gpu", "cpu"] = "gpu"  # where the fp32 EMA copy lives ("gpu": the training device)
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
@@ -120,6 +129,21 @@ class OutputConfig(_Section):
     log_every_n_steps: int = Field(10, ge=1)
     log_with: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str = "animagine-lora"
+    keep_best: bool = False  # OUT/best/: the LoRA files at the lowest validation loss (needs validation)
+
+
+class ValidationConfig(_Section):
+    """Validation loss during training: the `eval` command's fixed-noise loss on the `val` rows."""
+
+    every_n_steps: int = Field(0, ge=0)  # 0: off
+    timesteps: list[int] = Field(list(DEFAULT_TIMESTEPS), min_length=1)  # each val image at each of these
+    seed: int = 0  # noise of val image i comes from seed + i
+
+    @model_validator(mode="after")
+    def _timesteps_in_range(self) -> ValidationConfig:
+        if any(not 0 <= t < 1000 for t in self.timesteps):
+            raise ValueError("timesteps must be in [0, 1000)")
+        return self
 
 
 class Config(_Section):
@@ -131,12 +155,19 @@ class Config(_Section):
     output: OutputConfig
     sample: SampleConfig = SampleConfig()  # sample grids during training (train.generate.hook)
     speed: SpeedConfig = SpeedConfig()  # UNet speed switches (train.runtime.speed)
+    validation: ValidationConfig = ValidationConfig()  # validation loss during training
+
+    @model_validator(mode="after")
+    def _keep_best_needs_validation(self) -> Config:
+        if self.output.keep_best and not self.validation.every_n_steps:
+            raise ValueError("output.keep_best needs validation.every_n_steps > 0")
+        return self
 
 
 # Fields holding filesystem paths, resolved against the config file's folder.
 _PATH_FIELDS = {
     "model": ("source", "config_dir", "tokenizer_dir"),
-    "data": ("dataset",),
+    "data": ("dataset", "regularization"),
     "output": ("dir",),
     "sample": ("opt_model", "opt_config_dir", "opt_tokenizer_dir"),
 }

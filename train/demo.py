@@ -1,6 +1,7 @@
 """The whole path on a fresh machine, on CPU: tiny model, sample dataset prep, training, export.
 
     python -m train.demo --shared ../shared          (what `make demo` runs)
+    python -m train.demo --config configs/tiny_features.toml   (regularization, masks, validation, EMA on)
 
 1. builds the tiny SDXL (`train.model.tiny`) into OUT/tiny_model (reused when already built);
 2. preps `datasets/sample.toml` into OUT/sample_prep (`animagine-lora prep`; "up to date" on reruns);
@@ -20,15 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
 
 
-def demo_config(out: Path, model_dir: Path, prep_dir: Path):
-    """configs/tiny.toml with its model, dataset and run folders under `out`."""
+def demo_config(out: Path, model_dir: Path, prep_dir: Path, path: Path = REPO / "configs" / "tiny.toml"):
+    """The demo config (configs/tiny.toml) with its model, dataset (and class set) and run folders under `out`."""
     from train.config import load_config
 
-    config = load_config(REPO / "configs" / "tiny.toml")
+    config = load_config(path)
+    data = {"dataset": str(prep_dir)} | ({"regularization": str(prep_dir)} if config.data.regularization else {})
+    run_dir = "tiny_run" if path.stem == "tiny" else f"{path.stem}_run"
     return config.model_copy(update={
         "model": config.model.model_copy(update={"source": str(model_dir)}),
-        "data": config.data.model_copy(update={"dataset": str(prep_dir)}),
-        "output": config.output.model_copy(update={"dir": str(out / "tiny_run")}),
+        "data": config.data.model_copy(update=data),
+        "output": config.output.model_copy(update={"dir": str(out / run_dir)}),
     })
 
 
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared/ folder (data/ inside)")
     parser.add_argument("--out", default=str(REPO / "out"), help="where everything is written (default out/)")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.toml",
+                        help="the training config (default configs/tiny.toml; configs/tiny_features.toml "
+                             "turns on regularization, masked loss, validation and EMA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if status:
         logger.error("prep failed (exit %d)", status)
         return status
-    config = demo_config(out, tiny.diffusers_dir, prep_dir)
+    config = demo_config(out, tiny.diffusers_dir, prep_dir, args.config.resolve())
     try:
         run_dir = train(config)
     except TrainingStopped as err:

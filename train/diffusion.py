@@ -1,9 +1,9 @@
 """The diffusion training math, pure: no I/O, no model, no global RNG.
 
 Everything a training step needs between "clean latents" and "loss": noise (with offset),
-timesteps (within a range), the forward process, the ε / v targets, SDXL's `add_time_ids`, and
-min-SNR-γ loss weights. All randomness comes from an explicit `torch.Generator`, which is what
-makes a resumed run draw the same noise as the uninterrupted one.
+timesteps (within a range), the forward process, the ε / v targets, SDXL's `add_time_ids`,
+min-SNR-γ loss weights and the masked MSE. All randomness comes from an explicit `torch.Generator`,
+which is what makes a resumed run draw the same noise as the uninterrupted one.
 
 References:
 - DDPM forward process: Ho et al. 2020, eq. 4: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
@@ -81,9 +81,18 @@ def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor:
     raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
 
 
-def weighted_mse(prediction: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean over the batch of (per-sample MSE × weight), in float32; weights None = all ones."""
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+def weighted_mse(prediction: Tensor, target: Tensor, weights: Tensor | None = None,
+                 mask: Tensor | None = None) -> Tensor:
+    """Mean over the batch of (per-sample MSE × weight), in float32; weights None = all ones.
+
+    `mask` (B, 1, h, w) in [0, 1] on the latent grid weights each latent pixel's squared error
+    before the mean over all pixels, as sd-scripts' `apply_masked_loss` does (a pixel of weight 0
+    gets no gradient; the loss is not renormalised by the mask's area).
+    """
+    squared = (prediction.float() - target.float()).pow(2)  # (B, C, h, w)
+    if mask is not None:
+        squared = squared * mask.to(squared.device, torch.float32)  # broadcast over C
+    per_sample = squared.flatten(1).mean(dim=1)  # (B,)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()

@@ -2,8 +2,12 @@
 
 `train(config, resume)` reads top to bottom: accelerator, base model, LoRA, data (latents cached
 on first use), sampler, optimizer and schedule, `accelerator.prepare`, optional resume, loop.
-Each builder takes the config fields it needs, never the whole config. Logging, checkpointing and
-export are each one call behind a `should_*` check. The diffusion math is `train.diffusion`.
+Each builder takes the config fields it needs, never the whole config. Logging, validation,
+checkpointing and export are each one call behind a `should_*` check. The diffusion math is
+`train.diffusion`. Optional methods (issue 13): regularization images (`data.regularization`, in the
+sampler and the per-sample loss weights), masked loss (`train.masked_loss`, masks in the batch),
+validation loss during training (`validation.every_n_steps`, `output.keep_best`), and an EMA of the
+LoRA weights (`train.ema_decay`, exported as the run's LoRA with the raw weights beside it).
 
 Determinism: every random draw of a micro-batch (flip, caption shuffle and dropout, noise,
 timesteps) comes from a generator seeded by (seed, micro-batch number, rank), and the sampler's
@@ -20,7 +24,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from train import diffusion
-from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConfig
+from train.config import Config, DataConfig, LoraConfig, ModelConfig, OutputConfig, ValidationConfig
 from train.data.bucket_batches import BucketBatchSampler
 from train.data.latents import LatentCache, cache_latents, row_geometry
 from train.data.prefetch import MicroBatch, micro_batch_seed, prefetched, sampler_position
@@ -45,6 +49,7 @@ from train.data.rows import (
 from train.generate.hook import should_sample
 from train.runtime import checkpoint
 from train.runtime.checkpoint import TrainState
+from train.runtime.ema import LoraEma
 from train.runtime.optim import build_lr_scheduler, build_optimizer
 from train.runtime.speed import apply_speed_settings
 from train.runtime.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
@@ -152,15 +157,33 @@ def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def build_data(data: DataConfig, base, accelerator: Accelerator) -> TrainingData:
-    """Rows of the prepped dataset with every latent cached (encoded here when missing)."""
-    rows = load_rows(data.dataset, data.split)
-    cache = LatentCache(data.dataset, base.vae_fingerprint, base.vae.config.scaling_factor, data.resolution_scale)
-    cache_latents(rows, base.vae, cache, flip=data.flip, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, progress=accelerator.is_local_main_process)
+def build_data(data: DataConfig, base, accelerator: Accelerator, *, masked_loss: bool) -> TrainingData:
+    """Rows of the prepped dataset (and of the regularization set) with every latent cached
+    (encoded here when missing)."""
+
+    def cached(dataset: str, split: str) -> tuple[list[dict], LatentCache]:
+        rows = load_rows(dataset, split)
+        cache = LatentCache(dataset, base.vae_fingerprint, base.vae.config.scaling_factor, data.resolution_scale)
+        cache_latents(rows, base.vae, cache, flip=data.flip, rank=accelerator.process_index,
+                      world_size=accelerator.num_processes, progress=accelerator.is_local_main_process)
+        return rows, cache
+
+    rows, cache = cached(data.dataset, data.split)
+    reg_rows, reg_cache = [], None
+    if data.regularization:
+        reg_rows, reg_cache = cached(data.regularization, "train")
+        if data.regularization_repeats:
+            reg_rows = [{**row, "repeats": data.regularization_repeats} for row in reg_rows]
+        logger.info("data.regularization: %d class images, prior_loss_weight %g", len(reg_rows),
+                    data.prior_loss_weight)
     accelerator.wait_for_everyone()
+    if masked_loss:
+        masked = sum(bool(row["mask_path"]) for row in [*rows, *reg_rows])
+        logger.info("train.masked_loss: %d of %d images have a mask (alpha or name.mask.png); the others "
+                    "train on every pixel", masked, len(rows) + len(reg_rows))
     augment = CaptionAugment(data.shuffle_captions, data.tag_dropout, data.caption_dropout)
-    return TrainingData(rows, cache, augment, flip=data.flip)
+    return TrainingData(rows, cache, augment, flip=data.flip, reg_rows=reg_rows, reg_cache=reg_cache,
+                        prior_loss_weight=data.prior_loss_weight, masked=masked_loss)
 
 
 def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, cached_captions: list[str] | None,
@@ -194,10 +217,13 @@ def build_text_encoder_fn(base, *, max_chunks: int, train_text_encoder: bool, ca
     return cache
 
 
-def build_sampler(rows: list[dict], *, batch_size: int, seed: int, accelerator: Accelerator) -> BucketBatchSampler:
+def build_sampler(rows: list[dict], reg_rows: list[dict], *, batch_size: int, seed: int,
+                  accelerator: Accelerator) -> BucketBatchSampler:
     sampler = BucketBatchSampler(
         [(r["bucket_width"], r["bucket_height"]) for r in rows], [r["repeats"] for r in rows],
-        batch_size=batch_size, num_replicas=accelerator.num_processes, rank=accelerator.process_index, seed=seed)
+        batch_size=batch_size, num_replicas=accelerator.num_processes, rank=accelerator.process_index, seed=seed,
+        reg_buckets=[(r["bucket_width"], r["bucket_height"]) for r in reg_rows],
+        reg_repeats=[r["repeats"] for r in reg_rows])
     for line in sampler.report():
         logger.warning("%s", line)
     return sampler
@@ -212,6 +238,39 @@ def build_sample_hook(sample, base, *, run_dir: Path, accelerator: Accelerator, 
 
     return TrainingSampler(sample, train_model=base, out_dir=run_dir, device=accelerator.device,
                            dataset_heads=[row["caption_head"] for row in rows], weight_dtype=weight_dtype)
+
+
+def build_validation(validation: ValidationConfig, dataset: str, *, scale: float, base, accelerator: Accelerator):
+    """This rank's share of the validation loss (every num_processes-th `val` row), its latents
+    encoded now; None when validation is off or the share is empty.
+
+    Raises:
+        ValueError: validation is on but the dataset has no `val` rows.
+    """
+    if not validation.every_n_steps:
+        return None
+    from train.evaluate.validation import ValidationLoss, dataset_sources, encode_items
+
+    try:
+        sources = dataset_sources(dataset, scale)
+    except ValueError as err:
+        raise ValueError(f"validation.every_n_steps is set but {err}: give the prep recipe a val_fraction, "
+                         "or set validation.every_n_steps = 0") from None
+    share = sources[accelerator.process_index::accelerator.num_processes]
+    if not share:
+        return None
+    return ValidationLoss(encode_items(share, base.vae), base.noise_scheduler, base.prediction_type,
+                          validation.timesteps, validation.seed)
+
+
+def build_ema(trained: list, decay: float | None, where: str, accelerator: Accelerator) -> LoraEma | None:
+    """The EMA of every trainable weight (train.ema_decay), named by module, or None when off."""
+    if decay is None:
+        return None
+    names = ("unet", "text_encoder", "text_encoder_2")
+    named = [(f"{names[i]}.{name}", p) for i, module in enumerate(trained)
+             for name, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
+    return LoraEma(named, decay, accelerator.device if where == "gpu" else "cpu")
 
 
 # ---------------------------------------------------------------- one step
@@ -230,19 +289,24 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch.time_ids.to(device, non_blocking=True)},
     ).sample
     target = diffusion.training_target(settings.prediction_type, latents, noise, timesteps, alphas_cumprod)
-    weights = None
+    weights = batch.loss_weights  # (B,): prior_loss_weight on regularization samples
     if settings.min_snr_gamma:
-        weights = diffusion.min_snr_weight(diffusion.snr(timesteps, alphas_cumprod), settings.min_snr_gamma,
-                                           settings.prediction_type)
-    return diffusion.weighted_mse(prediction, target, weights)
+        snr_weights = diffusion.min_snr_weight(diffusion.snr(timesteps, alphas_cumprod), settings.min_snr_gamma,
+                                               settings.prediction_type)
+        weights = snr_weights if weights is None else weights * snr_weights
+    return diffusion.weighted_mse(prediction, target, weights, batch.masks)
 
 
 # ---------------------------------------------------------------- checkpoints and export
 
 
 def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
-                  *, source: str, resolution: tuple[int, int]):
-    """`export(folder, step)`: the WebUI file and the diffusers folder of the current LoRA."""
+                  *, source: str, resolution: tuple[int, int], num_reg_images: int, ema: LoraEma | None):
+    """`export(folder, step)`: the WebUI file and the diffusers folder of the current LoRA.
+
+    With an EMA the averaged weights are the run's LoRA (`NAME.safetensors`, `diffusers/`) and the
+    raw weights go beside them (`NAME-raw.safetensors`, `diffusers-raw/`).
+    """
     from train.lora.export import save_diffusers_lora, save_webui_lora, webui_metadata
 
     tag_frequency: dict[str, Counter] = {}
@@ -250,7 +314,7 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
         tags = [*row["caption_head"], *row["caption_body"], *row["caption_tail"]]
         tag_frequency.setdefault(row["source"] or "dataset", Counter()).update(tags)
 
-    def export(folder: Path, step: int) -> None:
+    def write(folder: Path, step: int, suffix: str) -> None:
         encoders = {}
         if lora.train_text_encoder:
             encoders = {"text_encoder": accelerator.unwrap_model(base.text_encoder),
@@ -261,12 +325,22 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
             tag_frequency={k: dict(v) for k, v in tag_frequency.items()},
             comment=f"animagine-lora, preset {lora.preset}", base_model=source,
             prediction_type=base.prediction_type, conv=lora.preset == "attn-mlp-conv",
-            extra={"ss_steps": step, "ss_num_train_images": len(rows)})
+            extra={"ss_steps": step, "ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
+                   **({"ss_ema_decay": ema.decay} if ema is not None and not suffix else {})})
         # The WebUI loaders disagree on DoRA's magnitude axis and diffusers drops it on load, so
         # a DoRA run gets the diffusers folder only (train.lora.export refuses a WebUI DoRA file).
         if not lora.dora:
-            save_webui_lora(Path(folder) / f"{output.name}.safetensors", unet=unet, metadata=metadata, **encoders)
-        save_diffusers_lora(Path(folder) / "diffusers", unet=unet, **encoders)
+            save_webui_lora(Path(folder) / f"{output.name}{suffix}.safetensors", unet=unet, metadata=metadata,
+                            **encoders)
+        save_diffusers_lora(Path(folder) / f"diffusers{suffix}", unet=unet, **encoders)
+
+    def export(folder: Path, step: int) -> None:
+        if ema is None:
+            write(folder, step, "")
+            return
+        write(folder, step, "-raw")
+        with ema.applied():
+            write(folder, step, "")
 
     if lora.dora:
         logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
@@ -294,6 +368,14 @@ class Components:
     export: object  # export(folder, step)
     sample_hook: object | None
     cuda_graphs: bool = False  # speed.cuda_graphs: each micro-batch starts a new graph replay
+    ema: LoraEma | None = None  # train.ema_decay
+    validation: object | None = None  # this rank's ValidationLoss share (None: off or no share)
+
+    def checkpoint_files(self, folder: Path, step: int) -> None:
+        """What a checkpoint holds beside accelerate's state: the LoRA files and the EMA."""
+        self.export(folder, step)
+        if self.ema is not None:
+            self.ema.save(folder)
 
 
 def setup(config: Config, state: TrainState) -> Components:
@@ -312,10 +394,12 @@ def setup(config: Config, state: TrainState) -> Components:
     # After the adapters (a compiled region must contain the LoRA branches), before DDP wraps the UNet.
     apply_speed_settings(base.unet, config.speed)
     # Latents are cached here, before training, so the VAE is used only now (and for sample grids).
-    data = build_data(config.data, base, accelerator)
+    data = build_data(config.data, base, accelerator, masked_loss=tc.masked_loss)
+    validation = build_validation(config.validation, config.data.dataset, scale=config.data.resolution_scale,
+                                  base=base, accelerator=accelerator)
     if accelerator.device.type != "cpu":
         base.vae.to("cpu")
-    sampler = build_sampler(data.rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
+    sampler = build_sampler(data.rows, data.reg_rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
     optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps,
                                 fused=config.speed.fused_optimizer)
     lr_scheduler = build_lr_scheduler(oc.scheduler, optimizer, warmup_steps=oc.warmup_steps, total_steps=tc.max_steps)
@@ -333,7 +417,7 @@ def setup(config: Config, state: TrainState) -> Components:
         logger.warning("data.cache_text_outputs ignored: captions change per draw (shuffle/dropout) "
                        "or the text encoders are trained")
     captions = [make_caption(r["caption_head"], r["caption_body"], r["caption_tail"], random.Random(0), data.augment)
-                for r in data.rows] if cache_text else None  # augmentation off: one fixed caption per row
+                for r in [*data.rows, *data.reg_rows]] if cache_text else None  # augmentation off: one per row
     text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks,
                                  train_text_encoder=config.lora.train_text_encoder, cached_captions=captions,
                                  device=accelerator.device)
@@ -343,15 +427,18 @@ def setup(config: Config, state: TrainState) -> Components:
     # The recorded training resolution: the largest bucket, at the training scale.
     largest = max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"])
     geometry = row_geometry(largest, config.data.resolution_scale)
+    # After prepare, so the EMA starts from the weights as placed on the device.
+    ema = build_ema(trained, tc.ema_decay, tc.ema_device, accelerator)
     export = build_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
-                            resolution=(geometry.width, geometry.height))
+                            resolution=(geometry.width, geometry.height), num_reg_images=len(data.reg_rows), ema=ema)
     model_dtype = TORCH_DTYPES[config.model.weight_dtype]
     sample_hook = build_sample_hook(config.sample, base, run_dir=Path(config.output.dir), accelerator=accelerator,
                                     rows=data.rows, weight_dtype=model_dtype)
     return Components(
         accelerator, base, trained, [p for g in param_groups for p in g["params"]], data, sampler, text, optimizer,
         lr_scheduler, LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
-                                   tc.timestep_max), model_dtype, export, sample_hook, config.speed.cuda_graphs)
+                                   tc.timestep_max), model_dtype, export, sample_hook, config.speed.cuda_graphs,
+        ema, validation)
 
 
 def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: TrainState, *, seed: int,
@@ -377,7 +464,7 @@ def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: Tr
             accelerator.backward(loss)
             # Checked with the backward already queued: the host waits for the forward's flag while
             # the GPU stays busy, and the optimizer has not touched the weights yet.
-            stop_if_not_finite(accelerator, flags, loss, state, micro, run_dir, c.export)
+            stop_if_not_finite(accelerator, flags, loss, state, micro, run_dir, c.checkpoint_files)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(c.params, max_grad_norm or math.inf)
             c.optimizer.step()
@@ -406,6 +493,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))  # weights, optimizer, RNG, `state`, LR scheduler
         c.sampler.load_state_dict(state.sampler)
+        if c.ema is not None:
+            c.ema.load(resume_from)
         logger.info("resumed from %s at step %d", resume_from, state.step)
     elif resume:
         logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
@@ -423,6 +512,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                             pin_memory=accelerator.device.type == "cuda" and config.data.prefetch_batches > 0),
         config.data.prefetch_batches)
     c.base.unet.train()
+    postfix: dict[str, str] = {}
     started, images_at_start = time.perf_counter(), state.images_seen
     while state.step < tc.max_steps:
         lr = c.lr_scheduler.get_last_lr()[0]  # the rate this step uses
@@ -435,6 +525,8 @@ def train(config: Config, resume: str | None = None) -> Path:
         c.lr_scheduler.step()
         state.step += 1
         state.images_seen += tc.batch_size * tc.gradient_accumulation_steps * accelerator.num_processes
+        if c.ema is not None:
+            c.ema.update(state.step)
         progress.update(1)
 
         # Only here are loss and grad norm read back from the device (a wait for the GPU).
@@ -442,17 +534,29 @@ def train(config: Config, resume: str | None = None) -> Path:
             metrics = {"loss": accelerator.gather(loss[None]).mean().item(), "lr": lr, "grad_norm": grad_norm.item(),
                        "images_per_s": (state.images_seen - images_at_start) / (time.perf_counter() - started),
                        "epoch": state.epoch}
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", epoch=state.epoch)
+            postfix.update(loss=f"{metrics['loss']:.4f}", epoch=state.epoch)
+            progress.set_postfix(postfix)
             if torch.cuda.is_available():
                 metrics["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             accelerator.log(metrics, step=state.step)
             log.write(state.step, metrics)
+        if should_validate(state.step, config.validation.every_n_steps, tc.max_steps):
+            val_loss = validation_loss(c)
+            accelerator.log({"val_loss": val_loss}, step=state.step)
+            log.write(state.step, {"val_loss": val_loss})
+            postfix["val_loss"] = f"{val_loss:.4f}"
+            progress.set_postfix(postfix)
+            if config.output.keep_best and (state.best_val_loss is None or val_loss < state.best_val_loss):
+                state.best_val_loss = val_loss
+                if accelerator.is_main_process:
+                    checkpoint.save_best(run_dir, state.step, val_loss, c.export)
         if c.sample_hook is not None and should_sample(state.step, config.sample):
             with modules_on(accelerator.device, c.base.vae, c.base.text_encoder, c.base.text_encoder_2):
                 grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
             log_image(accelerator.trackers, "samples", grid, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
-            checkpoint.save_checkpoint(accelerator, run_dir, state, c.export, config.output.checkpoints_total_limit)
+            checkpoint.save_checkpoint(accelerator, run_dir, state, c.checkpoint_files,
+                                       config.output.checkpoints_total_limit)
 
     progress.close()
     micro_batches.close()  # the prefetch thread, or the plain generator
@@ -489,6 +593,28 @@ def should_log(step: int, every: int, max_steps: int) -> bool:
 
 def should_save(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
+
+
+def should_validate(step: int, every: int, max_steps: int) -> bool:
+    return every > 0 and (step % every == 0 or step == max_steps)
+
+
+def validation_loss(c: Components) -> float:
+    """The fixed-noise validation loss of the weights being exported (the EMA when on): each rank
+    computes its share of the `val` images, the sums and counts are added over the ranks."""
+    accelerator, base = c.accelerator, c.base
+    unet = accelerator.unwrap_model(base.unet)
+    encoders = (accelerator.unwrap_model(base.text_encoder), accelerator.unwrap_model(base.text_encoder_2))
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, images)
+    if c.validation is not None:
+        unet.eval()
+        with modules_on(accelerator.device, *encoders), accelerator.autocast(), \
+                (c.ema.applied() if c.ema is not None else nullcontext()):
+            losses = c.validation.item_losses(unet, (base.tokenizer, base.tokenizer_2), encoders)
+        unet.train()
+        total += torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1]).item()
 
 
 def nonfinite_flags(accelerator: Accelerator, loss: torch.Tensor) -> tuple[torch.Tensor, object]:

@@ -87,6 +87,24 @@ def load_pixels(path: str, geometry: Geometry, flip: bool = False) -> torch.Tens
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def load_latent_mask(path: str, geometry: Geometry, flip: bool = False) -> torch.Tensor:
+    """A loss mask on the latent grid, (1, H/8, W/8) float32 in [0, 1].
+
+    The mask (alpha channel or mask image, `captioning.images.load_mask`) is resized and cropped
+    with the image's own geometry (bilinear), flipped like it, then each 8x8 block is averaged
+    onto its latent pixel, as sd-scripts' `apply_masked_loss` does with `F.interpolate(mode="area")`.
+    """
+    from captioning.images import load_mask
+
+    mask = load_mask(path).resize((geometry.resize_width, geometry.resize_height), Image.Resampling.BILINEAR)
+    mask = mask.crop((geometry.crop_left, geometry.crop_top,
+                      geometry.crop_left + geometry.width, geometry.crop_top + geometry.height))
+    if flip:
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]  # (1, 1, H, W)
+    return torch.nn.functional.avg_pool2d(pixels, VAE_DOWNSCALE)[0]  # (1, H/8, W/8)
+
+
 class LatentCache:
     """Where each row's latents live, and reading them back.
 

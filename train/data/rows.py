@@ -7,6 +7,11 @@ sd-scripts calls `caption_dropout_rate`, which keeps the unconditional predictio
 
 All randomness comes from the `random.Random` the caller passes in; the loop seeds it from
 (seed, step, rank), so a resumed run draws the same captions as the uninterrupted one.
+
+Regularization rows (`data.regularization`, a second prepped dataset) are numbered after the
+training rows; their samples carry the loss weight `prior_loss_weight` (sd-scripts' name).
+With `masked`, each sample also carries its loss mask on the latent grid (ones when the image has
+none), computed from the image's alpha or mask file the first time it is drawn, then kept.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from train.data.latents import LatentCache, row_geometry
+from train.data.latents import LatentCache, load_latent_mask, row_geometry
 from train.diffusion import compute_time_ids
 
 # Columns the trainer reads from the prepped dataset (notes/contract.md).
 COLUMNS = ("id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height",
            "resize_width", "resize_height", "crop_left", "crop_top",
            "caption_head", "caption_body", "caption_tail", "repeats", "source", "split")
+# Columns added later: datasets prepped before them read as None.
+OPTIONAL_COLUMNS = ("mask_path",)  # the file whose alpha (or grey level) is the loss mask
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class TrainBatch:
     captions: list[str]
     time_ids: Tensor  # (B, 6): original (h, w), crop (top, left), target (h, w)
     ids: list[str]
+    loss_weights: Tensor | None = None  # (B,): 1 for training rows, prior_loss_weight for regularization
+    masks: Tensor | None = None  # (B, 1, H/8, W/8) in [0, 1], when the loss is masked
 
 
 def load_rows(dataset_dir: str | Path, split: str = "train") -> list[dict]:
@@ -77,7 +86,9 @@ def load_rows(dataset_dir: str | Path, split: str = "train") -> list[dict]:
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: dataset lacks columns {missing}")
-    rows = [row for row in table.select_columns(list(COLUMNS)).to_list() if row["split"] == split]
+    present = [c for c in OPTIONAL_COLUMNS if c in table.column_names]
+    rows = [{**dict.fromkeys(OPTIONAL_COLUMNS), **row}
+            for row in table.select_columns([*COLUMNS, *present]).to_list() if row["split"] == split]
     if not rows:
         raise ValueError(f"{path}: no rows with split={split!r}")
     return rows
@@ -91,13 +102,42 @@ class TrainingData:
         cache: where the latents are (all must be cached, flipped ones too when `flip`).
         augment: caption augmentation.
         flip: use the horizontally flipped latents for a random half of the draws.
+        reg_rows, reg_cache: regularization rows (numbers from len(rows) on) and their latents.
+        prior_loss_weight: the loss weight of a regularization sample.
+        masked: add each sample's loss mask to the batch.
     """
 
-    def __init__(self, rows: Sequence[dict], cache: LatentCache, augment: CaptionAugment, flip: bool = False):
+    def __init__(self, rows: Sequence[dict], cache: LatentCache, augment: CaptionAugment, flip: bool = False, *,
+                 reg_rows: Sequence[dict] = (), reg_cache: LatentCache | None = None, prior_loss_weight: float = 1.0,
+                 masked: bool = False):
         self.rows = rows
         self.cache = cache
         self.augment = augment
         self.flip = flip
+        self.reg_rows = reg_rows
+        self.reg_cache = reg_cache
+        self.prior_loss_weight = prior_loss_weight
+        self.masked = masked
+        self._masks: dict[tuple[int, bool], Tensor] = {}  # (row number, flipped) -> (1, H/8, W/8)
+
+    def _source(self, number: int) -> tuple[dict, LatentCache, float]:
+        """(row, its latent cache, its loss weight) of row `number`."""
+        if number < len(self.rows):
+            return self.rows[number], self.cache, 1.0
+        return self.reg_rows[number - len(self.rows)], self.reg_cache, self.prior_loss_weight
+
+    def mask(self, number: int, flipped: bool, latents: Tensor) -> Tensor:
+        """Row `number`'s loss mask, (1, H/8, W/8); ones when it has none."""
+        row = self._source(number)[0]
+        if not row.get("mask_path"):
+            return torch.ones_like(latents[:1])
+        key = (number, flipped)
+        if key not in self._masks:
+            try:
+                self._masks[key] = load_latent_mask(row["mask_path"], row_geometry(row, self.cache.scale), flipped)
+            except OSError as err:
+                raise OSError(f"{row['mask_path']}: cannot read the loss mask of {row['image_path']}: {err}") from err
+        return self._masks[key]
 
     def time_ids(self, row: dict, flipped: bool) -> Tensor:
         g = row_geometry(row, self.cache.scale)
@@ -106,16 +146,20 @@ class TrainingData:
         return compute_time_ids((row["height"], row["width"]), (g.crop_top, left), (g.height, g.width))
 
     def batch(self, row_numbers: Sequence[int], rng: random.Random) -> TrainBatch:
-        latents, captions, time_ids, ids = [], [], [], []
+        latents, captions, time_ids, ids, weights, masks = [], [], [], [], [], []
         for number in row_numbers:
-            row = self.rows[number]
+            row, cache, weight = self._source(number)
             flipped = self.flip and rng.random() < 0.5
-            latents.append(self.cache.load(row, flipped))
+            latents.append(cache.load(row, flipped))
             captions.append(make_caption(row["caption_head"], row["caption_body"], row["caption_tail"],
                                          rng, self.augment))
             time_ids.append(self.time_ids(row, flipped))
             ids.append(row["id"])
-        return TrainBatch(torch.stack(latents), captions, torch.stack(time_ids), ids)
+            weights.append(weight)
+            if self.masked:
+                masks.append(self.mask(number, flipped, latents[-1]))
+        return TrainBatch(torch.stack(latents), captions, torch.stack(time_ids), ids,
+                          torch.tensor(weights, dtype=torch.float32), torch.stack(masks) if masks else None)
 
 
 class TextEmbeddingCache:

@@ -105,7 +105,9 @@ def discover_checkpoints(inputs: Sequence[str | Path]) -> tuple[list[Checkpoint]
             dirs = sorted((int(m.group(1)), p) for p in item.iterdir()
                           if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir())
             for step, folder in dirs:
-                files = sorted(p for p in folder.rglob("*.safetensors") if is_webui_lora(p))
+                # With train.ema_decay a checkpoint holds NAME (the EMA, the run's LoRA) and NAME-raw.
+                files = sorted((p for p in folder.rglob("*.safetensors") if is_webui_lora(p)),
+                               key=lambda p: (p.stem.endswith("-raw"), p))
                 if not files:
                     problems.append(f"{folder}: no WebUI LoRA .safetensors in this checkpoint")
                 for file in files[:1]:

@@ -116,8 +116,13 @@ class ValidationLoss:
         self.timesteps = torch.tensor(list(timesteps), dtype=torch.long)
         self.seed = seed
 
-    @torch.no_grad()
     def __call__(self, unet, tokenizers, text_encoders) -> float:
+        losses = self.item_losses(unet, tokenizers, text_encoders)
+        return float(sum(losses) / len(losses))
+
+    @torch.no_grad()
+    def item_losses(self, unet, tokenizers, text_encoders) -> list[float]:
+        """The loss of each held-out image, averaged over the timesteps (in `items` order)."""
         losses = []
         steps = len(self.timesteps)
         for index, item in enumerate(self.items):
@@ -135,4 +140,4 @@ class ValidationLoss:
                                    "time_ids": item.time_ids.to(device, dtype).expand(steps, -1)},
             ).sample  # (T, 4, h, w)
             losses.append(weighted_mse(prediction.float().cpu(), target.float()).item())
-        return float(sum(losses) / len(losses))
+        return losses

@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioning import Captioner, Post, TagDatabase, TokenCounter, load_profile, normalize_tag
+from captioning.images import load_mask
 from train.prep import sources as src
 from train.prep.buckets import bucket_set, closest_bucket, place
 from train.prep.dedupe import Deduplicator
@@ -289,7 +290,28 @@ class RowBuilder:
             "source": record.source,
             "split": split,
             "metadata": json.dumps(post.metadata, ensure_ascii=False, default=str, sort_keys=True),
+            "mask_path": self.mask_path(record, info),
         }
+
+    def mask_path(self, record: src.Record, info: ImageInfo) -> str | None:
+        """The file holding the image's loss mask: its `name.mask.png` (which must be readable and
+        the image's size), else the image itself when it has alpha, else None. Counted in the report."""
+        path = None
+        if record.mask_path is not None:
+            try:
+                size = load_mask(record.mask_path).size
+            except (OSError, ValueError) as error:
+                size, reason = None, f"unreadable: {error}"
+            else:
+                reason = f"is {size[0]}x{size[1]}, the image {info.width}x{info.height}"
+            if size == (info.width, info.height):
+                path = record.mask_path
+            else:
+                self.stats.warnings.append(f"{record.id}: mask {src.display_path(record.mask_path)} ignored: {reason}")
+        if path is None and info.has_alpha:
+            path = record.image_path
+        self.stats.masked += path is not None
+        return path
 
     def _count(self, record, post: Post, result, bucket: str, year: int | None, split: str) -> None:
         stats = self.stats

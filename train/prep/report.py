@@ -25,6 +25,7 @@ class PrepStats:
     auto_tagged: int = 0
     untagged: int = 0  # kept with no tags (no sidecar, no tagger)
     captions_cut: int = 0  # the token budget dropped tags
+    masked: int = 0  # kept images with a loss mask (alpha channel or name.mask.png)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     duplicates: list[tuple[str, str, str]] = field(default_factory=list)  # (id, kind, kept id)
     warnings: list[str] = field(default_factory=list)
@@ -64,6 +65,7 @@ class PrepStats:
                 "auto_tagged": self.auto_tagged,
                 "untagged": self.untagged,
                 "captions_cut": self.captions_cut,
+                "masked": self.masked,
             },
             "rejected_by_reason": dict(self.rejected_by_reason().most_common()),
             "rejected": [{"path": p, "reason": r} for p, r in self.rejected],

@@ -62,6 +62,14 @@ class Record:
     extra_tags: list[str] = field(default_factory=list)  # folder class tokens, recipe extra tags
     image_bytes: bytes | None = None  # embedded image (parquet) still to be written to the cache
     warnings: list[str] = field(default_factory=list)  # sidecar problems that did not reject it
+    mask_path: str | None = None  # `name.mask.png` beside the image: its loss mask (train.masked_loss)
+
+
+MASK_SUFFIX = ".mask.png"
+
+
+def is_mask_name(name: str) -> bool:
+    return name.lower().endswith(MASK_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -173,9 +181,12 @@ def _folder_records(
 ) -> Iterator[Record | Rejected]:
     by_name = {entry.name: entry for entry in files}
     claimed: set[str] = set()
-    images = [e for e in files if Path(e.name).suffix.lower() in IMAGE_SUFFIXES]
+    # `name.mask.png` is the loss mask of `name.*`, not an image of its own.
+    images = [e for e in files if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and not is_mask_name(e.name)]
     for entry in images:
         stem = Path(entry.name).stem
+        mask = by_name.get(stem + MASK_SUFFIX)
+        claimed.update([mask.name] if mask else [])
         candidates = [entry.name + ".json", stem + ".json", stem + ".txt", stem + ".caption"]
         present = [name for name in candidates if name in by_name]
         claimed.update(present)
@@ -201,10 +212,11 @@ def _folder_records(
             post=post,
             extra_tags=[] if post is not None else list(class_tokens),
             warnings=warnings,
+            mask_path=os.path.abspath(mask.path) if mask else None,
         )
     for entry in files:
         suffix = Path(entry.name).suffix.lower()
-        if suffix in SIDECAR_SUFFIXES and entry.name not in claimed:
+        if (suffix in SIDECAR_SUFFIXES or is_mask_name(entry.name)) and entry.name not in claimed:
             yield Rejected(entry.path, "sidecar without image")
 
 

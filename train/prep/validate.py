@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from captioning.images import to_rgb
+from captioning.images import has_alpha, to_rgb
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,6 +49,7 @@ class ImageInfo:
     format: str
     mode: str  # before conversion to RGB
     phash: int | None  # 64-bit DCT hash (imagehash.phash), if asked for
+    has_alpha: bool = False  # transparency: kept by the trainer as the loss mask (train.masked_loss)
 
 
 def set_pixel_limit(max_image_pixels: int | None) -> None:
@@ -73,6 +74,7 @@ def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
             with Image.open(io.BytesIO(data)) as image:
                 image_format, mode = image.format or "unknown", image.mode
                 image.load()
+                alpha = has_alpha(image)
                 rgb = to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return f"decompression bomb guard: {error} (raise the limit with --max-image-pixels)"
@@ -92,7 +94,7 @@ def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
         import imagehash
 
         phash = int(str(imagehash.phash(rgb)), 16)
-    return ImageInfo(width, height, hashlib.sha256(data).hexdigest(), image_format, mode, phash)
+    return ImageInfo(width, height, hashlib.sha256(data).hexdigest(), image_format, mode, phash, alpha)
 
 
 def _validate_chunk(paths: list[str], options: ValidateOptions) -> list[ImageInfo | str]:

@@ -42,6 +42,9 @@ FEATURES = datasets.Features(
         "source": datasets.Value("string"),
         "split": datasets.Value("string"),
         "metadata": datasets.Value("string"),
+        # The loss mask (train.masked_loss): the image itself when it has alpha, its `name.mask.png`,
+        # or null. The trainer composites alpha images on white as always and reads the mask from here.
+        "mask_path": datasets.Value("string"),
     }
 )
 

@@ -39,6 +39,7 @@ class TrainState:
     sampler: dict = field(default_factory=lambda: {"epoch": 0, "position": 0})
     seed: int = 0
     images_seen: int = 0  # global, all processes
+    best_val_loss: float | None = None  # lowest validation loss so far (output.keep_best)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +163,30 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, export, keep:
         rotate(run_dir, keep)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
+
+
+BEST_DIR = "best"
+BEST_INFO = "best.json"
+
+
+def save_best(run_dir: Path, step: int, val_loss: float, export) -> Path:
+    """`RUN/best/`: the LoRA files (`export(folder, step)`) and `best.json` with the step and the
+    validation loss, written beside it and swapped in by renames (main process only)."""
+    temp, final = run_dir / f".tmp-{BEST_DIR}", run_dir / BEST_DIR
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir(parents=True)
+    export(temp, step)
+    (temp / BEST_INFO).write_text(json.dumps({"step": step, "val_loss": val_loss}, indent=2), "utf-8")
+    old = run_dir / f".old-{BEST_DIR}"
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(temp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("best validation loss %.6f at step %d: kept in %s", val_loss, step, final)
+    return final
 
 
 def write_rank_weights(run_dir: Path, accelerator, unet) -> None:
