@@ -26,9 +26,7 @@ Sampler and noise conventions (what "the same seed" means here):
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from captioning import outputs
 from train.data.text_encoding import encode_prompts
 from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
 
@@ -287,33 +286,19 @@ def _fit(text: str, width: int) -> str:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write `image` as PNG atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    """Write `image` as PNG atomically (`captioning.outputs`: temp file, then rename).
+
+    Raises:
+        OutputError: `path` cannot be an output, or the write failed (disk full).
+    """
+    with outputs.atomic_path(path) as temp:
         image.save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def save_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write UTF-8 text atomically (`captioning.outputs`)."""
+    return outputs.write_text(path, text)
 
 
 def render_grid(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], settings: SampleSettings,
