@@ -85,7 +85,7 @@ def _check_parents(path: Path) -> None:
         return
 
 
-def _claim(path: str | os.PathLike, *, folder: bool) -> Path:
+def _claim(path: str | os.PathLike, *, folder: bool, clean: bool = True) -> Path:
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -106,17 +106,21 @@ def _claim(path: str | os.PathLike, *, folder: bool) -> Path:
     _check_parents(path)
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, path.name)
+    if clean:
+        remove_stale_temps(path.parent, path.name)
     return path
 
 
-def claim_file(path: str | os.PathLike) -> Path:
+def claim_file(path: str | os.PathLike, *, clean: bool = True) -> Path:
     """Check that `path` may be written as a file and create its parent folders; returns it.
+
+    `clean=False` skips looking for stale temporaries beside it: for a writer of many files in
+    one folder that cleaned the whole tree once (`remove_stale_temps_under`).
 
     Raises:
         OutputError: `path` is a folder, device, FIFO or socket, or lies under a file.
     """
-    return _claim(path, folder=False)
+    return _claim(path, folder=False, clean=clean)
 
 
 def claim_dir(path: str | os.PathLike) -> Path:
@@ -148,13 +152,14 @@ def _temp_prefix(target: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, clean: bool = True) -> Iterator[Path]:
     """A temporary path beside `path` for a writer that takes a file name (safetensors, PIL).
 
     On success the temporary file gets the normal mode and replaces `path`; on any error it is
     removed and the previous `path` is left as it was. OSErrors become OutputError.
+    `clean` as for `claim_file`.
     """
-    path = claim_file(path)
+    path = claim_file(path, clean=clean)
     with output_errors(path):
         handle, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(handle)
@@ -169,22 +174,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, clean: bool = True) -> Iterator[IO]:
     """`open(path, mode)` on a temporary file that replaces `path` when the block succeeds."""
-    with atomic_path(path) as temp, open(temp, mode, **kwargs) as handle:
+    with atomic_path(path, clean=clean) as temp, open(temp, mode) as handle:
         yield handle
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes, *, clean: bool = True) -> Path:
     """Write `data` to `path` atomically (see `atomic_path`); returns the path."""
-    with atomic_open(path, "wb") as handle:
+    with atomic_open(path, "wb", clean=clean) as handle:
         handle.write(data)
     return Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
+def write_text(path: str | os.PathLike, text: str, *, clean: bool = True) -> Path:
     """Write UTF-8 `text` to `path` atomically, newlines as given; returns the path."""
-    return write_bytes(path, text.encode("utf-8"))
+    return write_bytes(path, text.encode("utf-8"), clean=clean)
 
 
 def temp_dir(path: str | os.PathLike) -> Path:

@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from captioning import outputs
 from train.data.text_encoding import encode_prompts
 from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
+from train.lora.files import LoraFileError, lora_modules
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,6 @@ OPT_FILE = "animagine-xl-4.0-opt.safetensors"
 ZERO_REPO = "cagliostrolab/animagine-xl-4.0-zero"
 # Hub repos whose diffusers folders hold the named model (the 4.0 repo's folders are Opt).
 MODEL_ALIASES = {"opt": OPT_REPO, "zero": ZERO_REPO}
-_LORA_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
-_LORA_UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight", ".lora.up.weight")
-
-
-class LoraFileError(ValueError):
-    """A LoRA file that cannot be applied to the pipeline; the message names the file."""
 
 
 @dataclass
@@ -96,31 +90,6 @@ def build_pipeline(model, *, device: str | torch.device = "cpu",
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def lora_modules(path: str | Path) -> set[str]:
-    """Module names of a LoRA file (the part before `.lora_down.weight`/`.lora_A.weight`).
-
-    Raises:
-        LoraFileError: unreadable, not a LoRA (e.g. a full model checkpoint), or a module with a
-            down/A matrix but no up/B matrix (or the reverse).
-    """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except (OSError, SafetensorError) as err:
-        raise LoraFileError(f"{path}: not a readable .safetensors file ({err})") from None
-    down = {k[: -len(s)] for k in keys for s in _LORA_DOWN_SUFFIXES if k.endswith(s)}
-    up = {k[: -len(s)] for k in keys for s in _LORA_UP_SUFFIXES if k.endswith(s)}
-    if not down and not up:
-        hint = " (it looks like a full model checkpoint)" if any(
-            k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.")) for k in keys
-        ) else ""
-        raise LoraFileError(f"{path}: not a LoRA file, no lora_down/lora_A tensors{hint}")
-    if down != up:
-        missing = sorted(down ^ up)
-        raise LoraFileError(f"{path}: {len(missing)} module(s) lack their up or down matrix, e.g. {missing[0]}")
-    return down
 
 
 def _adapter_layer_count(pipe: StableDiffusionXLPipeline, adapter_name: str) -> int:
