@@ -76,8 +76,8 @@ def _check_parents(path: Path) -> None:
     for parent in path.parents:
         try:
             mode = os.stat(parent).st_mode
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # further up: the nearest existing ancestor decides
         except OSError as error:
             raise OutputError(f"{path}: cannot use its folder {parent}: {error.strerror}") from None
         if not stat.S_ISDIR(mode):
