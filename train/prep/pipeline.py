@@ -391,7 +391,8 @@ def _build(
     if untagged:
         tag_pending()
     spool.close()
-    rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
+    with outputs.output_errors(out):  # a full disk: one line naming OUT, the old OUT intact
+        rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
     spool.path.unlink()
     shutil.rmtree(temp / "arrow_cache", ignore_errors=True)
     return rows
@@ -413,18 +414,19 @@ def prepare(recipe: Recipe, out: Path, run: RunOptions = RunOptions()) -> PrepRe
     temp = make_temp_dir(out)
     try:
         rows = _build(recipe, kinds, out, temp, run, tools, stats)
-        outputs.write_text(temp / "recipe.toml", recipe_to_toml(recipe))
-        write_reports(
-            stats,
-            temp,
-            {
-                "fingerprint": expected,
-                "format_version": FORMAT_VERSION,
-                "shard": {"index": run.shard_index, "num_shards": run.num_shards},
-            },
-        )
-        write_manifest(temp)
-        publish(temp, out)
+        with outputs.output_errors(out):
+            outputs.write_text(temp / "recipe.toml", recipe_to_toml(recipe))
+            write_reports(
+                stats,
+                temp,
+                {
+                    "fingerprint": expected,
+                    "format_version": FORMAT_VERSION,
+                    "shard": {"index": run.shard_index, "num_shards": run.num_shards},
+                },
+            )
+            write_manifest(temp)
+            publish(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

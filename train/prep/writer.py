@@ -60,7 +60,8 @@ class RowSpool:
         missing = set(FEATURES) - set(row)
         if missing:
             raise ValueError(f"row {row.get('id')!r} lacks columns {sorted(missing)}")
-        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with outputs.output_errors(self.path):  # ENOSPC while spooling: one line, not a traceback
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.count += 1
 
     def close(self) -> None:
