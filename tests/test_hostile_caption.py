@@ -169,3 +169,32 @@ def test_images_are_sniffed_before_reading_and_never_reach_other_decoders(tmp_pa
         handle.write(b"\x89PNG\r\n\x1a\n" + bytes(8))
         handle.truncate(MAX_IMAGE_BYTES + 1)
     assert validate_image(str(huge), ValidateOptions(min_side=1)).startswith("too large: ")
+
+
+def test_disk_full_while_captioning_is_one_line(tmp_path, tag_db_path, caplog, monkeypatch):
+    from captioning import outputs
+
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text('{"id": 1, "tag_string": "1girl smile", "rating": "g"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous\n")
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.handle = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outputs, "open", FullDisk, raising=False)
+    assert main(["caption", str(posts), "-o", str(out), *common(tag_db_path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{out}: cannot write: No space left on device"]
+    assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "posts.jsonl"]
