@@ -21,11 +21,12 @@ from datetime import datetime
 from operator import attrgetter
 from typing import NamedTuple
 
-from captioning.caption import Caption, CaptionResult
+from captioning.caption import KEEP_TOKENS_SEPARATOR, Caption, CaptionResult
 from captioning.post import RATINGS, Post
 from captioning.profile import Band, Profile
 from captioning.tag_db import TagDatabase
 from captioning.tags import Category, display_tag, normalize_tag
+from captioning.terminal import terminal_safe
 from captioning.tokens import TokenCounter
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ _CATEGORY_SLOT = {Category.GENERAL: "general", Category.ARTIST: "artist",
 # WD tagger rating labels (category 9) -> Danbooru rating letters.
 WD_RATING_LABELS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
 SPECIAL_SLOTS = ("rating", "year", "quality", "score")
+SEPARATOR_DROP = "a comma or the keep-tokens separator |||"
+CONTROL_DROP = "control characters"
+_COUNTED_DROPS = (SEPARATOR_DROP, CONTROL_DROP)  # reported per post, so the summary counts them
 _YEAR_TAG = re.compile(r"^year (\d{4})$")
 _SLOT_STRIDE = 100_000  # sort key = slot position * stride + rank inside the slot
 DROPPED, SPECIAL = -1, -2  # sort keys of tags that are not placed directly
@@ -140,6 +144,12 @@ class Captioner:
 
         if not name:
             return info("drop", value="empty tag")
+        if "," in name or KEEP_TOKENS_SEPARATOR in name:
+            # Captions are comma-separated and sd-scripts splits at `|||`: such a tag would
+            # become several tags, or move the fixed head/tail. Counted per post in `caption`.
+            return info("drop", value=SEPARATOR_DROP)
+        if terminal_safe(name) != name:  # ANSI escapes, carriage returns: never caption text
+            return info("drop", value=CONTROL_DROP)
         if self.profile.drop_backslash_tags and "\\" in name:
             # Logged once per tag, not per post: `\m/` alone is on thousands of Danbooru posts.
             logger.info("dropping tag %r wherever it appears: training captions never contain backslashes", name)
@@ -250,6 +260,7 @@ class Captioner:
             infos = [info or self.classify(*raw) for info, raw in zip(infos, raws, strict=True)]
         placed = [i for i in infos if i.key >= 0]
         year = post.created_at.year if post.created_at is not None else None
+        unsafe: list[TagInfo] = []
         if len(placed) == len(infos):
             # The usual post: nothing given among its tags, so what the captioner adds depends on
             # (rating, year, score) only, a few thousand combinations in a whole dump.
@@ -261,6 +272,7 @@ class Captioner:
                 added = self._added_cache[key] = self._added(post.rating, year, post.score, {})
         else:
             added = self._added(post.rating, year, post.score, self._set_aside(infos))
+            unsafe = [i for i in infos if i.key == DROPPED and i.value in _COUNTED_DROPS]
         names = set(map(_name, placed))
         if len(names) != len(placed):
             placed = list({i.name: i for i in reversed(placed)}.values())[::-1]  # first of each name
@@ -276,6 +288,7 @@ class Captioner:
         body_start = bisect_left(keys, self._body_start)
         tail_start = bisect_left(keys, self._tail_start)
         tokens, cut, dropped, warnings = -1, False, [], list(added.warnings)
+        warnings += [f"tag {info.name!r} dropped: it contains {info.value}" for info in unsafe]
         if self.token_counter is not None and placed:
             tokens = sum(map(_comma_cost, placed)) - placed[-1].comma_cost + placed[-1].alone_cost
             if 0 < self.max_tokens < tokens:

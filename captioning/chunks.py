@@ -180,6 +180,12 @@ def _caption_lines(chunk: LineRange, builder: _ChunkBuilder) -> None:
 
 def _read_image_sidecar(root: Path, image: Path) -> list:
     image_id = image.relative_to(root).as_posix()
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable bytes in the name (os.fsdecode's surrogates) cannot go into a JSON output
+        # or a caption file name; one such file must not stop the run.
+        return [Problem(ascii(str(image)), "file name is not valid UTF-8: rename the file")]
     sidecar = _sidecar(image)
     if sidecar is None:
         return [Problem(str(image), "no sidecar (.json, .txt or .caption) beside the image")]

@@ -9,18 +9,22 @@ Exit status: 0 all records written, 1 some skipped, 2 a fatal problem (any probl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
+import shutil
+import stat
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from captioning import jsonio
+from captioning import jsonio, outputs
 from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner
 from captioning.chunks import ChunkResult, caption_chunks, image_groups, line_ranges
+from captioning.outputs import OutputError
 from captioning.post import Post, Problem
 from captioning.profile import DEFAULT_PROFILE, ProfileError, load_profile
 from captioning.readers import read_danbooru_jsonl
@@ -65,15 +69,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
-    except CaptionCliError as error:
+        with _seekable(args.input) as source:
+            args.input = source
+            return _run(args)
+    except (CaptionCliError, OutputError) as error:
         logger.error("%s", error)
         return 2
 
 
+@contextlib.contextmanager
+def _seekable(path: Path) -> Iterator[Path]:
+    """`path`, or for a pipe (`/dev/stdin`, `<(cmd)`) a temporary copy of what it streams.
+
+    Workers read byte ranges of the input with `os.pread`, which a pipe cannot serve, and the
+    dataset percentiles read it twice; so a stream is first copied to a regular file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CaptionCliError(f"{path}: input not found") from None
+    except OSError as error:
+        raise CaptionCliError(f"{path}: cannot read the input: {error.strerror}") from None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        yield path
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)):
+        raise CaptionCliError(f"{path}: not a file, folder or pipe")
+    with tempfile.TemporaryDirectory(prefix="animagine-caption-") as folder:
+        copy = Path(folder) / "stdin.jsonl"
+        try:
+            with open(path, "rb") as stream, open(copy, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+        except OSError as error:
+            raise CaptionCliError(f"{path}: cannot read the input stream: {error.strerror}") from None
+        logger.info("%s: not a regular file; read it into a temporary copy first", path)
+        yield copy
+
+
 def _run(args: argparse.Namespace) -> int:
-    if not args.input.exists():
-        raise CaptionCliError(f"{args.input}: input not found")
     output_format = args.format or ("txt" if args.input.is_dir() and args.output.suffix != ".jsonl" else "jsonl")
     if output_format == "txt" and not args.input.is_dir():
         raise CaptionCliError(f"{args.input}: --format txt needs a folder of images as input")
@@ -170,18 +203,19 @@ def _counter_from_bpe(path: Path) -> TokenCounter:
 
 
 def _check_output(source: Path, output: Path, output_format: str) -> None:
+    """Refuse an output that overlaps the input; claim it (OutputError for a device or FIFO)."""
     source, target = source.resolve(), output.resolve()
     if output_format == "jsonl":
         if target == source:
             raise CaptionCliError(f"{output}: the output would overwrite the input")
-        if target.is_dir():
-            raise CaptionCliError(f"{output}: is a folder; give a .jsonl file name")
+        outputs.claim_file(output)
         return
     if target == source or source in target.parents:
         raise CaptionCliError(f"{output}: refusing to write captions into the input folder {source}; "
                               "choose a separate output folder")
-    if target.exists() and not target.is_dir():
-        raise CaptionCliError(f"{output}: exists and is not a folder")
+    outputs.claim_dir(output)
+    if output.is_dir():
+        outputs.remove_stale_temps_under(output)  # `.txt` temps of a killed earlier run
 
 
 def _fit_percentiles(captioner: Captioner, path: Path) -> None:
@@ -246,30 +280,19 @@ class _Accepted:
             logger.warning("more problems: counted in the summary only (--max-messages 0 shows all)")
 
 
-def _write_jsonl(outputs: Iterator[bytes], output: Path, summary: CaptionSummary) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for lines in outputs:
-                f.write(lines)
-                summary.written += lines.count(b"\n")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_jsonl(lines_of_chunks: Iterator[bytes], output: Path, summary: CaptionSummary) -> None:
+    with outputs.atomic_open(output, "wb") as f:
+        for lines in lines_of_chunks:
+            f.write(lines)
+            summary.written += lines.count(b"\n")
 
 
-def _write_txt(outputs: Iterator[bytes], output: Path, style: str, summary: CaptionSummary) -> None:
+def _write_txt(lines_of_chunks: Iterator[bytes], output: Path, style: str, summary: CaptionSummary) -> None:
     """One `.txt` per image, mirroring the input's sub-folders; each file written atomically."""
     field = "sd_scripts" if style == "sd-scripts" else "caption"
-    for lines in outputs:
+    for lines in lines_of_chunks:
         for line in lines.splitlines():
             record = jsonio.loads(line)
             target = (output / record["id"]).with_suffix(".txt")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(record[field] + "\n")
-            os.replace(tmp, target)
+            outputs.write_text(target, record[field] + "\n", clean=False)  # cleaned in _check_output
             summary.written += 1

@@ -17,6 +17,39 @@ from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
 
+# The formats behind the image suffixes we read (JPEG includes MPO). Without `formats=` Pillow guesses among ~40
+# formats by content: EPS bytes in a file named `.png` would be handed to Ghostscript, a
+# PostScript interpreter, and other rare decoders widen what a crafted file can reach.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "AVIF")
+# A single training image above this is not an image we want (a 2 GB file would be read whole
+# into each worker's memory); Pillow's pixel limit guards the decoded size separately.
+MAX_IMAGE_BYTES = 256 * 2**20
+HEADER_BYTES = 16
+
+
+def sniff_format(header: bytes) -> str | None:
+    """The accepted format whose signature starts `header` (16 bytes), or None."""
+    if header.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if header.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if header.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if header.startswith(b"RIFF") and header[8:12] == b"WEBP":
+        return "WEBP"
+    if header.startswith(b"BM"):
+        return "BMP"
+    if header.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if header[4:8] == b"ftyp":
+        return "AVIF"
+    return None
+
+
+def open_image(source: str | Path | BinaryIO) -> Image.Image:
+    """`Image.open` limited to `ACCEPTED_FORMATS` (UnidentifiedImageError for anything else)."""
+    return Image.open(source, formats=ACCEPTED_FORMATS)
+
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     """High-bit-depth single-channel modes ("I;16", "I", "F") scaled into 8-bit "L".
@@ -44,7 +77,7 @@ def load_mask(path: str | Path) -> Image.Image:
     Raises:
         OSError / PIL.UnidentifiedImageError: unreadable, truncated or not an image.
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()
         image = ImageOps.exif_transpose(image) or image
         if has_alpha(image):
@@ -83,6 +116,6 @@ def load_rgb(path: str | Path | BinaryIO) -> Image.Image:
         OSError / PIL.UnidentifiedImageError: unreadable, truncated or not an image.
         PIL.Image.DecompressionBombError: more pixels than `Image.MAX_IMAGE_PIXELS` allows.
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()
         return to_rgb(image)

@@ -79,6 +79,9 @@ def read_danbooru_json(path: str | Path, image_id: str | None = None) -> Iterato
     except UnicodeDecodeError as error:
         yield Problem(str(path), f"not UTF-8 text (byte {error.start})")
         return
+    except OSError as error:  # EIO, EACCES, a folder: this record is lost, not the run
+        yield Problem(str(path), f"cannot read: {error.strerror or error}")
+        return
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
@@ -201,6 +204,9 @@ def read_tag_file(path: str | Path, image_id: str) -> Iterator[Item]:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
         yield Problem(str(path), f"not UTF-8 text (byte {error.start})")
+        return
+    except OSError as error:  # EIO, EACCES, a folder: this record is lost, not the run
+        yield Problem(str(path), f"cannot read: {error.strerror or error}")
         return
     tags = split_tag_text(text)
     if not tags:

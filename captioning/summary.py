@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from captioning.post import Problem
+from captioning.terminal import rich_safe
 
 # Reasons are grouped without their specifics ('x', 12) so the table shows kinds, not records.
 _SPECIFICS = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+\b")
@@ -98,15 +99,15 @@ class CaptionSummary:
         table.add_row("captions written", str(self.written))
         table.add_row("records skipped", str(self.skipped_total))
         for reason, count in self.skipped.most_common():
-            table.add_row(f"  skipped: {reason}", str(count))
+            table.add_row(f"  skipped: {rich_safe(reason)}", str(count))
         for reason, count in self.warnings.most_common(10):
-            table.add_row(f"  warning: {reason}", str(count))
+            table.add_row(f"  warning: {rich_safe(reason)}", str(count))
         table.add_row("captions cut by the token budget", str(self.cut))
         table.add_row("tokens (mean / max)", f"{data['tokens_mean']} / {self.tokens_max}")
         unknown = data["unknown_tags"]
         table.add_row("unknown tags (distinct / occurrences)", f"{unknown['distinct']} / {unknown['occurrences']}")
         if unknown["most_common"]:
-            table.add_row("  most common unknown", ", ".join(t for t, _ in unknown["most_common"]))
+            table.add_row("  most common unknown", ", ".join(rich_safe(t) for t, _ in unknown["most_common"]))
         for title, key in (("rating", "ratings"), ("year", "years"), ("score", "scores"), ("quality", "qualities")):
             counts = data[key]
             items = counts.items() if title == "year" else sorted(counts.items(), key=lambda kv: -kv[1])

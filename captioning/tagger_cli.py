@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
+
+from captioning import outputs
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             folder,
         )
         return 2
+    outputs.claim_dir(out)  # OutputError (a file, device or FIFO) is reported by the command line
     try:
         tagger = WDTagger.load(
             args.model,
@@ -89,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
         for path, post in zip(batch, tagger.tag_images(pictures, [str(p) for p in batch])):
             target = (out / path.relative_to(folder)).with_suffix(".txt")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            temp.write_text(captioner.caption(post).caption.training() + "\n", encoding="utf-8")
-            os.replace(temp, target)
+            outputs.write_text(target, captioner.caption(post).caption.training() + "\n")
     print(
         f"tagged {len(images) - failed} images into {out}"
         + (f"; {failed} skipped" if failed else "")

@@ -20,9 +20,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from captioning import outputs
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ def build_clip_tokenizer_files(bpe_gz: Path, out_dir: Path, pad_token: str = EOS
         raise TokenizerError(f"{bpe_gz}: expected {CLIP_MERGES} merge rules 'a b' after a header line")
     symbols = _bytes_to_unicode()
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = outputs.temp_dir(out_dir)  # the folder's mode follows the umask, not mkdtemp's 0700
     try:
         (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import datasets
+from captioning import outputs
 from train.prep import pipeline
 from train.prep.pipeline import RunOptions, prepare
 from train.prep.recipe import RecipeError, load_recipe, parse_recipe, resolve_paths
@@ -210,6 +212,9 @@ def test_rerun_reuses_until_input_changes(tmp_path):
     image(tmp_path / "in" / "a.png")
     recipe = recipe_for({"name": "s", "path": str(tmp_path / "in")})
     assert not prepare(recipe, tmp_path / "out", QUIET).up_to_date
+    # Readable as the umask says (not mkdtemp's 0700), and marked as ours for the next run.
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == outputs.normal_mode(folder=True)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["format"] == "animagine-lora prep"
     assert prepare(recipe, tmp_path / "out", QUIET).up_to_date
     assert not prepare(
         recipe_for({"name": "s", "path": str(tmp_path / "in")}, min_side=65),

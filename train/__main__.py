@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from captioning.terminal import use_safe_formatter
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from captioning.outputs import OutputError
     from train.config import ConfigError, load_config
     from train.loop import TrainingStopped, train
 
@@ -33,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as err:
         logger.error("%s", err)
         return 1
+    except OutputError as err:
+        logger.error("%s", err)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         logger.error("%s", err)
         return 2
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    use_safe_formatter()
     return run(args)
 
 

@@ -12,6 +12,9 @@ import importlib
 import logging
 import sys
 
+from captioning.outputs import OutputError
+from captioning.terminal import use_safe_formatter
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("captioning.cli", "rewrite tags into Animagine tag order"),
@@ -52,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return int(args._run(args) or 0)
+    use_safe_formatter()  # tags and file names from untrusted files reach these lines
+    try:
+        return int(args._run(args) or 0)
+    except OutputError as error:  # an output refused or a write failed (disk full): one line
+        logging.getLogger("animagine_lora").error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from train.generate.prompts import (
@@ -41,26 +42,66 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ancestral noise generator: gpu = the sampling device, as ComfyUI (default); "
                              "cpu = the same images on any machine")
 
+# Bounds for the numbers on the command line: outside them a run only burns time or memory
+# (steps, batch, size) or gives garbage images with exit 0 (a NaN or infinite cfg or strength).
+MAX_STEPS = 1000
+MAX_BATCH_SIZE = 64
+MAX_CFG = 100.0
+MAX_STRENGTH = 10.0  # negative strengths are legitimate (slider LoRAs), so the bound is |s|
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range; WebUI seeds are 0 .. 2**32 - 1
+
+
+def bounded_int(low: int, high: int):
+    """An argparse `type` accepting integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def bounded_float(low: float, high: float):
+    """An argparse `type` accepting finite numbers in [low, high] (no nan, no inf)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number in {low:g}..{high:g}")
+        return value
+
+    return parse
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="tag prompts (quote each one)")
     parser.add_argument("--lora", help="WebUI/kohya (or diffusers) LoRA .safetensors; omit for the bare model")
-    parser.add_argument("--strength", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    parser.add_argument("--strength", type=bounded_float(-MAX_STRENGTH, MAX_STRENGTH), default=1.0,
+                        help="LoRA strength (default 1.0)")
     parser.add_argument("--model", default="opt",
                         help="opt | zero | opt-file (the Opt single file from the Hub) | Hub id | "
                              "diffusers folder | .safetensors (default opt)")
     parser.add_argument("--config-dir", help="component configs for a single-file model (default: SDXL's)")
     parser.add_argument("--tokenizer-dir", help="folder with tokenizer/ and tokenizer_2/ (single-file models)")
     parser.add_argument("--size", default="square", help="WIDTHxHEIGHT or portrait|landscape|square")
-    parser.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0], help="one image per seed")
-    parser.add_argument("--steps", type=int, default=CARD_STEPS)
-    parser.add_argument("--cfg", type=float, default=CARD_CFG)
+    parser.add_argument("--seed", dest="seeds", type=bounded_int(0, MAX_SEED), nargs="+", default=[0],
+                        help="one image per seed")
+    parser.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=CARD_STEPS)
+    parser.add_argument("--cfg", type=bounded_float(0.0, MAX_CFG), default=CARD_CFG)
     parser.add_argument("--negative", default=CARD_NEGATIVE, help="negative prompt (default: the card's)")
     parser.add_argument("--no-reorder", action="store_true", help="encode prompts exactly as given")
     parser.add_argument("--tags-db", help="tag database for re-ordering (default: the captioning step's)")
     parser.add_argument("--dataset", type=Path, help="prepped dataset: its most frequent caption head gives the "
                         "order of the trained character's tags (unknown to the tag database)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     add_sampler_arguments(parser)
     parser.add_argument("--workflow", type=Path, metavar="FILE.json",
@@ -83,6 +124,7 @@ def _head_order(dataset: Path | None) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from captioning.outputs import claim_dir
     from train.generate.sampling import (
         LoraFileError,
         SampleSettings,
@@ -107,10 +149,15 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s; or --no-reorder to encode the prompts as given", err)
         return 2
     texts = [prepare_prompt(p, orderer) for p in args.prompts]
+    claim_dir(args.out)  # before the minutes of loading: a FIFO, device or file is refused now
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
-                            tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
+    try:
+        model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
+                                tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
+    except (OSError, ValueError) as err:  # a missing folder or file, an unusable checkpoint
+        logger.error("--model %s: %s", args.model, err)
+        return 2
     settings = SampleSettings(width=width, height=height, steps=args.steps, cfg=args.cfg,
                               negative=args.negative, seeds=list(args.seeds), batch_size=args.batch_size,
                               sampler=args.sampler, scheduler=args.scheduler, noise_device=args.noise_device)

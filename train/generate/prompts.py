@@ -36,6 +36,9 @@ CARD_STEPS = 28
 CARD_CFG = 5.0
 
 
+MAX_SIDE = 4096  # 4x SDXL's training side: beyond it memory explodes and images are noise
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """`"832x1216"`, `"portrait"`, `"landscape"` or `"square"` -> (width, height).
 
@@ -56,6 +59,8 @@ def parse_size(text: str) -> tuple[int, int]:
         ) from None
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise ValueError(f"size {text!r}: width and height must be positive multiples of 8 (the VAE's factor)")
+    if max(width, height) > MAX_SIDE:
+        raise ValueError(f"size {text!r}: at most {MAX_SIDE} pixels a side (SDXL is trained near 1024x1024)")
     if (width, height) not in CARD_RESOLUTIONS:
         logger.info("size %dx%d is not in the model card's resolution table", width, height)
     return width, height

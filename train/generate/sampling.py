@@ -26,9 +26,7 @@ chunks (classifier-free guidance concatenates them).
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,13 +35,14 @@ from pathlib import Path
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from captioning import outputs
 from train.generate.comfy_sampling import CFGDenoiser, Conditioning, sample_latents
 from train.generate.k_samplers import SAMPLERS, SCHEDULERS, ModelSampling
 from train.generate.prompt_encoding import encode_weighted_prompts
 from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
+from train.lora.files import LoraFileError, lora_modules
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +51,9 @@ OPT_FILE = "animagine-xl-4.0-opt.safetensors"
 ZERO_REPO = "cagliostrolab/animagine-xl-4.0-zero"
 # Hub repos whose diffusers folders hold the named model (the 4.0 repo's folders are Opt).
 MODEL_ALIASES = {"opt": OPT_REPO, "zero": ZERO_REPO}
-_LORA_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
-_LORA_UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight", ".lora.up.weight")
 DIFFUSERS_SAMPLER = "diffusers-euler-a"
 SAMPLER_NAMES = (*SAMPLERS, DIFFUSERS_SAMPLER)
 SCHEDULER_NAMES = tuple(SCHEDULERS)
-
-
-class LoraFileError(ValueError):
-    """A LoRA file that cannot be applied to the pipeline; the message names the file."""
 
 
 @dataclass
@@ -105,31 +98,6 @@ def build_pipeline(model, *, device: str | torch.device = "cpu",
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def lora_modules(path: str | Path) -> set[str]:
-    """Module names of a LoRA file (the part before `.lora_down.weight`/`.lora_A.weight`).
-
-    Raises:
-        LoraFileError: unreadable, not a LoRA (e.g. a full model checkpoint), or a module with a
-            down/A matrix but no up/B matrix (or the reverse).
-    """
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except (OSError, SafetensorError) as err:
-        raise LoraFileError(f"{path}: not a readable .safetensors file ({err})") from None
-    down = {k[: -len(s)] for k in keys for s in _LORA_DOWN_SUFFIXES if k.endswith(s)}
-    up = {k[: -len(s)] for k in keys for s in _LORA_UP_SUFFIXES if k.endswith(s)}
-    if not down and not up:
-        hint = " (it looks like a full model checkpoint)" if any(
-            k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.")) for k in keys
-        ) else ""
-        raise LoraFileError(f"{path}: not a LoRA file, no lora_down/lora_A tensors{hint}")
-    if down != up:
-        missing = sorted(down ^ up)
-        raise LoraFileError(f"{path}: {len(missing)} module(s) lack their up or down matrix, e.g. {missing[0]}")
-    return down
 
 
 def _adapter_layer_count(pipe: StableDiffusionXLPipeline, adapter_name: str) -> int:
@@ -333,33 +301,19 @@ def _fit(text: str, width: int) -> str:
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write `image` as PNG atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
+    """Write `image` as PNG atomically (`captioning.outputs`: temp file, then rename).
+
+    Raises:
+        OutputError: `path` cannot be an output, or the write failed (disk full).
+    """
+    with outputs.atomic_path(path) as temp:
         image.save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def save_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write UTF-8 text atomically (`captioning.outputs`)."""
+    return outputs.write_text(path, text)
 
 
 def render_grid(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], settings: SampleSettings,

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft import LoraConfig
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -40,6 +38,7 @@ from train.lora.export import (
     write_diffusers_file,
     write_safetensors,
 )
+from train.lora.files import LoraFileError, check_pair, lora_modules, read_header
 from train.model.loading import SDXL_CONFIGS
 
 logger = logging.getLogger(__name__)
@@ -93,14 +92,29 @@ def detect_format(keys: list[str], path: Path) -> str:
     raise ValueError(f"{path}: not an SDXL LoRA in the WebUI or diffusers format (key {odd!r})")
 
 
+def _pattern_value(path: str, patterns: dict) -> object | None:
+    """The value of the `alpha_pattern`/`rank_pattern` key that names module `path`, or None.
+
+    PEFT reads these keys as regular expressions, but they come from the file: a crafted key can
+    take exponential time to match. Writers (diffusers, PEFT, this project) store module paths,
+    so a key is matched as data: the whole path, or a dotted suffix of it.
+    """
+    for key, value in patterns.items():
+        if isinstance(key, str) and (path == key or path.endswith("." + key)):
+            return value
+    return None
+
+
 def _module_alpha(path: str, config: dict, default: float | None, rank: int) -> float:
     """A module's alpha from a PEFT config dict: its alpha_pattern entry, else lora_alpha."""
-    alpha = None
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            alpha = float(value)
-    if alpha is None:
-        alpha = float(config["lora_alpha"]) if "lora_alpha" in config else (default or float(rank))
+    patterns = config.get("alpha_pattern") or {}
+    value = _pattern_value(path, patterns) if isinstance(patterns, dict) else None
+    if value is not None:
+        alpha = float(value)
+    elif "lora_alpha" in config:
+        alpha = float(config["lora_alpha"])
+    else:
+        alpha = default or float(rank)
     if config.get("use_rslora"):
         alpha *= math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r); kohya by alpha / r
     return alpha
@@ -108,9 +122,13 @@ def _module_alpha(path: str, config: dict, default: float | None, rank: int) -> 
 
 def _read_diffusers(path: Path, alpha: float | None) -> LoraWeights:
     tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    packed = json.loads(raw) if raw else {}
+    raw = read_header(path)[1].get("lora_adapter_metadata")
+    try:
+        packed = json.loads(raw) if raw else {}
+    except ValueError:
+        raise LoraFileError(f"{path}: metadata key 'lora_adapter_metadata' is not JSON") from None
+    if not isinstance(packed, dict):
+        raise LoraFileError(f"{path}: metadata key 'lora_adapter_metadata' is not a JSON object")
     if not packed:
         logger.warning(
             "%s: no adapter metadata; alpha = %s",
@@ -135,7 +153,11 @@ def _read_diffusers(path: Path, alpha: float | None) -> LoraWeights:
         for module in sorted(modules):
             down = tensors[f"{prefix}{module}.lora_A.weight"]
             up = tensors[f"{prefix}{module}.lora_B.weight"]
-            module_alpha = _module_alpha(module, config, alpha, int(down.shape[0]))
+            try:
+                module_alpha = _module_alpha(module, config, alpha, int(down.shape[0]))
+            except (TypeError, ValueError):
+                raise LoraFileError(f"{path}: {component}: alpha of {module} in the adapter metadata "
+                                    "is not a number") from None
             weights.setdefault(component, {})[module] = LoraModule(down, up, module_alpha)
     return weights
 
@@ -216,15 +238,24 @@ def read_lora(path: str | Path, *, alpha: float | None = None) -> LoraFile:
     Args:
         alpha: alpha for modules whose file does not record one (default r, as loaders assume).
 
+    Every module is checked (`train.lora.files.check_pair`) before anything is written.
+
     Raises:
-        FileNotFoundError, ValueError: with the file named.
+        FileNotFoundError, ValueError (LoraFileError): with the file named.
     """
     path = _weights_file(Path(path))
-    with safe_open(path, "pt") as f:
-        keys = list(f.keys())
-        metadata = dict(f.metadata() or {})
+    keys, metadata = read_header(path)
     fmt = detect_format(keys, path)
-    weights = _read_webui(path, alpha) if fmt == "webui" else _read_diffusers(path, alpha)
+    lora_modules(path)  # every down matrix has its up matrix, and the reverse
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise LoraFileError(f"--alpha {alpha}: must be a finite positive number")
+    try:
+        weights = _read_webui(path, alpha) if fmt == "webui" else _read_diffusers(path, alpha)
+    except (KeyError, IndexError, RuntimeError, TypeError) as err:  # diffusers' kohya mapping on odd keys
+        raise LoraFileError(f"{path}: cannot interpret its LoRA tensors ({type(err).__name__}: {err})") from None
+    for component, modules in weights.items():
+        for module, weight in modules.items():
+            check_pair(f"{path}: {component}.{module}", weight.down, weight.up, weight.alpha)
     return LoraFile(fmt, weights, metadata if fmt == "webui" else {})
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 from torch import Tensor
 
+from captioning import outputs
 from train.lora.adapters import lora_config, lora_modules, lora_state_dict
 from train.model import sgm_keys
 
@@ -213,16 +213,13 @@ def save_webui_lora(
 def write_safetensors(
     path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None
 ) -> None:
-    """save_file to a temporary file in the same folder, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """save_file to a temporary file in the same folder, then rename over `path`.
+
+    Raises:
+        OutputError: `path` cannot be an output (device, folder) or the write failed (disk full).
+    """
+    with outputs.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def peft_metadata(model) -> dict:
@@ -253,12 +250,14 @@ def save_diffusers_lora(out_dir, *, unet, text_encoder=None, text_encoder_2=None
 def write_diffusers_file(out_dir: Path, write) -> Path:
     """Run `write(tmp_dir)` (which writes `pytorch_lora_weights.safetensors`) in a temporary folder
     inside `out_dir`, then rename the file into `out_dir`; other files there are left alone."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=out_dir))
+    outputs.claim_dir(out_dir)
+    target = outputs.claim_file(out_dir / DIFFUSERS_WEIGHT_NAME)
+    tmp = outputs.temp_dir(target)
     try:
-        write(str(tmp))
-        target = out_dir / DIFFUSERS_WEIGHT_NAME
-        os.replace(tmp / DIFFUSERS_WEIGHT_NAME, target)
+        with outputs.output_errors(target):
+            write(str(tmp))
+            os.chmod(tmp / DIFFUSERS_WEIGHT_NAME, outputs.normal_mode())
+            os.replace(tmp / DIFFUSERS_WEIGHT_NAME, target)
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from captioning import Captioner, Post, TagDatabase, TokenCounter, load_profile, normalize_tag
+from captioning import (
+    Captioner,
+    Post,
+    TagDatabase,
+    TokenCounter,
+    load_profile,
+    normalize_tag,
+    outputs,
+)
 from captioning.images import load_mask
 from train.prep import sources as src
 from train.prep.buckets import bucket_set, closest_bucket, place
@@ -26,11 +34,15 @@ from train.prep.dedupe import Deduplicator
 from train.prep.recipe import CaptionOptions, Recipe, RecipeError, Source, recipe_to_toml
 from train.prep.report import PrepStats, print_summary, write_reports
 from train.prep.validate import ImageInfo, ValidateOptions, validate_many
-from train.prep.writer import RowSpool, make_temp_dir, publish, write_dataset, write_text_atomic
+from train.prep.writer import RowSpool, make_temp_dir, publish, write_dataset
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the row schema or the meaning of a column changes
+# Written into every OUT: the marker by which prep recognises a folder it may replace. Nothing
+# else is taken as ours (a folder that merely holds a `report.json` may be the user's).
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "animagine-lora prep"
 IMAGE_CACHE = "image_cache"  # under OUT: images that were embedded as bytes in a dataset
 
 
@@ -144,7 +156,8 @@ def check_output(out: Path, recipe: Recipe) -> None:
     """Refuse an OUT that would overwrite anything but a previous prep result.
 
     OUT is replaced as a whole, so it must not be (or contain, or lie inside) a source, and an
-    existing non-empty OUT must be a previous prep output (it has report.json).
+    existing non-empty OUT must be a previous prep output (it has our `manifest.json`).
+    Raises RecipeError, or OutputError for a device, FIFO or a parent that is a file.
     """
     for index, source in enumerate(recipe.sources):
         path = Path(source.path).resolve()
@@ -152,12 +165,26 @@ def check_output(out: Path, recipe: Recipe) -> None:
             continue  # a Hub id
         if path.is_relative_to(out) or out.parent.is_relative_to(path):
             raise RecipeError(f"--out {out}: overlaps source {index} ({path}); write it elsewhere")
-    if out.is_file() or (
-        out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file()
-    ):
+    outputs.claim_dir(out)
+    if out.is_dir() and any(out.iterdir()) and not is_prep_output(out):
         raise RecipeError(
-            f"--out {out}: exists and is not a prep output; choose a new or empty folder"
+            f"--out {out}: exists and is not a prep output (no {MANIFEST} written by prep); "
+            "choose a new or empty folder"
         )
+
+
+def is_prep_output(out: Path) -> bool:
+    """Whether `out` holds the manifest prep writes (any format version: a re-prep upgrades it)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
+def write_manifest(folder: Path) -> None:
+    manifest = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION}
+    outputs.write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def fingerprint(recipe: Recipe, run: RunOptions) -> str:
@@ -183,7 +210,9 @@ def is_up_to_date(out: Path, expected: str) -> bool:
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return report.get("fingerprint") == expected and (out / "dataset").is_dir()
+    return (
+        report.get("fingerprint") == expected and (out / "dataset").is_dir() and is_prep_output(out)
+    )
 
 
 def unit_hash(text: str) -> float:
@@ -384,7 +413,8 @@ def _build(
     if untagged:
         tag_pending()
     spool.close()
-    rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
+    with outputs.output_errors(out):  # a full disk: one line naming OUT, the old OUT intact
+        rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
     spool.path.unlink()
     shutil.rmtree(temp / "arrow_cache", ignore_errors=True)
     return rows
@@ -406,17 +436,19 @@ def prepare(recipe: Recipe, out: Path, run: RunOptions = RunOptions()) -> PrepRe
     temp = make_temp_dir(out)
     try:
         rows = _build(recipe, kinds, out, temp, run, tools, stats)
-        write_text_atomic(temp / "recipe.toml", recipe_to_toml(recipe))
-        write_reports(
-            stats,
-            temp,
-            {
-                "fingerprint": expected,
-                "format_version": FORMAT_VERSION,
-                "shard": {"index": run.shard_index, "num_shards": run.num_shards},
-            },
-        )
-        publish(temp, out)
+        with outputs.output_errors(out):
+            outputs.write_text(temp / "recipe.toml", recipe_to_toml(recipe))
+            write_reports(
+                stats,
+                temp,
+                {
+                    "fingerprint": expected,
+                    "format_version": FORMAT_VERSION,
+                    "shard": {"index": run.shard_index, "num_shards": run.num_shards},
+                },
+            )
+            write_manifest(temp)
+            publish(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -15,6 +15,11 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# The most times one image may be repeated per epoch. sd-scripts folders `N_name` give N; past
+# this it is a typo (`3000000000_x` overflows the dataset's int32 column after all the work,
+# `2000000000_x` exhausts memory in training), never a dataset.
+MAX_REPEATS = 10_000
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
 
 
@@ -52,7 +57,7 @@ class Source(_Strict):
     path: str  # relative paths are relative to the recipe file
     type: Literal["auto", "folder", "hf"] = "auto"
     split: str = "train"  # split to read from a Hugging Face dataset
-    repeats: int = Field(1, ge=1)  # multiplied with any `N_name` folder repeat count
+    repeats: int = Field(1, ge=1, le=MAX_REPEATS)  # times any `N_name` folder count (capped too)
     caption: SourceCaption = SourceCaption()
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioning.terminal import rich_safe
+
 TOP_TAGS = 25
 CATEGORY_ORDER = ("character", "copyright", "artist", "general", "meta")
 
@@ -199,13 +201,13 @@ def print_summary(stats: PrepStats, out: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    counts = Table(title=f"prep: {out}")
+    counts = Table(title=f"prep: {rich_safe(str(out))}")
     counts.add_column("count")
     counts.add_column("images", justify="right")
     for key, value in stats.to_json()["counts"].items():
         counts.add_row(key.replace("_", " "), str(value))
     for reason, value in stats.rejected_by_reason().most_common():
-        counts.add_row(f"  rejected: {reason}", str(value))
+        counts.add_row(f"  rejected: {rich_safe(reason)}", str(value))
     console.print(counts)
     buckets = Table(title="buckets")
     buckets.add_column("width x height")
@@ -216,8 +218,8 @@ def print_summary(stats: PrepStats, out: Path) -> None:
     tags = Table(title="top tags")
     tags.add_column("category")
     tags.add_column("tags")
-    tags.add_row("head", ", ".join(f"{t} ({n})" for t, n in stats.head_tags.most_common(8)))
+    tags.add_row("head", ", ".join(f"{rich_safe(t)} ({n})" for t, n in stats.head_tags.most_common(8)))
     for category, counter in stats.tags_in_order():
-        tags.add_row(category, ", ".join(f"{t} ({n})" for t, n in counter.most_common(8)))
+        tags.add_row(category, ", ".join(f"{rich_safe(t)} ({n})" for t, n in counter.most_common(8)))
     console.print(tags)
-    console.print(f"report: {out / 'report.html'}")
+    console.print(f"report: {rich_safe(str(out / 'report.html'))}")

@@ -14,6 +14,7 @@ Nothing here decodes images (that is the parallel validation stage); everything 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -24,6 +25,9 @@ from typing import Any
 
 from captioning import Category, Post
 from captioning.readers import read_danbooru_json, read_tag_file
+from train.prep.recipe import MAX_REPEATS
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
@@ -152,6 +156,15 @@ def _sidecar_post(sidecar: Path, image_id: str) -> tuple[Post | None, list[str]]
     return posts[0], problems
 
 
+def capped_repeats(repeats: int, where: str) -> int:
+    """`repeats`, at most MAX_REPEATS (logged: the folder name is most likely a typo)."""
+    if repeats <= MAX_REPEATS:
+        return repeats
+    logger.warning("%s: %d repeats capped at %d (recipe.MAX_REPEATS); rename the folder to "
+                   "choose fewer", display_path(where), repeats, MAX_REPEATS)
+    return MAX_REPEATS
+
+
 def walk_folder(root: Path, source: str, repeats: int = 1) -> Iterator[Record | Rejected]:
     """Every image below `root` with its sidecar, in sorted order; folder symlink loops are cut."""
     root = Path(root).resolve()
@@ -171,7 +184,7 @@ def walk_folder(root: Path, source: str, repeats: int = 1) -> Iterator[Record | 
             match = REPEAT_FOLDER.match(folder.name) if directory == str(root) else None
             if match:
                 tokens = [t.strip() for t in match.group(2).split(",") if t.strip()]
-                stack.append((folder.path, repeats * int(match.group(1)), tokens))
+                stack.append((folder.path, capped_repeats(repeats * int(match.group(1)), folder.path), tokens))
             else:
                 stack.append((folder.path, folder_repeats, class_tokens))
 
@@ -332,6 +345,7 @@ def read_hf(
             return
         if isinstance(dataset.features[column], datasets.Image):
             dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        roots, local = _dataset_roots(path), Path(path).exists()
         for index, row in enumerate(dataset):
             image = row.pop(column) or {}
             origin = f"{path}:{index}"
@@ -342,19 +356,20 @@ def read_hf(
             name = Path(file_path).name if file_path else f"{index}.png"
             if data:
                 record_id = f"{source}/{index:08d}_{name}"
-            elif Path(file_path).is_relative_to(Path(path).resolve()):
-                record_id = (
-                    f"{source}/{Path(file_path).relative_to(Path(path).resolve()).as_posix()}"
-                )
-            else:
-                record_id = f"{source}/{index:08d}_{name}"
-            image_path = file_path
-            if data:
                 digest = hashlib.sha256(data).hexdigest()
                 image_path = str(cache_dir / f"{digest}{Path(name).suffix.lower() or '.png'}")
+            else:
+                inside = _inside(file_path, roots)
+                if inside is None:
+                    yield Rejected(origin, f"image path {file_path!r} is outside the dataset "
+                                   f"folder {roots[0]} (absolute, `..` or a link out): not read")
+                    continue
+                image_path, relative = inside
+                # Hub cache paths hold revision hashes: such ids would change between machines.
+                record_id = f"{source}/{relative}" if local else f"{source}/{index:08d}_{name}"
             yield Record(
                 id=record_id,
-                image_path=os.path.abspath(image_path),
+                image_path=image_path,
                 source=source,
                 repeats=repeats,
                 post=_row_post(row, record_id, origin),
@@ -362,6 +377,32 @@ def read_hf(
             )
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
         yield Rejected(path, f"cannot read dataset: {error}")
+
+
+def _dataset_roots(path: str) -> list[Path]:
+    """Folders a dataset's rows may name files in: its own folder (a parquet file's folder), or
+    for a Hub dataset the caches its files were downloaded into."""
+    local = Path(path)
+    if local.exists():
+        return [(local if local.is_dir() else local.parent).resolve()]
+    from huggingface_hub import constants
+
+    import datasets
+
+    return [Path(datasets.config.HF_DATASETS_CACHE).resolve(), Path(constants.HF_HUB_CACHE).resolve()]
+
+
+def _inside(file_path: str, roots: list[Path]) -> tuple[str, str] | None:
+    """(absolute path, path relative to the root) if `file_path` lies inside one of `roots`.
+
+    A relative path is taken relative to the dataset root, never the current folder; symbolic
+    links are resolved first, so a link inside pointing out is outside too.
+    """
+    for root in roots:
+        resolved = (root / file_path).resolve()  # an absolute file_path replaces root
+        if resolved.is_relative_to(root):
+            return str(resolved), resolved.relative_to(root).as_posix()
+    return None
 
 
 def listing_fingerprint(paths: list[str]) -> Iterator[str]:

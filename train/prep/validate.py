@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -19,20 +20,17 @@ from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from captioning.images import has_alpha, to_rgb
+from captioning.images import (
+    HEADER_BYTES,
+    MAX_IMAGE_BYTES,
+    has_alpha,
+    open_image,
+    sniff_format,
+    to_rgb,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-# File signatures, to tell a damaged image from a file that is not an image at all.
-SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF8", "GIF"),
-    (b"RIFF", "WEBP"),
-    (b"BM", "BMP"),
-)
 
 
 @dataclass(frozen=True)
@@ -59,19 +57,29 @@ def set_pixel_limit(max_image_pixels: int | None) -> None:
 
 
 def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
-    """Decode `path` fully; an `ImageInfo`, or the reason it cannot be used."""
+    """Decode `path` fully; an `ImageInfo`, or the reason it cannot be used.
+
+    The signature and the size are checked before the file is read whole, and only the
+    accepted formats are decoded (`captioning.images`).
+    """
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            size = os.fstat(handle.fileno()).st_size
+            header = handle.read(HEADER_BYTES)
+            if not header:
+                return "empty file (0 bytes)"
+            if sniff_format(header) is None:
+                return "not an image (unrecognised format)"
+            if size > MAX_IMAGE_BYTES:
+                return f"too large: {size} bytes, over the {MAX_IMAGE_BYTES // 2**20} MiB limit for one image"
+            data = header + handle.read()
     except OSError as error:
         return f"cannot read: {error.strerror or error}"
-    if not data:
-        return "empty file (0 bytes)"
     try:
         with warnings.catch_warnings():
             # Above MAX_IMAGE_PIXELS Pillow only warns (it raises above twice that): refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(io.BytesIO(data)) as image:
                 image_format, mode = image.format or "unknown", image.mode
                 image.load()
                 alpha = has_alpha(image)
@@ -79,10 +87,8 @@ def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return f"decompression bomb guard: {error} (raise the limit with --max-image-pixels)"
     except UnidentifiedImageError:
-        known = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
-        if known:  # e.g. a PNG whose IHDR checksum is wrong: Pillow cannot identify it at all
-            return f"corrupt image: {known} signature but unreadable header"
-        return "not an image (unrecognised format)"
+        # e.g. a PNG whose IHDR checksum is wrong: Pillow cannot identify it at all
+        return f"corrupt image: {sniff_format(header)} signature but unreadable header"
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         # Truncated data raises OSError, bad PNG checksums SyntaxError.
         return f"corrupt image: {error}"

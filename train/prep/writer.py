@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from captioning import outputs
 
 # The column schema of the contract (notes/contract.md, "The prepped dataset").
 FEATURES = datasets.Features(
@@ -62,7 +63,8 @@ class RowSpool:
         missing = set(FEATURES) - set(row)
         if missing:
             raise ValueError(f"row {row.get('id')!r} lacks columns {sorted(missing)}")
-        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with outputs.output_errors(self.path):  # ENOSPC while spooling: one line, not a traceback
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.count += 1
 
     def close(self) -> None:
@@ -88,9 +90,8 @@ def write_dataset(spool: Path, out_dir: Path, cache_dir: Path) -> int:
 
 
 def make_temp_dir(out: Path) -> Path:
-    """A fresh temporary folder beside `out` (same filesystem, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """A fresh temporary folder beside `out`, with the normal folder mode (`captioning.outputs`)."""
+    return outputs.temp_dir(out)
 
 
 # Folders later stages write inside OUT, kept across re-preps: the latent cache is keyed by
@@ -117,8 +118,3 @@ def publish(temp: Path, out: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
