@@ -17,6 +17,7 @@ from safetensors import safe_open
 from unet_helpers import tiny_lora_unet
 
 from train.lora.adapters import ADAPTER_NAME, AdapterSpec, add_unet_lora, lora_modules
+from train.lora.convert import convert
 from train.lora.export import (
     kohya_module_name,
     kohya_state_dict,
@@ -152,3 +153,32 @@ def test_step_zero_is_the_base_model(base_unet):
         assert len(layers) == 170  # attn-mlp-conv on the tiny UNet, as for LoRA
         assert all(not layers[path].get_delta_weight(ADAPTER_NAME).any() for path in MODULES)
         assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("spec", [AdapterSpec(type="lokr", rank=6, alpha=2.0),
+                                  AdapterSpec(type="lokr", rank=1, alpha=3.0, factor=4)], ids=["full", "factorised"])
+def test_convert_lokr_file_to_diffusers_reloads_the_same_deltas(base_unet, spec, tmp_path):
+    unet = _randomised(base_unet, spec)
+    metadata = webui_metadata(rank=spec.rank, alpha=spec.alpha, output_name="t", resolution=128, tag_frequency={},
+                              comment="c", network_args=lycoris_network_args(algo="lokr", rank=spec.rank,
+                                                                             alpha=spec.alpha, conv=True))
+    save_webui_lora(tmp_path / "lokr.safetensors", unet=unet, metadata=metadata, dtype=torch.float32)
+    convert(tmp_path / "lokr.safetensors", tmp_path / "diffusers")
+    fresh = copy.deepcopy(base_unet)
+    fresh.load_lora_adapter(str(tmp_path / "diffusers"), weight_name="pytorch_lora_weights.safetensors",
+                            prefix="unet", adapter_name="x")
+    loaded, trained = lora_modules(fresh), lora_modules(unet)
+    assert len(loaded) == len(trained)
+    for path in MODULES:
+        torch.testing.assert_close(loaded[path].get_delta_weight("x"), trained[path].get_delta_weight(ADAPTER_NAME))
+
+
+def test_convert_refuses_loha_with_the_reason(base_unet, tmp_path):
+    unet = _randomised(base_unet, AdapterSpec(type="loha", rank=2, alpha=2.0))
+    metadata = webui_metadata(rank=2, alpha=2.0, output_name="t", resolution=128, tag_frequency={}, comment="c",
+                              network_args=lycoris_network_args(algo="loha", rank=2, alpha=2.0, conv=True))
+    save_webui_lora(tmp_path / "loha.safetensors", unet=unet, metadata=metadata)
+    with pytest.raises(ValueError, match="loha.safetensors: LoHa files cannot be converted to diffusers"):
+        convert(tmp_path / "loha.safetensors", tmp_path / "out")
+    with pytest.raises(ValueError, match="converts only from the WebUI file to diffusers"):
+        convert(tmp_path / "loha.safetensors", tmp_path / "o.safetensors", to="webui")
