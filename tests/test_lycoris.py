@@ -25,6 +25,7 @@ from train.lora.export import (
     save_webui_lora,
     webui_metadata,
 )
+from train.lora.fused import fuse_lora_layers
 
 # One attention Linear, one cross-attention Linear (in != out), one 3x3 ResNet conv.
 MODULES = (
@@ -153,6 +154,7 @@ def test_step_zero_is_the_base_model(base_unet):
         assert len(layers) == 170  # attn-mlp-conv on the tiny UNet, as for LoRA
         assert all(not layers[path].get_delta_weight(ADAPTER_NAME).any() for path in MODULES)
         assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+        assert fuse_lora_layers(unet) == 0  # the fused forward is plain LoRA's; these keep PEFT's
 
 
 @pytest.mark.parametrize("spec", [AdapterSpec(type="lokr", rank=6, alpha=2.0),
