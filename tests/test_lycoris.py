@@ -184,3 +184,16 @@ def test_convert_refuses_loha_with_the_reason(base_unet, tmp_path):
         convert(tmp_path / "loha.safetensors", tmp_path / "out")
     with pytest.raises(ValueError, match="converts only from the WebUI file to diffusers"):
         convert(tmp_path / "loha.safetensors", tmp_path / "o.safetensors", to="webui")
+
+
+def test_sampling_names_a_lycoris_file_it_cannot_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from train.generate.sampling import LoraFileError
+    from train.generate.sampling import lora_modules as file_modules
+
+    name = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    save_file({f"{name}.{k}": torch.zeros(2, 2) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+              str(tmp_path / "loha.safetensors"))
+    with pytest.raises(LoraFileError, match="loha.safetensors: a LyCORIS .* diffusers cannot load"):
+        file_modules(tmp_path / "loha.safetensors")
