@@ -9,18 +9,20 @@ Initialisation (`init`), always with B = 0 so the adapted model equals the base 
 (Hu et al. 2021, sec. 4.1):
 - "kaiming": A ~ kaiming-uniform(a=sqrt(5)), PEFT's default (`init_lora_weights=True`) and
   sd-scripts' convention (the initialisation of `nn.Linear` weights);
-- "gaussian": A ~ N(0, 1/r), PEFT's `init_lora_weights="gaussian"`, as diffusers' training
+- "gaussian": A ~ normal with std 1/r, PEFT's `init_lora_weights="gaussian"`, as diffusers' training
   scripts use.
 
-LyCORIS methods (`lora_type`), with PEFT's `LoKrConfig` / `LoHaConfig` and LyCORIS's own tensor
+LyCORIS methods (`AdapterSpec.type`, the config's `lora.type`), with PEFT's `LoKrConfig` / `LoHaConfig` and LyCORIS's own tensor
 names (Yeh et al. 2024, "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model
 Evaluation"):
-- "lokr": delta W = (alpha / r) * kron(w1, w2) with w1 of `factor` rows/columns and w2 the rest;
-  a half is factorised (w = w_a @ w_b, rank r) only where r < half its size, otherwise it is a
-  full matrix (so a large rank gives LyCORIS' "full matrix" mode). Initialised LyCORIS' way
-  (w2 = 0). Tucker conv (`lokr_t2`) is never used: ComfyUI cannot merge it.
+- "lokr": delta W = (alpha / r) * kron(w1, w2), each side of w1 a factor of the layer's (`factor`,
+  or near the square root for -1) and w2 the rest. w2 (and w1 with `decompose_both`) is
+  factorised (w = w_a @ w_b, rank r) only where r < half its larger side, otherwise a full matrix,
+  so a large rank gives LyCORIS' "full matrix" mode. PEFT applies alpha / r even when both halves
+  are full; loaders do not, which `train.lora.export` corrects. Initialised LyCORIS' way (w2 = 0).
+  Tucker conv (`lokr_t2`) is never used: ComfyUI cannot merge it.
 - "loha": delta W = (alpha / r) * (w1_a @ w1_b) * (w2_a @ w2_b) (Hadamard product; Hyeon-Woo
-  et al. 2022, FedPara), w2_b... zero-initialised by PEFT so step 0 is the base model;
+  et al. 2022, FedPara), with w2_b = 0 at first (PEFT's init) so step 0 is the base model;
   `tucker` gives 3x3 convolutions the Tucker form (`hada_t1`/`hada_t2`).
 
 Which UNet modules to adapt (the target presets) is described in docs/lora_formats.md:
