@@ -27,10 +27,10 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from unet_helpers import ALPHAS_CUMPROD, SETTINGS, fixed_batch, fixed_text, tiny_lora_unet
 
+from train.model import tiny
 from train.data.rows import TrainBatch
 from train.loop import loss_step
 from train.lora.adapters import add_unet_lora, lora_modules, lora_state_dict
-from train.model import tiny
 from train.model.quantize import (
     QUANTIZE_MODES,
     Fp8Conv2d,
