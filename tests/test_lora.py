@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -10,6 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from train.lora.adapters import (
     TARGET_PRESETS,
+    AdapterSpec,
     add_text_encoder_lora,
     add_unet_lora,
     lora_config,
@@ -111,3 +114,28 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="rank 0"):
         add_unet_lora(unet, rank=0, alpha=4)
     assert set(TARGET_PRESETS) == {"attn", "attn-mlp", "attn-mlp-conv"}
+
+
+@pytest.mark.parametrize("init, std", [("kaiming", 1 / math.sqrt(3 * 64)), ("gaussian", 1 / 8)])
+def test_lora_init(init, std):
+    """lora.init: A ~ kaiming-uniform(a=sqrt(5)) (std 1/sqrt(3 fan_in)) or N(0, 1/r); B = 0 either way."""
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, vocab_size=100))
+    add_text_encoder_lora(encoder, rank=8, alpha=8, spec=AdapterSpec(rank=8, alpha=8.0, init=init))
+    layers = lora_modules(encoder).values()
+    a = torch.cat([m.lora_A["default"].weight.flatten() for m in layers])
+    assert a.std().item() == pytest.approx(std, rel=0.1)
+    assert all(not m.lora_B["default"].weight.any() for m in layers)
+
+
+def test_adapter_spec_refuses_combinations_that_make_no_sense():
+    for spec, message in [
+        (AdapterSpec(type="lokr", rank=4, alpha=4, dora=True), "dora and init apply to type 'lora' only"),
+        (AdapterSpec(type="loha", rank=4, alpha=4, init="gaussian"), "dora and init apply to type 'lora'"),
+        (AdapterSpec(type="loha", rank=4, alpha=4, factor=8), "factor and decompose_both apply to type 'lokr'"),
+        (AdapterSpec(type="lokr", rank=4, alpha=4, tucker=True), "tucker applies to type 'loha' only"),
+        (AdapterSpec(type="lokr", rank=4, alpha=4, factor=1), "factor 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            spec.check()

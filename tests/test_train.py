@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from train_helpers import make_dataset, popen, run, train_command, write_config
 
@@ -293,3 +295,27 @@ def test_regularization_masks_validation_and_ema_run_and_resume_exactly(tiny_mod
         expected, resumed = (load_file(str(folder / name)) for folder in runs.values())
         assert expected.keys() == resumed.keys()
         assert all(torch.equal(expected[k], resumed[k]) for k in expected), name
+
+
+def test_lokr_with_schedule_free_trains_samples_and_exports_lycoris(tiny_model, dataset, tmp_path):
+    """lora.type = "lokr" with schedule-free AdamW: the run samples on the "opt" pipeline (the adapter
+    copied through PEFT), writes a LyCORIS WebUI file, and its diffusers folder reloads."""
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
+                          run_dir=tmp_path / "run", lora={"type": "lokr", "preset": "attn-mlp-conv", "factor": 4},
+                          optimizer={"name": "adamw_schedulefree", "scheduler": "constant", "warmup_steps": 0},
+                          train={"max_steps": 1, "gradient_accumulation_steps": 1},
+                          sample={"every_n_steps": 1, "sample_model": "opt", "opt_model": str(tiny_model.diffusers_dir),
+                                  "size": "64x64", "steps": 2, "seeds": [0]})
+    result = run(train_command(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "samples" / "step-000001.png").is_file()
+    with safe_open(str(tmp_path / "run" / "test_lora.safetensors"), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"])["algo"] == "lokr"
+    assert any(key.endswith(".lokr_w1") for key in keys) and not any("lora_down" in key for key in keys)
+    # pipe.load_lora_weights refuses keys without "lora"; the UNet's own loader reads LoKr (diffusers 0.42).
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model.diffusers_dir))
+    pipe.unet.load_lora_adapter(str(tmp_path / "run" / "diffusers"), weight_name="pytorch_lora_weights.safetensors",
+                                prefix="unet", adapter_name="lokr")
+    assert type(pipe.unet.peft_config["lokr"]).__name__ == "LoKrConfig"

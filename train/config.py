@@ -61,16 +61,33 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
+    type: Literal["lora", "lokr", "loha"] = "lora"  # LyCORIS LoKr / LoHa (train.lora.adapters)
     preset: Literal["attn", "attn-mlp", "attn-mlp-conv"] = "attn-mlp"
     rank: int = Field(16, ge=1)
     alpha: float = Field(16.0, gt=0)
-    dora: bool = False
+    dora: bool = False  # type "lora" only
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's init, type "lora" only (B = 0 always)
+    factor: int = -1  # LoKr: size of the small Kronecker factor (-1: near the square root)
+    decompose_both: bool = False  # LoKr: factorise the small half too (w1 = w1_a @ w1_b)
+    tucker: bool = False  # LoHa: Tucker form for 3x3 convolutions (hada_t1/t2)
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0)  # default: optimizer.lr
 
+    @model_validator(mode="after")
+    def _adapter_settings(self) -> LoraConfig:
+        self.adapter_spec().check()  # a ValueError naming the setting that makes no sense for the type
+        return self
+
+    def adapter_spec(self):
+        """The `train.lora.adapters.AdapterSpec` these settings describe."""
+        from train.lora.adapters import AdapterSpec
+
+        return AdapterSpec(rank=self.rank, alpha=self.alpha, type=self.type, dora=self.dora, init=self.init,
+                           factor=self.factor, decompose_both=self.decompose_both, tucker=self.tucker)
+
 
 class OptimizerConfig(_Section):
-    name: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    name: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "came", "lion", "adamw_schedulefree"] = "adamw"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -79,6 +96,15 @@ class OptimizerConfig(_Section):
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
+    # LoRA+ (Hayou et al. 2024): the B (up) matrices learn this many times faster; 1 turns it off.
+    lora_plus_ratio: float = Field(1.0, ge=1)
+
+    @model_validator(mode="after")
+    def _schedule_free_has_no_schedule(self) -> OptimizerConfig:
+        if self.name == "adamw_schedulefree" and self.scheduler != "constant":
+            raise ValueError("adamw_schedulefree replaces the schedule (it warms up over warmup_steps itself): "
+                             "set scheduler = 'constant'")
+        return self
 
 
 class TrainConfig(_Section):
@@ -161,6 +187,15 @@ class Config(_Section):
     def _keep_best_needs_validation(self) -> Config:
         if self.output.keep_best and not self.validation.every_n_steps:
             raise ValueError("output.keep_best needs validation.every_n_steps > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _lycoris_combinations(self) -> Config:
+        if self.lora.type != "lora" and self.optimizer.lora_plus_ratio != 1:
+            raise ValueError(f"optimizer.lora_plus_ratio needs lora.type = 'lora' (LoRA+ speeds up LoRA's B "
+                             f"matrices; {self.lora.type} has none)")
+        if self.lora.type != "lora" and self.model.quantize != "none":
+            raise ValueError(f"model.quantize = {self.model.quantize!r} supports lora.type = 'lora' only")
         return self
 
 

@@ -50,7 +50,7 @@ from train.generate.hook import should_sample
 from train.runtime import checkpoint
 from train.runtime.checkpoint import TrainState
 from train.runtime.ema import LoraEma
-from train.runtime.optim import build_lr_scheduler, build_optimizer
+from train.runtime.optim import build_lr_scheduler, build_optimizer, eval_weights, lora_plus_groups
 from train.runtime.speed import apply_speed_settings
 from train.runtime.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
@@ -127,34 +127,37 @@ def quantize_unet(unet, mode: str, *, compute_dtype: torch.dtype, device: torch.
                 frozen_weight_bytes(unet) / 2**30)
 
 
-def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: bool) -> list[dict]:
-    """Add LoRA adapters (B = 0, so step 0 is the base model); return optimizer param groups.
+def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: bool,
+               lora_plus_ratio: float = 1.0) -> list[dict]:
+    """Add the adapters (`lora.type`; zero delta, so step 0 is the base model); return optimizer
+    param groups (with LoRA+, the B matrices in groups of their own at `lr * lora_plus_ratio`).
 
     Trainable parameters are kept in float32 whatever the frozen weights' dtype.
     """
     from train.lora.adapters import add_text_encoder_lora, add_unet_lora
 
-    add_unet_lora(base.unet, preset=lora.preset, rank=lora.rank, alpha=lora.alpha, dora=lora.dora)
+    spec = lora.adapter_spec()
+    add_unet_lora(base.unet, preset=lora.preset, rank=lora.rank, alpha=lora.alpha, spec=spec)
     encoders = (base.text_encoder, base.text_encoder_2) if lora.train_text_encoder else ()
     for encoder in encoders:
-        add_text_encoder_lora(encoder, rank=lora.rank, alpha=lora.alpha, dora=lora.dora)
+        add_text_encoder_lora(encoder, rank=lora.rank, alpha=lora.alpha, spec=spec)
     if gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for encoder in encoders:
             # Non-reentrant: the frozen embeddings' outputs do not require grad, the LoRA inside does.
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = [{"params": _trainable(base.unet), "lr": lr}]
-    te_params = [p for encoder in encoders for p in _trainable(encoder)]
+    groups = lora_plus_groups(_trainable(base.unet), lr, lora_plus_ratio)
+    te_params = [named for encoder in encoders for named in _trainable(encoder)]
     if te_params:
-        groups.append({"params": te_params, "lr": lora.text_encoder_lr or lr})
+        groups += lora_plus_groups(te_params, lora.text_encoder_lr or lr, lora_plus_ratio)
     return groups
 
 
-def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
+def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    for _, p in named:
         p.data = p.data.float()
-    return params
+    return named
 
 
 def build_data(data: DataConfig, base, accelerator: Accelerator, *, masked_loss: bool) -> TrainingData:
@@ -302,17 +305,26 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
 
 def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
                   *, source: str, resolution: tuple[int, int], num_reg_images: int, ema: LoraEma | None):
-    """`export(folder, step)`: the WebUI file and the diffusers folder of the current LoRA.
+    """`export(folder, step)`: the WebUI file (LyCORIS format for LoKr / LoHa) and the diffusers folder
+    of the current adapter.
 
     With an EMA the averaged weights are the run's LoRA (`NAME.safetensors`, `diffusers/`) and the
     raw weights go beside them (`NAME-raw.safetensors`, `diffusers-raw/`).
     """
-    from train.lora.export import save_diffusers_lora, save_webui_lora, webui_metadata
+    from train.lora.export import (
+        lycoris_network_args,
+        save_diffusers_lora,
+        save_webui_lora,
+        webui_metadata,
+    )
 
     tag_frequency: dict[str, Counter] = {}
     for row in rows:
         tags = [*row["caption_head"], *row["caption_body"], *row["caption_tail"]]
         tag_frequency.setdefault(row["source"] or "dataset", Counter()).update(tags)
+    network_args = None if lora.type == "lora" else lycoris_network_args(
+        algo=lora.type, rank=lora.rank, alpha=lora.alpha, conv=lora.preset == "attn-mlp-conv", factor=lora.factor,
+        decompose_both=lora.decompose_both, tucker=lora.tucker)
 
     def write(folder: Path, step: int, suffix: str) -> None:
         encoders = {}
@@ -326,7 +338,8 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
             comment=f"animagine-lora, preset {lora.preset}", base_model=source,
             prediction_type=base.prediction_type, conv=lora.preset == "attn-mlp-conv",
             extra={"ss_steps": step, "ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
-                   **({"ss_ema_decay": ema.decay} if ema is not None and not suffix else {})})
+                   **({"ss_ema_decay": ema.decay} if ema is not None and not suffix else {})},
+            network_args=network_args)
         # The WebUI loaders disagree on DoRA's magnitude axis and diffusers drops it on load, so
         # a DoRA run gets the diffusers folder only (train.lora.export refuses a WebUI DoRA file).
         if not lora.dora:
@@ -387,7 +400,8 @@ def setup(config: Config, state: TrainState) -> Components:
     # Same seed on every rank before the adapters exist: identical LoRA initialisation.
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
-    param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing)
+    param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing,
+                              lora_plus_ratio=oc.lora_plus_ratio)
     # After the adapters: PEFT gives a new adapter its base layer's dtype, which for fp8 would ruin it.
     quantize_unet(base.unet, config.model.quantize, compute_dtype=TORCH_DTYPES[config.model.weight_dtype],
                   device=accelerator.device)
@@ -401,7 +415,7 @@ def setup(config: Config, state: TrainState) -> Components:
         base.vae.to("cpu")
     sampler = build_sampler(data.rows, data.reg_rows, batch_size=tc.batch_size, seed=tc.seed, accelerator=accelerator)
     optimizer = build_optimizer(oc.name, param_groups, lr=oc.lr, weight_decay=oc.weight_decay, betas=oc.betas, eps=oc.eps,
-                                fused=config.speed.fused_optimizer)
+                                fused=config.speed.fused_optimizer, warmup_steps=oc.warmup_steps)
     lr_scheduler = build_lr_scheduler(oc.scheduler, optimizer, warmup_steps=oc.warmup_steps, total_steps=tc.max_steps)
 
     # Only modules with adapters are prepared (DDP-wrapped). The LR scheduler is not: accelerate
@@ -431,11 +445,13 @@ def setup(config: Config, state: TrainState) -> Components:
     ema = build_ema(trained, tc.ema_decay, tc.ema_device, accelerator)
     export = build_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
                             resolution=(geometry.width, geometry.height), num_reg_images=len(data.reg_rows), ema=ema)
+    params = [p for g in param_groups for p in g["params"]]
+    export = _exporting_eval_weights(export, optimizer, params)
     model_dtype = TORCH_DTYPES[config.model.weight_dtype]
     sample_hook = build_sample_hook(config.sample, base, run_dir=Path(config.output.dir), accelerator=accelerator,
                                     rows=data.rows, weight_dtype=model_dtype)
     return Components(
-        accelerator, base, trained, [p for g in param_groups for p in g["params"]], data, sampler, text, optimizer,
+        accelerator, base, trained, params, data, sampler, text, optimizer,
         lr_scheduler, LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
                                    tc.timestep_max), model_dtype, export, sample_hook, config.speed.cuda_graphs,
         ema, validation)
@@ -541,7 +557,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             accelerator.log(metrics, step=state.step)
             log.write(state.step, metrics)
         if should_validate(state.step, config.validation.every_n_steps, tc.max_steps):
-            val_loss = validation_loss(c)
+            with eval_weights(c.optimizer, c.params):  # schedule-free: its average, as exported
+                val_loss = validation_loss(c)
             accelerator.log({"val_loss": val_loss}, step=state.step)
             log.write(state.step, {"val_loss": val_loss})
             postfix["val_loss"] = f"{val_loss:.4f}"
@@ -551,7 +568,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                 if accelerator.is_main_process:
                     checkpoint.save_best(run_dir, state.step, val_loss, c.export)
         if c.sample_hook is not None and should_sample(state.step, config.sample):
-            with modules_on(accelerator.device, c.base.vae, c.base.text_encoder, c.base.text_encoder_2):
+            with modules_on(accelerator.device, c.base.vae, c.base.text_encoder, c.base.text_encoder_2), \
+                    eval_weights(c.optimizer, c.params):
                 grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
             log_image(accelerator.trackers, "samples", grid, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
@@ -566,6 +584,16 @@ def train(config: Config, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def _exporting_eval_weights(export, optimizer, params: list):
+    """`export` run on the weights to evaluate (schedule-free AdamW's average; see `eval_weights`)."""
+
+    def export_eval(folder: Path, step: int) -> None:
+        with eval_weights(optimizer, params):
+            export(folder, step)
+
+    return export_eval
 
 
 @contextmanager

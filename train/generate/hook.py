@@ -7,7 +7,9 @@ The training loop builds one `TrainingSampler` and, on the main process, calls
 - `sample_model = "train"`: the pipeline wraps the training components themselves (the LoRA is
   active in them, nothing is copied or loaded).
 - `sample_model = "opt"`: the current LoRA is exported to a WebUI file (train.lora.export) and loaded on
-  the Opt pipeline with `load_lora_weights`, the path users take, then removed again. The Opt
+  the Opt pipeline with `load_lora_weights`, the path users take, then removed again. diffusers
+  cannot read LyCORIS files for SDXL, so a LoKr / LoHa adapter is copied onto the Opt modules
+  through PEFT instead (same config, same tensors: `copy_adapter`). The Opt
   model is loaded once, when the sampler is built (a bad source fails before training). Its VAE
   and text encoders are replaced by the training model's when their weight hashes are identical
   (Zero and Opt may share them), so they are not held twice; what remains is CPU-offloaded on
@@ -17,6 +19,7 @@ The training loop builds one `TrainingSampler` and, on the main process, calls
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from pathlib import Path
@@ -179,12 +182,20 @@ class TrainingSampler:
         return grid
 
     def _render_on_opt(self, step, path, unet, text_encoder, text_encoder_2):
-        from train.lora.adapters import lora_config
+        from train.lora.adapters import adapter_type, lora_config
         from train.lora.export import save_webui_lora, webui_metadata
 
         pipe = self._opt_pipeline()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         adapter = f"step_{step}"
+        if adapter_type(lora_config(unet)) != "lora":
+            trained = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+            copy_adapter(pipe, adapter, {name: model for name, model in trained.items() if model is not None},
+                         self.config.strength)
+            try:
+                return render_grid(pipe, self.prompts, self.settings, path, progress=False)
+            finally:
+                unload_lora(pipe, adapter)
         with tempfile.TemporaryDirectory(dir=self.out_dir) as temp:
             lora_file = Path(temp) / f"{adapter}.safetensors"
             peft_config = lora_config(unet)
@@ -199,6 +210,21 @@ class TrainingSampler:
             return render_grid(pipe, self.prompts, self.settings, path, progress=False)
         finally:
             unload_lora(pipe, adapter)
+
+
+def copy_adapter(pipe, adapter_name: str, trained: dict, strength: float) -> None:
+    """Put each trained module's adapter ("default") on the pipeline's module of the same name
+    (`unet`, `text_encoder`, `text_encoder_2`) as `adapter_name`, with the same PEFT config and
+    tensors, and make it the only active adapter at `strength`."""
+    from peft import set_peft_model_state_dict
+
+    from train.lora.adapters import lora_config, lora_state_dict
+
+    for name, model in trained.items():
+        target = getattr(pipe, name)
+        target.add_adapter(copy.deepcopy(lora_config(model)), adapter_name=adapter_name)
+        set_peft_model_state_dict(target, lora_state_dict(model), adapter_name=adapter_name)
+    pipe.set_adapters([adapter_name], adapter_weights=[strength])
 
 
 class _Components:

@@ -2,7 +2,8 @@
 
 Reads a kohya/WebUI file (diffusers or original SGM block names, as sd-scripts writes) or a
 diffusers `pytorch_lora_weights.safetensors` (file or its folder), and writes the other format
-(or `--to` the one asked for). Alpha is carried per module: kohya `.alpha` tensors <-> the PEFT
+(or `--to` the one asked for); a LyCORIS LoKr file converts to diffusers (`train.lora.lycoris_convert`).
+Alpha is carried per module: kohya `.alpha` tensors <-> the PEFT
 config (`lora_alpha`, `alpha_pattern`) diffusers stores as adapter metadata. Where the input does
 not record alpha, loaders assume alpha = r; `--alpha` supplies the training alpha instead.
 
@@ -39,6 +40,7 @@ from train.lora.export import (
     write_safetensors,
 )
 from train.lora.files import LoraFileError, check_pair, lora_modules, read_header
+from train.lora.lycoris_convert import is_lycoris, lycoris_to_diffusers
 from train.model.loading import SDXL_CONFIGS
 
 logger = logging.getLogger(__name__)
@@ -351,6 +353,13 @@ def convert(
     """
     in_path, out_path = Path(in_path), Path(out_path)
     source = _weights_file(in_path)
+    with safe_open(source, "pt") as f:
+        keys = list(f.keys())
+    if is_lycoris(keys):
+        # LoKr / LoHa in the kohya single-file layout: only LoKr -> diffusers exists (lycoris_convert).
+        if to not in (None, "diffusers") or source.suffix != ".safetensors" or any(k.startswith("unet.") for k in keys):
+            raise ValueError(f"{source}: a LyCORIS (LoKr/LoHa) file converts only from the WebUI file to diffusers")
+        return lycoris_to_diffusers(source, out_path, dtype=dtype)
     lora = read_lora(source, alpha=alpha)
     to = to or ("diffusers" if lora.format == "webui" else "webui")
     target = out_path / DIFFUSERS_WEIGHT_NAME if to == "diffusers" else out_path

@@ -4,6 +4,8 @@
   load: `lora_unet_` / `lora_te1_` / `lora_te2_` + module path with `.` -> `_`, then
   `.lora_down.weight` (PEFT `lora_A`), `.lora_up.weight` (PEFT `lora_B`) and `.alpha` holding the
   configured alpha (loaders scale by alpha / r), plus the sd-scripts/modelspec header metadata.
+  A LoKr or LoHa adapter is written in the LyCORIS single-file format instead (`lycoris_tensors`):
+  the same module names, LyCORIS' tensor names, and `ss_network_module = "lycoris.kohya"`.
 - `save_diffusers_lora`: diffusers' own `pytorch_lora_weights.safetensors`, with the PEFT
   LoraConfig as adapter metadata so a reload keeps alpha.
 
@@ -24,7 +26,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from captioning import outputs
-from train.lora.adapters import lora_config, lora_modules, lora_state_dict
+from train.lora.adapters import (
+    ADAPTER_NAME,
+    adapter_type,
+    lora_config,
+    lora_modules,
+    lora_state_dict,
+)
 from train.model import sgm_keys
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -67,15 +75,17 @@ def kohya_module_name(
 def kohya_state_dict(
     component: str, model, dtype: torch.dtype = torch.float16, block_names: str = "diffusers"
 ) -> dict[str, Tensor]:
-    """One model's LoRA as kohya tensors: lora_down (A), lora_up (B) and alpha per module.
+    """One model's adapter as kohya tensors: lora_down (A), lora_up (B) and alpha per module, or
+    for LoKr / LoHa the LyCORIS tensors of `lycoris_tensors`.
 
     `block_names` "sgm" writes UNet modules under their original SGM names (sd-scripts style).
 
     Raises:
-        ValueError: the adapter uses DoRA (see `save_webui_lora`).
+        ValueError: the adapter uses DoRA (see `save_webui_lora`), or a LyCORIS module has a
+        layout loaders reject (see `lycoris_tensors`).
     """
     config = lora_config(model)
-    if config.use_dora:
+    if getattr(config, "use_dora", False):
         raise ValueError(
             "DoRA export to the WebUI (kohya) format is not supported: loaders disagree on the axis "
             "of `dora_scale` and diffusers drops it; save with save_diffusers_lora instead"
@@ -87,18 +97,79 @@ def kohya_state_dict(
         if block_names == "sgm" and component == "unet"
         else None
     )
+    lycoris = adapter_type(config) != "lora"
     out: dict[str, Tensor] = {}
     for path, module in lora_modules(model).items():
         name = kohya_module_name(component, path, block_map)
-        down = module.lora_A["default"].weight.detach()  # (r, in) or (r, in, kh, kw)
-        up = module.lora_B["default"].weight.detach()  # (out, r) or (out, r, 1, 1)
+        if lycoris:
+            tensors = lycoris_tensors(module, f"{component}:{path}")
+            out[f"{name}.alpha"] = _alpha(tensors.pop("alpha"))
+            out.update({f"{name}.{key}": t.to("cpu", dtype).contiguous() for key, t in tensors.items()})
+            continue
+        down = module.lora_A[ADAPTER_NAME].weight.detach()  # (r, in) or (r, in, kh, kw)
+        up = module.lora_B[ADAPTER_NAME].weight.detach()  # (out, r) or (out, r, 1, 1)
         out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        # The configured alpha, not r (loaders scale by alpha / r); fp32 so e.g. 0.3 stays 0.3.
-        out[f"{name}.alpha"] = torch.tensor(
-            float(module.lora_alpha["default"]), dtype=torch.float32
-        )
+        out[f"{name}.alpha"] = _alpha(module.lora_alpha[ADAPTER_NAME])
     return out
+
+
+def _alpha(value) -> Tensor:
+    # The configured alpha, not r (loaders scale by alpha / r); fp32 so e.g. 0.3 stays 0.3.
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+_HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def lycoris_tensors(module, where: str) -> dict[str, Tensor]:
+    """One PEFT LoKr / LoHa layer as LyCORIS tensors (fp32): PEFT's names and shapes are LyCORIS'
+    own (`lokr_w1` or `lokr_w1_a/_b`, `lokr_w2` or `lokr_w2_a/_b`; `hada_w1_a/_b`, `hada_w2_a/_b`,
+    `hada_t1/_t2`), plus "alpha" (a float).
+
+    LoKr alpha: LyCORIS' and ComfyUI's loaders scale by alpha / r only when one half is
+    factorised; when both are full matrices (SDXL's 640-wide layers at rank >= 16) they apply
+    scale 1 (lycoris/modules/lokr.py `LokrModule.__init__`, comfy/weight_adapter/lokr.py), while
+    PEFT applies alpha / r. So that scale is folded into `lokr_w1` there, and alpha is written as
+    r, which means scale 1 to any loader.
+
+    Raises:
+        ValueError naming `where`: a Tucker LoKr half (`lokr_t2`, which ComfyUI cannot merge), or
+        a LoHa module lacking one of its tensors (ComfyUI would refuse the whole file).
+    """
+    tensors = {
+        attr: getattr(module, attr)[ADAPTER_NAME].detach().float()
+        for attr in module.adapter_layer_names
+        if ADAPTER_NAME in getattr(module, attr)
+    }
+    alpha, rank = float(module.alpha[ADAPTER_NAME]), int(module.r[ADAPTER_NAME])
+    if "lokr_t2" in tensors:
+        raise ValueError(f"{where}: Tucker LoKr (lokr_t2) cannot be merged by ComfyUI; train with "
+                         "use_effective_conv2d = False")
+    if "lokr_w1" in tensors and "lokr_w2" in tensors:
+        tensors["lokr_w1"] = tensors["lokr_w1"] * (alpha / rank)
+        alpha = float(rank)
+    if any(key.startswith("hada_") for key in tensors):
+        missing = [key for key in _HADA if key not in tensors]
+        if missing or (("hada_t1" in tensors) != ("hada_t2" in tensors)):
+            raise ValueError(f"{where}: LoHa module lacks {', '.join(missing) or 'hada_t1/hada_t2'}")
+    tensors["alpha"] = alpha
+    return tensors
+
+
+def lycoris_network_args(*, algo: str, rank: int, alpha: float, conv: bool, factor: int = -1,
+                         decompose_both: bool = False, tucker: bool = False) -> dict[str, str]:
+    """`ss_network_args` of a LyCORIS file, as LyCORIS' kohya wrapper records its arguments
+    (string values): the algorithm, conv rank/alpha when convolutions are adapted, and LoKr's
+    factor / decompose_both or LoHa's Tucker switch."""
+    args = {"algo": algo}
+    if conv:
+        args.update(conv_dim=str(rank), conv_alpha=str(float(alpha)))
+    if algo == "lokr":
+        args.update(factor=str(factor), decompose_both=str(decompose_both), use_tucker="False")
+    if algo == "loha":
+        args.update(use_tucker=str(tucker))
+    return args
 
 
 def webui_metadata(
@@ -115,6 +186,7 @@ def webui_metadata(
     title: str | None = None,
     date: datetime | None = None,
     extra: dict[str, object] | None = None,
+    network_args: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """safetensors header metadata for a kohya-format SDXL LoRA (all values strings).
 
@@ -122,6 +194,8 @@ def webui_metadata(
     SDXL. `tag_frequency` is `{dataset name: {tag: count}}` (sd-scripts' layout) or a flat
     `{tag: count}`, which is filed under `output_name`. `extra` adds more `ss_*` / `modelspec.*`
     keys (e.g. `ss_num_train_images`, `ss_steps`); values are converted with `str`.
+    `network_args` (from `lycoris_network_args`) marks a LyCORIS file: `ss_network_module` becomes
+    "lycoris.kohya" and `ss_network_args` that JSON.
     """
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     if tag_frequency and all(isinstance(v, int) for v in tag_frequency.values()):
@@ -152,6 +226,9 @@ def webui_metadata(
         metadata["ss_network_args"] = json.dumps(
             {"conv_dim": str(rank), "conv_alpha": str(float(alpha))}
         )
+    if network_args is not None:
+        metadata["ss_network_module"] = "lycoris.kohya"
+        metadata["ss_network_args"] = json.dumps(network_args)
     for key, value in (extra or {}).items():
         if not key.startswith(("ss_", "modelspec.")):
             raise ValueError(

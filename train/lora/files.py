@@ -58,6 +58,10 @@ def lora_modules(path: str | Path) -> set[str]:
     keys, _ = read_header(path)
     down = {k[: -len(s)] for k in keys for s in LORA_DOWN_SUFFIXES if k.endswith(s)}
     up = {k[: -len(s)] for k in keys for s in LORA_UP_SUFFIXES if k.endswith(s)}
+    if not down and not up and any(".lokr_" in k or ".hada_" in k for k in keys):
+        # diffusers' SDXL loader takes only keys with "lora" in them (diffusers 0.42).
+        raise LoraFileError(f"{path}: a LyCORIS (LoKr/LoHa) file, which diffusers cannot load on SDXL; use it in "
+                            "ComfyUI/Forge/A1111, or `animagine-lora convert` a LoKr file to a diffusers folder")
     if not down and not up:
         hint = " (it looks like a full model checkpoint)" if any(
             k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.")) for k in keys

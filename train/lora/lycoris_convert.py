@@ -1,0 +1,138 @@
+"""`convert` for LyCORIS files (LoKr / LoHa in the kohya single-file format, as `train.lora.export`
+and sd-scripts / LyCORIS write them).
+
+- LoKr -> diffusers: module names mapped back to the SDXL modules (diffusers or SGM block names),
+  and alpha / r baked into `lokr_w1` (or `lokr_w1_a`) where one half is factorised, as LyCORIS'
+  and ComfyUI's loaders apply it (full-matrix modules get scale 1, so they are left alone). The
+  file is written without adapter metadata: diffusers' `load_lora_adapter` then infers the
+  LoKrConfig from the tensor shapes with alpha = r (diffusers.utils.peft_utils `_create_lokr_config`).
+- LoHa -> diffusers is refused: diffusers (0.42) builds a LoraConfig for any non-LoKr adapter and
+  cannot load it. A LyCORIS file is already the WebUI format, so "-> webui" is refused too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from train.lora.export import kohya_module_name, write_diffusers_file
+from train.model import sgm_keys
+from train.model.loading import SDXL_CONFIGS
+
+LYCORIS_MARKERS = (".lokr_", ".hada_")
+
+
+def is_lycoris(keys: list[str]) -> bool:
+    return any(marker in key for key in keys for marker in LYCORIS_MARKERS)
+
+
+def _sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
+    """kohya module name (diffusers or SGM blocks) -> (component, module path, module) for every
+    Linear and Conv2d of the SDXL UNet and text encoders (built on the meta device: shapes only)."""
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2"))
+    sgm_map = sgm_keys.unet_module_map(dict(unet.config))
+    names = {}
+    for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                names[kohya_module_name(component, path)] = (component, path, module)
+                if component == "unet":
+                    names[kohya_module_name(component, path, sgm_map)] = (component, path, module)
+    return names
+
+
+def _baked(tensors: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """One LoKr module's tensors with the loaders' alpha / r folded into the w1 half."""
+    rank_from = tensors.get("lokr_w1_a", tensors.get("lokr_w2_a"))
+    if rank_from is None:  # both halves full: loaders apply scale 1
+        return tensors
+    w1 = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+    return {**tensors, w1: tensors[w1] * (alpha / rank_from.shape[1])}
+
+
+def lycoris_to_diffusers(source: Path, out_dir: Path, *, dtype: torch.dtype | None) -> Path:
+    """Write a LoKr file's diffusers `pytorch_lora_weights.safetensors` into `out_dir`.
+
+    Raises:
+        ValueError naming `source`: a LoHa (or mixed) file, a Tucker LoKr, or module names that
+        are not SDXL's.
+    """
+    tensors = load_file(source)
+    if any(".hada_" in key for key in tensors):
+        raise ValueError(f"{source}: LoHa files cannot be converted to diffusers (diffusers cannot load LoHa); "
+                         "use the file itself in ComfyUI, Forge, A1111 or sd-scripts")
+    if any(key.endswith(".lokr_t2") for key in tensors):
+        raise ValueError(f"{source}: Tucker LoKr (lokr_t2) cannot be converted")
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = tensor
+    sdxl = _sdxl_module_names()
+    unknown = sorted(name for name in modules if name not in sdxl)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} modules are not SDXL modules (first: {unknown[0]!r})")
+    layers: dict[str, dict[str, Tensor]] = {}
+    shapes: dict[str, dict[str, tuple]] = {}
+    for name, parts in modules.items():
+        component, path, base = sdxl[name]
+        shapes.setdefault(component, {})[path] = _factor_shapes(parts, base)
+        alpha = parts.pop("alpha", None)
+        weights = {k: v.float() for k, v in parts.items()}
+        rank_from = weights.get("lokr_w1_a", weights.get("lokr_w2_a"))
+        default_alpha = float(rank_from.shape[1]) if rank_from is not None else 1.0
+        baked = _baked(weights, float(alpha) if alpha is not None else default_alpha)
+        layers.setdefault(f"{component}_lora_layers", {}).update(
+            {f"{path}.{k}": (v.to(dtype) if dtype else v.to(parts[k].dtype)).contiguous() for k, v in baked.items()})
+    for component, modules_shapes in shapes.items():
+        layers[f"{component}_lora_adapter_metadata"] = _lokr_config(source, modules_shapes)
+    return write_diffusers_file(out_dir, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers))
+
+
+def _factor_shapes(parts: dict[str, Tensor], base: nn.Module) -> tuple:
+    """((out_l, out_k), (in_m, in_n), rank or None for a full-matrix module, w1 factorised).
+
+    Read from the tensors; `base` gives only the kernel size, which a factorised conv `lokr_w2_b`
+    (r, in_n * kh * kw) folds into its columns.
+    """
+    w1, w1_a, w2 = parts.get("lokr_w1"), parts.get("lokr_w1_a"), parts.get("lokr_w2")
+    out_l, in_m = w1.shape[:2] if w1 is not None else (w1_a.shape[0], parts["lokr_w1_b"].shape[1])
+    kernel = math.prod(base.kernel_size) if isinstance(base, nn.Conv2d) else 1
+    out_k, in_n = w2.shape[:2] if w2 is not None else (parts["lokr_w2_a"].shape[0],
+                                                       parts["lokr_w2_b"].shape[1] // kernel)
+    rank_from = parts.get("lokr_w2_a", w1_a)
+    return ((out_l, out_k), (in_m, in_n), None if rank_from is None else rank_from.shape[1], w1_a is not None)
+
+
+def _lokr_config(source: Path, shapes: dict[str, tuple]) -> dict:
+    """The LoKrConfig (JSON-able) under which PEFT rebuilds these modules with these shapes."""
+    from peft import LoKrConfig
+    from peft.tuners.lokr.layer import factorization
+
+    def fits(factor: int) -> bool:
+        return all(factorization(out_l * out_k, factor) == (out_l, out_k)
+                   and factorization(in_m * in_n, factor) == (in_m, in_n)
+                   for (out_l, out_k), (in_m, in_n), _, _ in shapes.values())
+
+    candidates = [-1] + sorted({out[0] for out, _, _, _ in shapes.values()})
+    factor = next((c for c in candidates if fits(c)), None)
+    if factor is None:
+        raise ValueError(f"{source}: no LoKr factor reproduces the file's Kronecker factorisations")
+    # A full module's rank: at least half of each w2 side, so PEFT makes w2 (and w1) full matrices.
+    ranks = {path: rank or max(*out, *inp) for path, (out, inp, rank, _) in shapes.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {path: r for path, r in ranks.items() if r != rank}
+    config = LoKrConfig(r=rank, alpha=rank, rank_pattern=pattern, alpha_pattern=pattern,
+                        target_modules=sorted(shapes), decompose_factor=factor,
+                        decompose_both=any(both for *_, both in shapes.values()), init_weights=False).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
