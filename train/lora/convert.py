@@ -353,8 +353,7 @@ def convert(
     """
     in_path, out_path = Path(in_path), Path(out_path)
     source = _weights_file(in_path)
-    with safe_open(source, "pt") as f:
-        keys = list(f.keys())
+    keys, _ = read_header(source)  # refuses pickles and truncated files before anything is read
     if is_lycoris(keys):
         # LoKr / LoHa in the kohya single-file layout: only LoKr -> diffusers exists (lycoris_convert).
         if to not in (None, "diffusers") or source.suffix != ".safetensors" or any(k.startswith("unet.") for k in keys):
