@@ -164,7 +164,8 @@ def cache_latents(
         try:
             pixels = load_pixels(row["image_path"], geometry, flipped)
         except OSError as err:
-            raise OSError(f"{row['image_path']}: cannot read image for caching: {err}") from err
+            raise OSError(f"{row['image_path']} (dataset row {row['id']!r}): cannot read image for caching: "
+                          f"{err.strerror or err}") from None
         cache.store(row, flipped, encode(vae, pixels[None], cache.scaling_factor)[0])
     if todo:
         logger.info("encoded %d latents into %s", len(todo), cache.root)
