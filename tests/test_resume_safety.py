@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from train_helpers import REPO, make_dataset, write_config
 
 from train.__main__ import main as train_main
@@ -62,8 +63,11 @@ def refused(caplog, argv: list[str], *inputs: Path) -> str:
     """Run `python -m train ARGV` in-process; assert exit 2, no traceback, inputs untouched; return the log."""
     before = snapshot(*inputs)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
-        code = train_main(argv)
+    try:
+        with caplog.at_level(logging.INFO):
+            code = train_main(argv)
+    finally:  # the in-process Accelerator's singleton state must not leak into other tests
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert code == 2, caplog.text
     assert "Traceback" not in caplog.text
     assert snapshot(*inputs) == before
@@ -75,11 +79,11 @@ def refused(caplog, argv: list[str], *inputs: Path) -> str:
 
 def test_fresh_run_into_another_runs_folder_is_refused(run_copy, caplog):
     config, run_dir = run_copy
-    for argv in ([str(config)], [str(config), "--resume", "latest", "--overwrite"]):
-        text = refused(caplog, argv, config, run_dir)
     text = refused(caplog, [str(config)], config, run_dir)
     assert f"output.dir {run_dir}: holds another run" in text
     assert "--resume latest" in text and "--overwrite" in text and "new output.dir" in text
+    text = refused(caplog, [str(config), "--resume", "latest", "--overwrite"], config, run_dir)
+    assert "--overwrite starts a fresh run; it cannot be combined with --resume" in text
 
 
 def test_overwrite_moves_only_our_files_aside(tmp_path):
@@ -90,6 +94,8 @@ def test_overwrite_moves_only_our_files_aside(tmp_path):
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="--resume latest"):
         refuse_or_move_previous_run(run_dir, overwrite=False)
+    with pytest.raises(RunDirError, match="it has no complete checkpoint to resume from"):
+        refuse_or_move_previous_run(run_dir, overwrite=False, resuming=True)  # --resume latest found none
     aside = refuse_or_move_previous_run(run_dir, overwrite=True)
     assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-000002", "log.jsonl", "my_lora.safetensors"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([aside.name, "notes.txt"])
@@ -263,8 +269,11 @@ def test_cache_after_an_image_was_deleted(tiny_model, caplog, tmp_path):
     (prep / "images" / "b.png").unlink()
     config = _config(tmp_path, tiny_model, prep, tmp_path / "run")
     before = snapshot(config, prep / "dataset", prep / "images")
-    with caplog.at_level(logging.INFO):
-        assert cache_main([str(config)]) == 2
+    try:
+        with caplog.at_level(logging.INFO):
+            assert cache_main([str(config)]) == 2
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert f"{prep / 'images' / 'b.png'} (dataset row 'b.png'): cannot read image" in caplog.text
     assert "Traceback" not in caplog.text
     assert snapshot(config, prep / "dataset", prep / "images") == before

@@ -1,7 +1,8 @@
 """The training recipe: a chain of named builders, then one loop.
 
-`train(config, resume)` reads top to bottom: accelerator, base model, LoRA, data (latents cached
-on first use), sampler, optimizer and schedule, `accelerator.prepare`, optional resume, loop.
+`train(config, resume)` reads top to bottom: accelerator, `open_run`, base model, LoRA, data
+(latents cached on first use), sampler, optimizer and schedule, `accelerator.prepare`, optional
+resume, loop.
 Each builder takes the config fields it needs, never the whole config. Logging, checkpointing and
 export are each one call behind a `should_*` check. The diffusion math is `train.diffusion`.
 
@@ -12,8 +13,8 @@ optimizer, LR scheduler, RNG states and `TrainState` (`train.runtime.checkpoint`
 safetensors only), a run resumed from a checkpoint continues bit for bit as the uninterrupted run
 would have.
 
-Before anything is built, `open_run` claims `output.dir` (`train.runtime.run_dir`: a lock, and no
-fresh run over another run's files) and reads and checks the checkpoint to resume from, so bad
+Before the model is built, `open_run` claims `output.dir` (`train.runtime.run_dir`: a lock, and
+no fresh run over another run's files) and reads and checks the checkpoint to resume from, so bad
 input fails in seconds, not after the model is loaded.
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from train import diffusion
@@ -304,12 +305,9 @@ class Components:
     cuda_graphs: bool = False  # speed.cuda_graphs: each micro-batch starts a new graph replay
 
 
-def setup(config: Config) -> Components:
+def setup(config: Config, accelerator: Accelerator) -> Components:
     """The builder chain, in the order its dependencies impose (each comment says why)."""
     tc, oc = config.train, config.optimizer
-    accelerator = build_accelerator(Path(config.output.dir), mixed_precision=tc.mixed_precision,
-                                    gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                                    log_with=config.output.log_with, train_text_encoder=config.lora.train_text_encoder)
     # Same seed on every rank before the adapters exist: identical LoRA initialisation.
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
@@ -405,8 +403,8 @@ def resume_settings(config: Config) -> dict:
             "lora.train_text_encoder": lora.train_text_encoder, "optimizer.name": config.optimizer.name}
 
 
-def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: bool,
-             settings: dict) -> tuple[ResumePoint | None, RunLock | None]:
+def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: bool, settings: dict,
+             distributed: Accelerator) -> tuple[ResumePoint | None, RunLock | None]:
     """Claim `run_dir` and read the checkpoint to resume from (None: a fresh start).
 
     Only the main process locks the folder and deals with an earlier run's files; under
@@ -416,7 +414,6 @@ def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: boo
         RunDirError: output.dir is a file, is locked by another run, or holds another run.
         StateFileError, ResumeError: no usable checkpoint (see `checkpoint.find_resume_point`).
     """
-    distributed = PartialState()
     check_output_dir(run_dir)
     lock = RunLock(run_dir) if distributed.is_main_process else None
     try:
@@ -425,7 +422,7 @@ def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: boo
         if resume and point is None:
             logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
         if point is None and distributed.is_main_process:
-            refuse_or_move_previous_run(run_dir, overwrite=overwrite)
+            refuse_or_move_previous_run(run_dir, overwrite=overwrite, resuming=resume is not None)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -447,21 +444,24 @@ def train(config: Config, resume: str | None = None, *, overwrite: bool = False,
         TrainingStopped: non-finite loss or out of memory, with what to do next.
         RunDirError, StateFileError, ResumeError: output.dir or the checkpoint cannot be used.
     """
-    run_dir = Path(config.output.dir)
+    run_dir, tc = Path(config.output.dir), config.train
+    # First: it knows which process is the main one (the one that locks), and loads nothing.
+    accelerator = build_accelerator(run_dir, mixed_precision=tc.mixed_precision,
+                                    gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                                    log_with=config.output.log_with, train_text_encoder=config.lora.train_text_encoder)
     point, lock = open_run(run_dir, resume, overwrite=overwrite, inexact=resume_inexact,
-                           settings=resume_settings(config))
+                           settings=resume_settings(config), distributed=accelerator)
     try:
-        return _train(config, point)
+        return _train(config, accelerator, point)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: Config, point: ResumePoint | None) -> Path:
+def _train(config: Config, accelerator: Accelerator, point: ResumePoint | None) -> Path:
     run_dir, tc = Path(config.output.dir), config.train
     state = TrainState(seed=tc.seed)
-    c = setup(config)
-    accelerator = c.accelerator
+    c = setup(config, accelerator)
     resume_from = point.folder if point is not None else None
     if point is not None:
         checkpoint.restore(point, state, c.resumable)  # weights, optimizer, LR scheduler, `state`, RNG

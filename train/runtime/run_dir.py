@@ -46,10 +46,11 @@ def previous_run_files(run_dir: Path) -> list[Path]:
     return sorted({path for pattern in RUN_FILES for path in run_dir.glob(pattern)})
 
 
-def refuse_or_move_previous_run(run_dir: Path, *, overwrite: bool) -> Path | None:
+def refuse_or_move_previous_run(run_dir: Path, *, overwrite: bool, resuming: bool = False) -> Path | None:
     """Make `run_dir` free of an earlier run's files before a fresh run (main process only).
 
     Returns the folder they were moved to (`--overwrite`), or None when there were none.
+    `resuming`: `--resume latest` found no checkpoint, so the hint cannot be to resume.
 
     Raises:
         RunDirError: there are some and `overwrite` is false.
@@ -59,10 +60,12 @@ def refuse_or_move_previous_run(run_dir: Path, *, overwrite: bool) -> Path | Non
         return None
     names = ", ".join(path.name for path in found[:5]) + (", ..." if len(found) > 5 else "")
     if not overwrite:
+        resume_hint = "it has no complete checkpoint to resume from" if resuming else \
+            "continue it with --resume latest"
         raise RunDirError(
             f"output.dir {run_dir}: holds another run ({names}); starting afresh would replace it. "
-            "Continue it with --resume latest, set a new output.dir, or pass --overwrite to move its files "
-            "into a replaced-* subfolder first")
+            f"Either {resume_hint}, set a new output.dir, or pass --overwrite (without --resume) to move its "
+            "files into a replaced-* subfolder first")
     aside = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
     aside.mkdir()
     for path in found:
