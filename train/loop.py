@@ -404,7 +404,7 @@ def resume_settings(config: Config) -> dict:
 
 
 def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: bool, settings: dict,
-             distributed: Accelerator) -> tuple[ResumePoint | None, RunLock | None]:
+             accelerator: Accelerator) -> tuple[ResumePoint | None, RunLock | None]:
     """Claim `run_dir` and read the checkpoint to resume from (None: a fresh start).
 
     Only the main process locks the folder and deals with an earlier run's files; under
@@ -415,19 +415,19 @@ def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: boo
         StateFileError, ResumeError: no usable checkpoint (see `checkpoint.find_resume_point`).
     """
     check_output_dir(run_dir)
-    lock = RunLock(run_dir) if distributed.is_main_process else None
+    lock = RunLock(run_dir) if accelerator.is_main_process else None
     try:
-        point = checkpoint.find_resume_point(resume, run_dir, rank=distributed.process_index, settings=settings,
+        point = checkpoint.find_resume_point(resume, run_dir, rank=accelerator.process_index, settings=settings,
                                              inexact=inexact) if resume else None
         if resume and point is None:
             logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
-        if point is None and distributed.is_main_process:
+        if point is None and accelerator.is_main_process:
             refuse_or_move_previous_run(run_dir, overwrite=overwrite, resuming=resume is not None)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    distributed.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return point, lock
 
 
@@ -450,7 +450,7 @@ def train(config: Config, resume: str | None = None, *, overwrite: bool = False,
                                     gradient_accumulation_steps=tc.gradient_accumulation_steps,
                                     log_with=config.output.log_with, train_text_encoder=config.lora.train_text_encoder)
     point, lock = open_run(run_dir, resume, overwrite=overwrite, inexact=resume_inexact,
-                           settings=resume_settings(config), distributed=accelerator)
+                           settings=resume_settings(config), accelerator=accelerator)
     try:
         return _train(config, accelerator, point)
     finally:

@@ -148,7 +148,7 @@ def cache_latents(
     world_size: int = 1,
     progress: bool = True,
 ) -> int:
-    """Encode every (row, flip) not yet cached; this process takes every `world_size`-th one.
+    """Encode every (row, flip) not yet cached; this process takes every `world_size`-th row.
 
     The caller synchronises the processes afterwards (`accelerator.wait_for_everyone()`).
     Returns how many latents this process encoded.
@@ -158,7 +158,9 @@ def cache_latents(
     """
     from tqdm.auto import tqdm
 
-    todo = cache.missing(rows, flip)[rank::world_size]
+    # Shared out before looking at the cache: were each rank to split its own `missing` list, a rank
+    # that looked after another had stored some would get shifted shares, leaving latents to nobody.
+    todo = cache.missing(rows[rank::world_size], flip)
     for row, flipped in tqdm(todo, desc="caching latents", disable=not progress or not todo):
         geometry = row_geometry(row, cache.scale)
         try:
