@@ -118,10 +118,16 @@ class LatentCache:
             raise FileNotFoundError(f"{row['image_path']}: latents not cached ({path}); run `animagine-lora cache`")
         return load_file(str(path))["latents"]
 
-    def missing(self, rows: Sequence[dict], flip: bool) -> list[tuple[dict, bool]]:
-        """(row, flipped) pairs without a cache file, in row order."""
+    def missing(self, rows: Sequence[dict], flip: bool, rank: int = 0, world_size: int = 1) -> list[tuple[dict, bool]]:
+        """(row, flipped) pairs without a cache file, in row order, of process `rank`'s share.
+
+        Shared out before looking at the cache: were each process to split its own list of missing
+        pairs, one that looked after another had stored some would get a shifted share, and some
+        latents would be encoded by nobody.
+        """
         variants = (False, True) if flip else (False,)
-        return [(row, f) for row in rows for f in variants if not self.path(row, f).is_file()]
+        share = [(row, f) for row in rows for f in variants][rank::world_size]
+        return [(row, f) for row, f in share if not self.path(row, f).is_file()]
 
     def store(self, row: dict, flip: bool, latents: torch.Tensor) -> None:
         path = self.path(row, flip)
@@ -148,7 +154,7 @@ def cache_latents(
     world_size: int = 1,
     progress: bool = True,
 ) -> int:
-    """Encode every (row, flip) not yet cached; this process takes every `world_size`-th row.
+    """Encode every (row, flip) not yet cached; this process takes every `world_size`-th one.
 
     The caller synchronises the processes afterwards (`accelerator.wait_for_everyone()`).
     Returns how many latents this process encoded.
@@ -158,9 +164,7 @@ def cache_latents(
     """
     from tqdm.auto import tqdm
 
-    # Shared out before looking at the cache: were each rank to split its own `missing` list, a rank
-    # that looked after another had stored some would get shifted shares, leaving latents to nobody.
-    todo = cache.missing(rows[rank::world_size], flip)
+    todo = cache.missing(rows, flip, rank, world_size)
     for row, flipped in tqdm(todo, desc="caching latents", disable=not progress or not todo):
         geometry = row_geometry(row, cache.scale)
         try:
