@@ -52,6 +52,30 @@ def tiny_model(tmp_path_factory, clip_bpe_path: Path):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", clip_bpe_path)
 
 
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory) -> Path:
+    """A small prepped dataset (tests/train_helpers.py `make_dataset`), built once per session."""
+    from train_helpers import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("prep") / "out")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, train_dataset, tmp_path_factory) -> Path:
+    """One complete 6-step tiny run (batch 1 x accumulation 2, checkpoints every 2 steps, the
+    last two kept, sample grid and TensorBoard/wandb logs): read-only, tests copy what they change."""
+    from train_helpers import run, train_command, write_config
+
+    root = tmp_path_factory.mktemp("full")
+    config = write_config(root / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset,
+                          run_dir=root / "run",
+                          sample={"every_n_steps": 6, "sample_model": "train", "size": "64x64", "steps": 2,
+                                  "seeds": [0]}, output={"log_with": ["tensorboard", "wandb"]})
+    result = run(train_command(config), env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
 @pytest.fixture
 def lora_pipeline(tiny_model):
     """Factory: a fresh tiny SDXL pipeline with LoRA adapters whose B weights are random.

@@ -22,20 +22,14 @@ from train.runtime import checkpoint
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("prep") / "out")
+def dataset(train_dataset) -> Path:
+    return train_dataset
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model, dataset, tmp_path_factory) -> Path:
-    """One complete 6-step run (batch 1 x accumulation 2, checkpoints every 2 steps)."""
-    root = tmp_path_factory.mktemp("full")
-    config = write_config(root / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset, run_dir=root / "run",
-                          sample={"every_n_steps": 6, "sample_model": "train", "size": "64x64", "steps": 2,
-                                  "seeds": [0]}, output={"log_with": ["tensorboard", "wandb"]})
-    result = run(train_command(config), env={"WANDB_MODE": "offline"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run"
+def uninterrupted(trained_run) -> Path:
+    """The session's complete 6-step run (conftest `trained_run`), shared with test_resume_safety."""
+    return trained_run
 
 
 def _lora(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:

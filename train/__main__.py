@@ -1,4 +1,4 @@
-"""`accelerate launch -m train CONFIG [--resume latest|PATH]`, also `animagine-lora train CONFIG`.
+"""`accelerate launch -m train CONFIG [--resume latest|PATH | --overwrite]`, also `animagine-lora train CONFIG`.
 
 One process per GPU under `accelerate launch` (DDP, FSDP or DeepSpeed as `accelerate config`
 chose); a plain `python -m train` runs one process.
@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config .toml (see configs/)")
     parser.add_argument("--resume", metavar="latest|PATH",
                         help="continue from the newest complete checkpoint in output.dir, or from PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if output.dir holds another run: its files are moved into "
+                             "output.dir/replaced-DATE-TIME/ (nothing is deleted)")
+    parser.add_argument("--resume-inexact", action="store_true",
+                        help="resume even from a checkpoint without its random-state files (not bit-exact)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,14 +37,13 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", err)
         return 2
     try:
-        run_dir = train(config, resume=args.resume)
+        if args.overwrite and args.resume:
+            raise ValueError("--overwrite starts a fresh run; it cannot be combined with --resume")
+        run_dir = train(config, resume=args.resume, overwrite=args.overwrite, resume_inexact=args.resume_inexact)
     except TrainingStopped as err:
         logger.error("%s", err)
         return 1
-    except OutputError as err:
-        logger.error("%s", err)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (OutputError, OSError, ValueError) as err:  # bad input: every message names the file or key
         logger.error("%s", err)
         return 2
     logger.info("done: LoRA files in %s", run_dir)

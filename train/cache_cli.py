@@ -65,8 +65,12 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState()
     base = build_model(model, state.device)
     cache = LatentCache(dataset, base.vae_fingerprint, base.vae.config.scaling_factor, scale)
-    encoded = cache_latents(rows, base.vae, cache, flip=flip, rank=state.process_index,
-                            world_size=state.num_processes, progress=state.is_local_main_process)
+    try:
+        encoded = cache_latents(rows, base.vae, cache, flip=flip, rank=state.process_index,
+                                world_size=state.num_processes, progress=state.is_local_main_process)
+    except OSError as err:  # names the image and its dataset row
+        logger.error("%s", err)
+        return 2
     state.wait_for_everyone()
     logger.info("process %d encoded %d latents; cache: %s", state.process_index, encoded, cache.root)
     return 0

@@ -114,7 +114,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range (torch's is wider)
     noise_offset: float = Field(0.0, ge=0)
     min_snr_gamma: float | None = Field(None, gt=0)  # None disables the weighting
     timestep_min: int = Field(0, ge=0)
@@ -284,13 +284,19 @@ def load_config(path: str | Path) -> Config:
     """Read and validate the TOML config at `path`.
 
     Raises:
-        ConfigError: the file is missing, is not valid TOML, or has wrong keys/values.
+        ConfigError: the file is missing, unreadable, not UTF-8, not valid TOML, or has wrong keys/values.
     """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; pass the .toml config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
     return parse_config(raw, origin=str(path), base=path.resolve().parent)

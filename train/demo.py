@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         return status
     config = demo_config(out, tiny.diffusers_dir, prep_dir, args.config.resolve())
     try:
-        run_dir = train(config)
+        # A rerun of the demo replaces its own earlier run: moved into a replaced-* folder, not deleted.
+        run_dir = train(config, overwrite=True)
     except TrainingStopped as err:
         logger.error("%s", err)
         return 1
+    except (OSError, ValueError) as err:  # output folder locked by another demo, unreadable data
+        logger.error("%s", err)
+        return 2
 
     name = config.output.name
     print("\nDemo finished. Files:")

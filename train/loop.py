@@ -1,7 +1,8 @@
 """The training recipe: a chain of named builders, then one loop.
 
-`train(config, resume)` reads top to bottom: accelerator, base model, LoRA, data (latents cached
-on first use), sampler, optimizer and schedule, `accelerator.prepare`, optional resume, loop.
+`train(config, resume)` reads top to bottom: accelerator, `open_run`, base model, LoRA, data
+(latents cached on first use), sampler, optimizer and schedule, `accelerator.prepare`, optional
+resume, loop.
 Each builder takes the config fields it needs, never the whole config. Logging, validation,
 checkpointing and export are each one call behind a `should_*` check. The diffusion math is
 `train.diffusion`. Optional methods (issue 13): regularization images (`data.regularization`, in the
@@ -11,9 +12,14 @@ LoRA weights (`train.ema_decay`, exported as the run's LoRA with the raw weights
 
 Determinism: every random draw of a micro-batch (flip, caption shuffle and dropout, noise,
 timesteps) comes from a generator seeded by (seed, micro-batch number, rank), and the sampler's
-order is a pure function of (seed, epoch). Together with accelerate's `save_state` (weights,
-optimizer, RNG) and the `TrainState`/LR scheduler registered for checkpointing, a run resumed
-from a checkpoint continues bit for bit as the uninterrupted run would have.
+order is a pure function of (seed, epoch). Together with the checkpointed LoRA weights,
+optimizer, LR scheduler, RNG states and `TrainState` (`train.runtime.checkpoint`, JSON and
+safetensors only), a run resumed from a checkpoint continues bit for bit as the uninterrupted run
+would have.
+
+Before the model is built, `open_run` claims `output.dir` (`train.runtime.run_dir`: a lock, and
+no fresh run over another run's files) and reads and checks the checkpoint to resume from, so bad
+input fails in seconds, not after the model is loaded.
 """
 
 from __future__ import annotations
@@ -48,9 +54,10 @@ from train.data.rows import (
 )
 from train.generate.hook import should_sample
 from train.runtime import checkpoint
-from train.runtime.checkpoint import TrainState
+from train.runtime.checkpoint import ResumePoint, TrainState
 from train.runtime.ema import LoraEma
 from train.runtime.optim import build_lr_scheduler, build_optimizer, eval_weights, lora_plus_groups
+from train.runtime.run_dir import RunLock, check_output_dir, refuse_or_move_previous_run
 from train.runtime.speed import apply_speed_settings
 from train.runtime.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
@@ -380,23 +387,16 @@ class Components:
     model_dtype: torch.dtype
     export: object  # export(folder, step)
     sample_hook: object | None
+    resumable: dict  # name -> object with state_dict()/load_state_dict(), saved in each checkpoint
+    resume_settings: dict  # `resume_settings(config)`, recorded in each checkpoint
     cuda_graphs: bool = False  # speed.cuda_graphs: each micro-batch starts a new graph replay
     ema: LoraEma | None = None  # train.ema_decay
     validation: object | None = None  # this rank's ValidationLoss share (None: off or no share)
 
-    def checkpoint_files(self, folder: Path, step: int) -> None:
-        """What a checkpoint holds beside accelerate's state: the LoRA files and the EMA."""
-        self.export(folder, step)
-        if self.ema is not None:
-            self.ema.save(folder)
 
-
-def setup(config: Config, state: TrainState) -> Components:
+def setup(config: Config, accelerator: Accelerator) -> Components:
     """The builder chain, in the order its dependencies impose (each comment says why)."""
     tc, oc = config.train, config.optimizer
-    accelerator = build_accelerator(Path(config.output.dir), mixed_precision=tc.mixed_precision,
-                                    gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                                    log_with=config.output.log_with, train_text_encoder=config.lora.train_text_encoder)
     # Same seed on every rank before the adapters exist: identical LoRA initialisation.
     torch.manual_seed(tc.seed)
     base = build_model(config.model, accelerator.device)
@@ -435,14 +435,17 @@ def setup(config: Config, state: TrainState) -> Components:
     text = build_text_encoder_fn(base, max_chunks=config.data.max_chunks,
                                  train_text_encoder=config.lora.train_text_encoder, cached_captions=captions,
                                  device=accelerator.device)
-    checkpoint.register_lora_checkpointing(accelerator)
-    accelerator.register_for_checkpointing(state, lr_scheduler)
+    resumable = {f"adapter_{i}": checkpoint.TrainableWeights(accelerator.unwrap_model(module), f"adapter_{i}")
+                 for i, module in enumerate(trained)}
+    resumable |= {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
 
     # The recorded training resolution: the largest bucket, at the training scale.
     largest = max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"])
     geometry = row_geometry(largest, config.data.resolution_scale)
     # After prepare, so the EMA starts from the weights as placed on the device.
     ema = build_ema(trained, tc.ema_decay, tc.ema_device, accelerator)
+    if ema is not None:
+        resumable["ema"] = ema
     export = build_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
                             resolution=(geometry.width, geometry.height), num_reg_images=len(data.reg_rows), ema=ema)
     params = [p for g in param_groups for p in g["params"]]
@@ -453,8 +456,8 @@ def setup(config: Config, state: TrainState) -> Components:
     return Components(
         accelerator, base, trained, params, data, sampler, text, optimizer,
         lr_scheduler, LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
-                                   tc.timestep_max), model_dtype, export, sample_hook, config.speed.cuda_graphs,
-        ema, validation)
+                                   tc.timestep_max), model_dtype, export, sample_hook, resumable,
+        resume_settings(config), config.speed.cuda_graphs, ema, validation)
 
 
 def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: TrainState, *, seed: int,
@@ -480,7 +483,7 @@ def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: Tr
             accelerator.backward(loss)
             # Checked with the backward already queued: the host waits for the forward's flag while
             # the GPU stays busy, and the optimizer has not touched the weights yet.
-            stop_if_not_finite(accelerator, flags, loss, state, micro, run_dir, c.checkpoint_files)
+            stop_if_not_finite(accelerator, flags, loss, state, micro, run_dir, c)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(c.params, max_grad_norm or math.inf)
             c.optimizer.step()
@@ -491,29 +494,79 @@ def optimizer_step(c: Components, micro_batches: Iterator[MicroBatch], state: Tr
     return total, grad_norm
 
 
-def train(config: Config, resume: str | None = None) -> Path:
+def resume_settings(config: Config) -> dict:
+    """The settings a checkpoint's state depends on: resuming with other values is refused, by key."""
+    lora = config.lora
+    return {"lora.type": lora.type, "lora.preset": lora.preset, "lora.rank": lora.rank, "lora.alpha": lora.alpha,
+            "lora.dora": lora.dora, "lora.factor": lora.factor, "lora.decompose_both": lora.decompose_both,
+            "lora.tucker": lora.tucker, "lora.train_text_encoder": lora.train_text_encoder,
+            "optimizer.name": config.optimizer.name}
+
+
+def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: bool, settings: dict,
+             accelerator: Accelerator) -> tuple[ResumePoint | None, RunLock | None]:
+    """Claim `run_dir` and read the checkpoint to resume from (None: a fresh start).
+
+    Only the main process locks the folder and deals with an earlier run's files; under
+    `accelerate launch` a rank that fails here ends the whole launch.
+
+    Raises:
+        RunDirError: output.dir is a file, is locked by another run, or holds another run.
+        StateFileError, ResumeError: no usable checkpoint (see `checkpoint.find_resume_point`).
+    """
+    check_output_dir(run_dir)
+    lock = RunLock(run_dir) if accelerator.is_main_process else None
+    try:
+        point = checkpoint.find_resume_point(resume, run_dir, rank=accelerator.process_index, settings=settings,
+                                             inexact=inexact) if resume else None
+        if resume and point is None:
+            logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
+        if point is None and accelerator.is_main_process:
+            refuse_or_move_previous_run(run_dir, overwrite=overwrite, resuming=resume is not None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    accelerator.wait_for_everyone()
+    return point, lock
+
+
+def train(config: Config, resume: str | None = None, *, overwrite: bool = False, resume_inexact: bool = False) -> Path:
     """Train a LoRA as configured; returns the run folder (LoRA files at its top level).
 
     Args:
-        resume: "latest" (the newest complete checkpoint in output.dir, or a fresh start when there
+        resume: "latest" (the newest usable checkpoint in output.dir, or a fresh start when there
             is none) or a checkpoint folder.
+        overwrite: a fresh run may move an earlier run's files in output.dir aside (`train.runtime.run_dir`).
+        resume_inexact: resume even from a checkpoint missing this process's random states.
 
     Raises:
         TrainingStopped: non-finite loss or out of memory, with what to do next.
+        RunDirError, StateFileError, ResumeError: output.dir or the checkpoint cannot be used.
     """
     run_dir, tc = Path(config.output.dir), config.train
+    # First: it knows which process is the main one (the one that locks), and loads nothing.
+    accelerator = build_accelerator(run_dir, mixed_precision=tc.mixed_precision,
+                                    gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                                    log_with=config.output.log_with, train_text_encoder=config.lora.train_text_encoder)
+    point, lock = open_run(run_dir, resume, overwrite=overwrite, inexact=resume_inexact,
+                           settings=resume_settings(config), accelerator=accelerator)
+    try:
+        return _train(config, accelerator, point)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Config, accelerator: Accelerator, point: ResumePoint | None) -> Path:
+    run_dir, tc = Path(config.output.dir), config.train
     state = TrainState(seed=tc.seed)
-    c = setup(config, state)
-    accelerator = c.accelerator
-    resume_from = checkpoint.resolve_resume(resume, run_dir) if resume else None
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # weights, optimizer, RNG, `state`, LR scheduler
+    c = setup(config, accelerator)
+    resume_from = point.folder if point is not None else None
+    if point is not None:
+        checkpoint.restore(point, state, c.resumable)  # weights, optimizer, LR scheduler, `state`, RNG
         c.sampler.load_state_dict(state.sampler)
-        if c.ema is not None:
-            c.ema.load(resume_from)
-        logger.info("resumed from %s at step %d", resume_from, state.step)
-    elif resume:
-        logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
+        logger.info("resumed from %s at step %d", point.folder, state.step)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers(config.output.wandb_project, config=flat_config(config.model_dump()),
@@ -573,8 +626,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                 grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
             log_image(accelerator.trackers, "samples", grid, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
-            checkpoint.save_checkpoint(accelerator, run_dir, state, c.checkpoint_files,
-                                       config.output.checkpoints_total_limit)
+            checkpoint.save_checkpoint(accelerator, run_dir, state, c.resumable, c.export,
+                                       config.output.checkpoints_total_limit, c.resume_settings)
 
     progress.close()
     micro_batches.close()  # the prefetch thread, or the plain generator
@@ -661,7 +714,7 @@ def nonfinite_flags(accelerator: Accelerator, loss: torch.Tensor) -> tuple[torch
 
 
 def stop_if_not_finite(accelerator: Accelerator, flags: tuple[torch.Tensor, object], loss: torch.Tensor,
-                       state: TrainState, micro: MicroBatch, run_dir: Path, export) -> None:
+                       state: TrainState, micro: MicroBatch, run_dir: Path, c: Components) -> None:
     """Stop every rank when any rank's loss is NaN/inf, keeping a checkpoint from before the step.
 
     `flags` is `nonfinite_flags(...)`. The optimizer has not stepped yet, so the weights and
@@ -675,7 +728,8 @@ def stop_if_not_finite(accelerator: Accelerator, flags: tuple[torch.Tensor, obje
         return
     kept = checkpoint.list_checkpoints(run_dir)
     if state.step > 0 and not any(p.name == checkpoint.checkpoint_name(state.step) for p in kept):
-        checkpoint.save_checkpoint(accelerator, run_dir, state, export, None)
+        checkpoint.save_checkpoint(accelerator, run_dir, state, c.resumable, c.export, None,
+                                   c.resume_settings)
     kept = checkpoint.list_checkpoints(run_dir)
     where = kept[-1] if kept else "none (the failure came before the first step)"
     bad_here = bad_ranks[accelerator.process_index].item() > 0

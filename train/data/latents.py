@@ -136,10 +136,16 @@ class LatentCache:
             raise FileNotFoundError(f"{row['image_path']}: latents not cached ({path}); run `animagine-lora cache`")
         return load_file(str(path))["latents"]
 
-    def missing(self, rows: Sequence[dict], flip: bool) -> list[tuple[dict, bool]]:
-        """(row, flipped) pairs without a cache file, in row order."""
+    def missing(self, rows: Sequence[dict], flip: bool, rank: int = 0, world_size: int = 1) -> list[tuple[dict, bool]]:
+        """(row, flipped) pairs without a cache file, in row order, of process `rank`'s share.
+
+        Shared out before looking at the cache: were each process to split its own list of missing
+        pairs, one that looked after another had stored some would get a shifted share, and some
+        latents would be encoded by nobody.
+        """
         variants = (False, True) if flip else (False,)
-        return [(row, f) for row in rows for f in variants if not self.path(row, f).is_file()]
+        share = [(row, f) for row in rows for f in variants][rank::world_size]
+        return [(row, f) for row, f in share if not self.path(row, f).is_file()]
 
     def store(self, row: dict, flip: bool, latents: torch.Tensor) -> None:
         path = self.path(row, flip)
@@ -176,13 +182,14 @@ def cache_latents(
     """
     from tqdm.auto import tqdm
 
-    todo = cache.missing(rows, flip)[rank::world_size]
+    todo = cache.missing(rows, flip, rank, world_size)
     for row, flipped in tqdm(todo, desc="caching latents", disable=not progress or not todo):
         geometry = row_geometry(row, cache.scale)
         try:
             pixels = load_pixels(row["image_path"], geometry, flipped)
         except OSError as err:
-            raise OSError(f"{row['image_path']}: cannot read image for caching: {err}") from err
+            raise OSError(f"{row['image_path']} (dataset row {row['id']!r}): cannot read image for caching: "
+                          f"{err.strerror or err}") from None
         cache.store(row, flipped, encode(vae, pixels[None], cache.scaling_factor)[0])
     if todo:
         logger.info("encoded %d latents into %s", len(todo), cache.root)

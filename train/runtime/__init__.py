@@ -1,6 +1,8 @@
 """What the training loop runs with, beside the model and the data.
 
 `optim` (optimizer and schedule tables), `checkpoint` (train state, atomic checkpoints, resume),
+`state_files` (resume state as JSON + safetensors, never pickles), `run_dir` (one run per output
+folder: lock, refusal, `--overwrite`),
 `tracking` (metrics, draws, trackers), `speed` (the `[speed]` switches), `memory_presets` (settings
 per GPU size). Used by the loop and the CLIs; may import `lora/`, `data/` and `model/`.
 """

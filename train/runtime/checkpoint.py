@@ -1,11 +1,18 @@
 """Training progress, checkpoints that are never half-written, and `latest` resolution.
 
-A checkpoint is `RUN/checkpoint-000123/`: accelerate's `save_state` output (only the trainable
-weights, via `register_lora_checkpointing`, optimizer, RNG states of every process, the LR scheduler and the
-`TrainState` registered for checkpointing) plus the exported LoRA files. It is written into
-`RUN/.tmp-checkpoint-000123/`, completed with `train_state.json` last, then renamed into place:
-a rename is atomic, so a crash leaves either no checkpoint or a complete one, and `latest` only
-considers names matching `checkpoint-NNNNNN` that hold `train_state.json`.
+A checkpoint is `RUN/checkpoint-000123/` holding, as JSON and safetensors only (nothing in it is
+ever unpickled, so a checkpoint folder from elsewhere cannot run code on `--resume`):
+
+- `checkpoint.json`: format version, the state names below, the settings a resume must keep;
+- one `NAME.json` (+ `NAME.safetensors`) per piece of resume state (`train.runtime.state_files`):
+  `adapter_0` (the UNet's trainable LoRA weights; `adapter_1`/`adapter_2` the text encoders'),
+  `optimizer`, `lr_scheduler`, and whatever else the loop registers (see `save_checkpoint`);
+- `rng_R.json`/`rng_R.safetensors`: process R's torch CPU/CUDA, numpy and Python `random` states;
+- the exported LoRA files, and `train_state.json` (the `TrainState`), written last.
+
+It is written into `RUN/.tmp-checkpoint-000123/` and then renamed into place: a rename is atomic,
+so a crash leaves either no checkpoint or a complete one, and `latest` only considers names
+matching `checkpoint-NNNNNN` that hold `train_state.json`.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from train.runtime.state_files import StateFileError, read_state, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -111,58 +122,200 @@ def rotate(run_dir: Path, keep: int | None) -> list[Path]:
     return old
 
 
-# ---------------------------------------------------------------- with accelerate
+# ---------------------------------------------------------------- resume state
+
+MANIFEST = "checkpoint.json"
+STATE_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+FORMAT_VERSION = 1
 
 
-def register_lora_checkpointing(accelerator) -> None:
-    """Make `save_state`/`load_state` store only the trainable (LoRA) weights of each model.
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed from as asked; the message names the file or key."""
 
-    Without this a checkpoint would hold the whole frozen UNet (5 GB for SDXL) every time.
+
+class TrainableWeights:
+    """A module's trainable (LoRA) weights as a resumable piece of state.
+
+    Only these go into a checkpoint: the whole frozen UNet would be 5 GB for SDXL every time.
     """
 
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            if accelerator.is_main_process:
-                save_file(trainable_state(accelerator.unwrap_model(model)), str(Path(output_dir) / f"adapter_{i}.safetensors"))
-        weights.clear()
+    def __init__(self, module: torch.nn.Module, name: str):
+        self.module, self.name = module, name
 
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            path = Path(input_dir) / f"adapter_{i}.safetensors"
-            state = load_file(str(path))
-            unwrapped = accelerator.unwrap_model(model)
-            expected = set(trainable_state(unwrapped))
-            if set(state) != expected:
-                raise ValueError(f"{path}: LoRA weights do not match this config's adapters "
-                                 f"({len(set(state) ^ expected)} keys differ); same lora.* settings needed to resume")
-            unwrapped.load_state_dict(state, strict=False)
-        models.clear()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.module)
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(trainable_state(self.module))
+        if set(state) != expected:
+            raise ResumeError(f"{self.name}: LoRA weights do not match this config's adapters "
+                              f"({len(set(state) ^ expected)} keys differ); same lora.* settings needed to resume")
+        self.module.load_state_dict(state, strict=False)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, export, keep: int | None) -> None:
-    """accelerate state + LoRA files (`export(folder, step)`) into a temp folder, then an atomic rename.
+def capture_rng() -> dict:
+    """This process's global random states as tensors + JSON (what accelerate pickles)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
-    Called on every process: `save_state` writes each rank's RNG state; the main process writes the rest.
+
+def restore_rng(rng: dict) -> None:
+    random.setstate(rng["python"])
+    numpy = rng["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, resumable: dict, export, keep: int | None,
+                    settings: dict) -> None:
+    """Every piece of resume state and the LoRA files (`export(folder, step)`) into a temp
+    folder, then an atomic rename.
+
+    `resumable` maps a name to an object with `state_dict()`/`load_state_dict()` (the LoRA
+    weights, optimizer, LR scheduler); each becomes `NAME.json` + `NAME.safetensors`. To add a
+    piece of state (an EMA copy, say), add it to that mapping: `read_checkpoint` and `restore`
+    pick it up by name. Called on every process: each writes its RNG state; the main process
+    writes the rest.
     """
     temp = temp_dir(run_dir, state.step)
-    if accelerator.is_main_process and temp.exists():
-        shutil.rmtree(temp)
+    if accelerator.is_main_process:
+        if temp.exists():
+            shutil.rmtree(temp)
+        temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
+    write_state(temp, f"rng_{accelerator.process_index}", capture_rng())
+    if accelerator.is_main_process:
+        for name, obj in resumable.items():
+            write_state(temp, name, obj.state_dict())
+        manifest = {"format": FORMAT_VERSION, "state": list(resumable), "processes": accelerator.num_processes,
+                    "settings": settings}
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        export(temp, state.step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export(temp, state.step)
         final = publish(temp, run_dir, state.step, state)
         rotate(run_dir, keep)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint read and checked before the model is built (`read_checkpoint`)."""
+
+    folder: Path
+    train_state: dict
+    state: dict  # name -> state dict, as `save_checkpoint` wrote them
+    rng: dict | None  # this process's random states; None: resuming without them (inexact)
+
+
+def read_checkpoint(folder: Path, *, rank: int, settings: dict, inexact: bool = False) -> ResumePoint:
+    """Read every file of checkpoint `folder` that this process needs, and check it fits.
+
+    Raises:
+        StateFileError: a file is missing, truncated or not ours (a damaged checkpoint).
+        ResumeError: it was trained with other `settings` (names the key), or the random-state
+            file is missing and `inexact` is false.
+    """
+    manifest = _read_manifest(folder / MANIFEST)
+    changed = [f"{key} = {manifest['settings'].get(key)!r} in the checkpoint, {value!r} in the config"
+               for key, value in settings.items() if manifest["settings"].get(key) != value]
+    if changed:
+        raise ResumeError(f"{folder}: cannot resume after changing {'; '.join(changed)}. Set them back, or train "
+                          "into a new output.dir")
+    train_state = _read_json(folder / COMPLETE_MARKER)
+    if not isinstance(train_state, dict) or not set(train_state) <= set(TrainState().state_dict()):
+        raise StateFileError(f"{folder / COMPLETE_MARKER}: not a TrainState")
+    state = {name: read_state(folder, name) for name in manifest["state"]}
+    try:
+        rng = read_state(folder, f"rng_{rank}")
+    except StateFileError as err:
+        if not inexact:
+            raise ResumeError(f"{err}: without this process's random states the resumed run is not bit-exact; "
+                              "pass --resume-inexact to resume anyway") from None
+        logger.warning("%s: resuming WITHOUT the random states: the run will not repeat bit for bit", err)
+        rng = None
+    return ResumePoint(folder, train_state, state, rng)
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest = _read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise StateFileError(f"{path}: not a checkpoint format {FORMAT_VERSION} manifest "
+                             "(checkpoints of older versions held pickles and are not loaded)")
+    names, settings = manifest.get("state"), manifest.get("settings")
+    # The names become file names: anything but a plain word could read outside the checkpoint.
+    if not isinstance(names, list) or not all(isinstance(n, str) and STATE_NAME_RE.match(n) for n in names):
+        raise StateFileError(f"{path}: 'state' must list plain names")
+    if not isinstance(settings, dict):
+        raise StateFileError(f"{path}: 'settings' must be a table")
+    return manifest
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StateFileError(f"{path}: unreadable or truncated ({err})") from None
+
+
+def find_resume_point(value: str, run_dir: Path, *, rank: int, settings: dict, inexact: bool) -> ResumePoint | None:
+    """`--resume` to a checked `ResumePoint`, or None for a fresh start (`latest` with no checkpoint).
+
+    With `latest`, a damaged newest checkpoint (a truncated or missing file) is skipped, with a
+    warning, for the previous complete one. An explicit PATH must itself be usable.
+
+    Raises:
+        StateFileError, ResumeError: see `read_checkpoint`; for `latest`, when no checkpoint is usable.
+    """
+    if value != "latest":
+        return read_checkpoint(resolve_resume(value, run_dir), rank=rank, settings=settings, inexact=inexact)
+    candidates = list_checkpoints(run_dir)
+    for folder in reversed(candidates):
+        try:
+            return read_checkpoint(folder, rank=rank, settings=settings, inexact=inexact)
+        except StateFileError as err:
+            logger.warning("%s; falling back to the previous checkpoint", err)
+    if candidates:
+        raise StateFileError(f"{run_dir}: none of the {len(candidates)} checkpoints is complete and readable "
+                             "(see the warnings above)")
+    return None
+
+
+def restore(point: ResumePoint, state: TrainState, resumable: dict) -> None:
+    """Load a `ResumePoint` into the built model, optimizer, ... (same names as `save_checkpoint`).
+
+    Raises:
+        ResumeError: the checkpoint lacks a piece of state this run needs.
+    """
+    missing = [name for name in resumable if name not in point.state]
+    if missing:
+        raise ResumeError(f"{point.folder / MANIFEST}: no {', '.join(missing)} state in this checkpoint")
+    for name, obj in resumable.items():
+        try:
+            obj.load_state_dict(point.state[name])
+        except ResumeError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise ResumeError(f"{point.folder / name}.json: does not fit this run's {name} ({err})") from None
+    state.load_state_dict(point.train_state)
+    if point.rng is not None:
+        restore_rng(point.rng)
 
 
 BEST_DIR = "best"

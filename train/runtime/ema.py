@@ -8,20 +8,17 @@ steps. The average lives on the training device or the CPU (`train.ema_device`);
 each update copies the weights there first.
 
 `applied()` swaps the averaged weights into the model for a block (export, validation) and puts
-the raw ones back. `save`/`load` write one safetensors file in a checkpoint folder, keyed by
-parameter name, so a resumed run continues the same average.
+the raw ones back. `state_dict`/`load_state_dict` make it one more piece of checkpoint state
+(`ema.json` + `ema.safetensors`, keyed by parameter name), so a resumed run continues the same
+average.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
-EMA_FILE = "ema.safetensors"
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -73,29 +70,17 @@ class LoraEma:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: average.detach().cpu().contiguous() for name, average in zip(self.names, self.shadow)}
 
-    def save(self, folder: Path) -> Path:
-        path = Path(folder) / EMA_FILE
-        save_file(self.state_dict(), str(path), metadata={"decay": str(self.decay)})
-        return path
-
     @torch.no_grad()
-    def load(self, folder: Path) -> None:
-        """Restore the averages saved by `save` in `folder`.
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the averages of `state_dict()`.
 
         Raises:
-            FileNotFoundError: the checkpoint has no EMA file (it was trained without train.ema_decay).
-            ValueError: the file's tensors do not match these parameters.
+            ValueError: the tensors do not match these parameters (names or shapes).
         """
-        path = Path(folder) / EMA_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: this checkpoint has no EMA weights (saved without train.ema_decay); "
-                                    "resume it with the same train.ema_decay setting")
-        state = load_file(str(path))
         if set(state) != set(self.names):
-            raise ValueError(f"{path}: EMA tensors do not match this config's adapters "
+            raise ValueError(f"EMA tensors do not match this config's adapters "
                              f"({len(set(state) ^ set(self.names))} names differ)")
         for name, average in zip(self.names, self.shadow):
             if state[name].shape != average.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(average.shape)}")
+                raise ValueError(f"EMA {name} has shape {tuple(state[name].shape)}, expected {tuple(average.shape)}")
             average.copy_(state[name])
