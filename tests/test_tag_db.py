@@ -37,11 +37,13 @@ def test_escape_prompt():
     assert escape_prompt("herta (honkai: star rail)") == "herta \\(honkai: star rail\\)"
 
 
-def test_shared_database_loads_fast_with_aliases(tag_db_path):
+def test_shipped_database_loads_fast_with_aliases():
+    tag_db_module.shipped_tag_database.cache_clear()
     started = time.perf_counter()
-    db = TagDatabase.load(tag_db_path)
+    db = tag_db_module.load_tag_database()
     assert time.perf_counter() - started < 3
     assert len(db) == 140782 and db.problems == []
+    assert db.sources == [("danbooru_tags.csv.gz (shipped)", 140782)]
     assert db.category("1girl") == Category.GENERAL and db.post_count("1girl") == 6008644
     assert db.category("hatsune_miku") == Category.CHARACTER
     assert db.category("highres") == Category.META
@@ -50,6 +52,33 @@ def test_shared_database_loads_fast_with_aliases(tag_db_path):
     assert db.resolve("/lh") == "/lh"  # tagcomplete shortcuts are not aliases
     assert db.category("/lh") is None and db.post_count("no_such_tag") == 0
     assert db.lookup("hires") == ("highres", Category.META, 5256195)
+
+
+def test_packed_database_holds_the_csv(tag_db_path, tmp_path):
+    """The packed file is the shipped CSV's content: same rows, categories, counts, aliases."""
+    from collections import Counter
+
+    csv_db, packed = TagDatabase.load(tag_db_path), TagDatabase.load(tag_db_module.SHIPPED_DB)
+    assert sorted(packed.entries()) == sorted(csv_db.entries())
+    assert packed._alias_map() == csv_db._alias_map() and len(packed._alias_map()) == 29636
+    assert Counter(c for _, (c, _n) in packed.entries()) == {
+        Category.GENERAL: 30782, Category.ARTIST: 59201, Category.COPYRIGHT: 9478,
+        Category.CHARACTER: 40931, Category.META: 390}
+    repacked = TagDatabase.load(packed.pack(tmp_path / "again.tags.gz"))
+    assert list(repacked.entries()) == list(packed.entries()) and repacked._alias_map() == packed._alias_map()
+
+
+def test_wd_tag_list_is_merged_over_the_shipped_database(tmp_path):
+    """A WD selected_tags.csv lacks artist and copyright tags: it adds tags, removes nothing."""
+    path = tmp_path / "selected_tags.csv"
+    path.write_text("tag_id,name,category,count\n9999999,general,9,807309\n470575,1girl,0,4225150\n"
+                    "1,honkai:_star_rail,0,10\n2,my_new_character,4,3\n")
+    db = tag_db_module.load_tag_database(path)
+    assert db.category("honkai:_star_rail") == Category.COPYRIGHT  # the shipped category stays
+    assert db.category("my new character") == Category.CHARACTER and db.category("general") == Category.RATING
+    assert db.post_count("1girl") == 6008644 and db.resolve("1girls") == "1girl"
+    assert db.sources == [("danbooru_tags.csv.gz (shipped)", 140782), (str(path), 2)]
+    assert len(tag_db_module.load_tag_database()) == 140782  # the shipped one is untouched
 
 
 def test_wd_selected_tags_format(tmp_path):

@@ -19,6 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from captioning import Captioner, Post, TagDatabase, TokenCounter, load_profile, normalize_tag
+from captioning.tag_db import load_tag_database
+from captioning.tokens import SHIPPED_CLIP_BPE
 from train.prep import sources as src
 from train.prep.buckets import bucket_set, closest_bucket, place
 from train.prep.dedupe import Deduplicator
@@ -85,12 +87,12 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
         except Exception as error:  # noqa: BLE001 - any failure here means an unusable setting
             raise RecipeError(f"caption.{field_name}: cannot load {value!r}: {error}") from None
 
-    tag_db = checked("tags_db", TagDatabase.load, options.tags_db) if options.tags_db else None
-    counter = None
+    # Default: the database and vocabulary shipped with `captioning` (a WD tag list adds to it).
+    tag_db = checked("tags_db", load_tag_database, options.tags_db)
     if options.tokenizer:
         counter = checked("tokenizer", TokenCounter.from_pretrained, options.tokenizer)
-    elif options.clip_bpe:
-        counter = checked("clip_bpe", TokenCounter.from_bpe, options.clip_bpe)
+    else:
+        counter = checked("clip_bpe", TokenCounter.from_bpe, options.clip_bpe or SHIPPED_CLIP_BPE)
     tagger = None
     if options.tagger:
         from captioning.tagger import WDTagger
