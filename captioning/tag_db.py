@@ -304,28 +304,22 @@ def _parse_entry(name: str, category: str, count: str, where: str,
 
 def fetch_tag_database(repo_id: str = DEFAULT_DB_REPO, filename: str = DEFAULT_DB_FILENAME,
                        repo_type: str = "model") -> Path:
-    """Download a tag database into the Hugging Face cache (first use only) and return its path.
+    """A tag database file from the Hub (e.g. a WD tagger's `selected_tags.csv`), cached.
 
-    Uses `huggingface_hub.hf_hub_download`, so the file is cached and reused offline.
-    Raises TagDatabaseError with what to do instead when it is neither cached nor reachable.
+    Not needed for captioning (the package ships a fuller database); for users who want a
+    tagger's own list. Raises TagDatabaseError at once when it is neither cached nor reachable.
     """
-    from huggingface_hub import hf_hub_download
+    from captioning.hub import HubUnreachableError, hf_download
 
-    # Network and cache failures surface as different exception types across huggingface_hub
-    # versions (requests, httpx, its own errors), so both calls catch broadly.
     try:
-        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, local_files_only=True))
-    except Exception:  # noqa: BLE001, S110 - not cached yet: download below
-        pass
-    logger.info("downloading the tag database %s/%s into the Hugging Face cache (first use)",
-                repo_id, filename)
-    try:
-        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type))
-    except Exception as error:  # noqa: BLE001
-        raise TagDatabaseError(
-            f"cannot download the tag database {repo_id}/{filename} ({type(error).__name__}); "
-            "offline? pass --tags-db PATH (a tagcomplete danbooru.csv or a WD selected_tags.csv)"
-        ) from None
+        return Path(hf_download(repo_id, filename, f"the tag database {repo_id}/{filename}",
+                                "--tags-db PATH (a tagcomplete danbooru.csv or a WD selected_tags.csv)",
+                                repo_type=repo_type))
+    except HubUnreachableError as error:
+        raise TagDatabaseError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - requests, httpx and huggingface_hub errors
+        raise TagDatabaseError(f"cannot download the tag database {repo_id}/{filename} "
+                               f"({type(error).__name__}); pass --tags-db PATH") from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -132,7 +132,8 @@ def build_clip_tokenizer_files(bpe_gz: Path, out_dir: Path,
     return out_dir
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where built tokenizers are kept (`$XDG_CACHE_HOME/animagine-lora`)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "animagine-lora"
 
@@ -202,7 +203,7 @@ class TokenCounter:
             digest = hashlib.sha256(bpe_gz.read_bytes()).hexdigest()[:16]
         except OSError as error:
             raise TokenizerError(f"{bpe_gz}: cannot read the CLIP BPE file ({error.strerror})") from None
-        folder = Path(cache_dir or _cache_root()) / f"clip-tokenizer-{digest}"
+        folder = Path(cache_dir or cache_root()) / f"clip-tokenizer-{digest}"
         if not (folder / "tokenizer.json").exists():
             logger.info("building the CLIP tokenizer from %s into %s", bpe_gz, folder)
             build_clip_tokenizer_files(bpe_gz, folder)

@@ -64,8 +64,17 @@ def test_packed_database_holds_the_csv(tag_db_path, tmp_path):
     assert Counter(c for _, (c, _n) in packed.entries()) == {
         Category.GENERAL: 30782, Category.ARTIST: 59201, Category.COPYRIGHT: 9478,
         Category.CHARACTER: 40931, Category.META: 390}
-    repacked = TagDatabase.load(packed.pack(tmp_path / "again.tags.gz"))
-    assert list(repacked.entries()) == list(packed.entries()) and repacked._alias_map() == packed._alias_map()
+
+
+def test_pack_round_trip_keeps_rows_and_alias_order(tmp_path):
+    path = tmp_path / "tags.csv"
+    path.write_text('smile,0,50,"grin,/sm"\nwlop,1,9,\ngrinning,0,3,"grin"\nhonkai,3,7,"hsr"\n')
+    db = TagDatabase.load(path)
+    packed = TagDatabase.load(db.pack(tmp_path / "tags.tags.gz"))
+    assert sorted(packed.entries()) == sorted(db.entries())
+    assert packed.resolve("grin") == "smile" and packed.resolve("hsr") == "honkai"  # first row keeps it
+    with pytest.raises(TagDatabaseError, match="not a packed tag database"):
+        TagDatabase.load(path.with_name("bad.tags.gz").write_bytes(b"junk") and path.with_name("bad.tags.gz"))
 
 
 def test_wd_tag_list_is_merged_over_the_shipped_database(tmp_path):
@@ -118,15 +127,21 @@ def test_unreadable_databases_are_errors(tmp_path):
 def test_fetch_uses_the_hub_cache_and_fails_clearly_offline(monkeypatch, tmp_path):
     import huggingface_hub
 
+    from captioning import hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port: the Hub is unreachable
+    hub._reachable.cache_clear()
+    real_probe = hub.hub_offline
     calls = []
 
-    def fake_download(repo_id, filename, repo_type="model", local_files_only=False):
+    def fake_download(repo_id, filename, repo_type="model", local_files_only=False):  # reachable Hub
         calls.append((repo_id, filename, local_files_only))
         if local_files_only:
             raise FileNotFoundError("not cached")
         return str(tmp_path / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("captioning.hub.hub_offline", lambda: False)
     assert tag_db_module.fetch_tag_database("me/tags", "db.csv") == tmp_path / "db.csv"
     assert calls == [("me/tags", "db.csv", True), ("me/tags", "db.csv", False)]
 
@@ -134,5 +149,6 @@ def test_fetch_uses_the_hub_cache_and_fails_clearly_offline(monkeypatch, tmp_pat
         raise OSError("network unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(TagDatabaseError, match="offline\\? pass --tags-db PATH"):
+    monkeypatch.setattr("captioning.hub.hub_offline", real_probe)
+    with pytest.raises(TagDatabaseError, match="cannot be reached; pass --tags-db PATH"):
         tag_db_module.fetch_tag_database()
