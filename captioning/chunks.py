@@ -87,7 +87,8 @@ def line_ranges(path: Path, chunk_bytes: int | None = None) -> Iterator[LineRang
 
 def image_groups(folder: Path, per_group: int | None = None) -> Iterator[ImageGroup]:
     per_group = per_group or CHUNK_IMAGES
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # as prep
     for start in range(0, len(images), per_group):
         yield ImageGroup(folder, images[start:start + per_group])
 

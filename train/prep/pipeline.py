@@ -338,6 +338,17 @@ def _build(
             spool.append(builder.row(record, info))
         untagged.clear()
 
+    def keep(record: src.Record, read_path: str, info: ImageInfo) -> None:
+        if record.post is None and tools.tagger is not None:
+            untagged.append((record, read_path, info))
+            if len(untagged) >= run.tagger_batch_size:
+                tag_pending()
+            return
+        spool.append(builder.row(record, info))
+
+    # Folder images (no bytes held) wait here until the end, so that a better exact copy found
+    # later (captioned, more repeats) can still take their place; sha256 -> the copy kept so far.
+    deferred: dict[str, tuple[src.Record, str, ImageInfo]] = {}
     listed = _records(recipe, kinds, out, temp, run, stats)
     results = validate_many(
         listed,
@@ -350,17 +361,21 @@ def _build(
         if isinstance(info, str):
             stats.reject(src.display_path(record.image_path), info)
             continue
-        duplicate = dedupe.check(record.id, info.sha256, info.phash)
+        replaceable = record.image_bytes is None
+        rank = (record.post is not None, record.repeats) if replaceable else None
+        duplicate = dedupe.check(record.id, info.sha256, info.phash, rank)
         if duplicate is not None:
-            stats.duplicates.append((record.id, *duplicate))
+            stats.duplicates.append(tuple(duplicate))
+            if duplicate.kept == record.id:  # this copy replaces the one kept so far
+                deferred[info.sha256] = (record, read_path, info)
             continue
         stats.kept += 1
-        if record.post is None and tools.tagger is not None:
-            untagged.append((record, read_path, info))
-            if len(untagged) >= run.tagger_batch_size:
-                tag_pending()
-            continue
-        spool.append(builder.row(record, info))
+        if replaceable:
+            deferred[info.sha256] = (record, read_path, info)
+        else:
+            keep(record, read_path, info)
+    for kept in deferred.values():
+        keep(*kept)
     if untagged:
         tag_pending()
     spool.close()
