@@ -1,4 +1,4 @@
-"""Golden tests: every caption rule of ../shared/docs/animagine_captions.md on hand-written posts."""
+"""Golden tests: every caption rule of the `animagine-xl-4.0` profile (captioning/profiles/) on hand-written posts."""
 
 from __future__ import annotations
 
