@@ -91,11 +91,15 @@ def _looks_like_path(source: str) -> bool:
 MODEL_INSTEAD = "--model PATH (a diffusers folder or a .safetensors file; config: model.source)"
 
 
+def _is_hub_id(source: str) -> bool:
+    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
 def _local_only(source: str) -> bool:
     """Hub downloads are off: a local source, or the Hub is out of reach (checked once, fast)."""
     from captioning.hub import hub_offline
 
-    return Path(source).expanduser().exists() or hub_offline()
+    return not _is_hub_id(source) or hub_offline()
 
 
 def _offline_error(source: str, error: Exception) -> OSError:
@@ -134,7 +138,7 @@ def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenize
                 CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer_2", local_files_only=local_only),
             )
         except (OSError, ValueError) as err:
-            if local_only and not Path(candidate).expanduser().exists():
+            if local_only and _is_hub_id(candidate):
                 raise _offline_error(candidate, err) from None
             tried.append(f"{candidate} ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
     raise OSError(
@@ -161,7 +165,7 @@ def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dty
             source, subfolder="text_encoder_2", dtype=weight_dtype, local_files_only=local_only)
         return unet, vae, te1, te2, _scheduler_config(source, local_only)
     except OSError as err:
-        if local_only and not Path(source).expanduser().exists():
+        if local_only and _is_hub_id(source):
             raise _offline_error(source, err) from None
         raise
 
