@@ -26,7 +26,7 @@ from captioning.profile import DEFAULT_PROFILE, ProfileError, load_profile
 from captioning.readers import read_danbooru_jsonl
 from captioning.summary import CaptionSummary
 from captioning.tag_db import TagDatabase, TagDatabaseError, load_tag_database
-from captioning.tokens import SHIPPED_CLIP_BPE, TokenCounter, TokenizerError
+from captioning.tokens import SHIPPED_CLIP_BPE, TokenCounter, TokenizerError, TokenizerOfflineError
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ def _token_counter(args: argparse.Namespace) -> TokenCounter:
         if args.tokenizer:
             return TokenCounter.from_pretrained(args.tokenizer)
         return _counter_from_bpe(args.clip_bpe or SHIPPED_CLIP_BPE)
+    except TokenizerOfflineError as error:
+        raise CaptionCliError(str(error)) from None  # already names what to pass
     except TokenizerError as error:
         raise CaptionCliError(f"{error}; pass --tokenizer DIR or --clip-bpe "
                               "bpe_simple_vocab_16e6.txt.gz, or leave both out for the shipped "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 
@@ -37,16 +38,28 @@ def offline_by_setting() -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _answers(url: str, timeout: float) -> bool:
-    """True if `url` answers HTTP at all within `timeout` seconds (any status counts)."""
+def _head(url: str, timeout: float, answer: list[bool]) -> None:
     request = urllib.request.Request(url, method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
-            return True
+            answer.append(True)
     except urllib.error.HTTPError:
-        return True  # it answered, even if with an error status
+        answer.append(True)  # it answered, even if with an error status
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        answer.append(False)
+
+
+def _answers(url: str, timeout: float) -> bool:
+    """True if `url` answers HTTP at all within `timeout` seconds (any status counts).
+
+    Asked in a daemon thread: urllib's timeout does not cover the DNS look-up, which on a
+    machine without network can block for many seconds on its own.
+    """
+    answer: list[bool] = []
+    thread = threading.Thread(target=_head, args=(url, timeout, answer), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
 
 
 @functools.lru_cache(maxsize=4)

@@ -70,7 +70,7 @@ def resolve_model(path_or_repo: str) -> tuple[Path, Path]:
         )
     from captioning.hub import hf_download
 
-    instead = "--tagger DIR (a folder with model.onnx and selected_tags.csv)"
+    instead = "--tagger DIR (for `tag`: --model DIR), a folder with model.onnx and selected_tags.csv"
     return tuple(Path(hf_download(path_or_repo, name, f"the tagger {path_or_repo}", instead))
                  for name in (MODEL_FILE, LABEL_FILE))
 

@@ -41,6 +41,10 @@ class TokenizerError(ValueError):
     """No usable tokenizer: the message says what was tried."""
 
 
+class TokenizerOfflineError(TokenizerError):
+    """A Hub tokenizer that is neither cached nor reachable: the message says what to pass."""
+
+
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's reversible byte -> printable character table, in byte-symbol order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
@@ -156,8 +160,8 @@ def _hub_tokenizer_folder(repo_id: str) -> Path:
     from captioning.hub import hf_download
 
     files = [hf_download(repo_id, f"tokenizer/{name}", f"the CLIP tokenizer of {repo_id}",
-                         "--tokenizer DIR or --clip-bpe FILE (or leave both out: the package's "
-                         "own CLIP vocabulary is the same)")
+                         "--tokenizer DIR, or leave --tokenizer out (the shipped CLIP vocabulary "
+                         "gives the same tokens)")
              for name in ("vocab.json", "merges.txt")]
     return Path(files[0]).parent
 
@@ -174,6 +178,7 @@ class TokenCounter:
     @classmethod
     def from_pretrained(cls, path_or_repo: str) -> TokenCounter:
         """From a tokenizer folder, a model folder with `tokenizer/`, or a Hub repo id."""
+        from captioning.hub import HubUnreachableError
         path = Path(path_or_repo)
         try:
             if path.is_dir():
@@ -186,6 +191,8 @@ class TokenCounter:
             tokenizer = _tokenizer_from_folder(folder)
         except TokenizerError as error:
             raise TokenizerError(f"cannot load a CLIP tokenizer: {error}") from None
+        except HubUnreachableError as error:
+            raise TokenizerOfflineError(str(error)) from None
         except Exception as error:  # noqa: BLE001 - OSError, JSON and tokenizers' own errors
             raise TokenizerError(f"{path_or_repo}: cannot load a CLIP tokenizer ({error})") from None
         if tokenizer.get_vocab_size() != CLIP_VOCAB_SIZE:
