@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SHARED ?= ../shared
 
 .PHONY: venv demo test bench clean
 
@@ -24,7 +23,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 demo: venv
-	$(BIN)/python -m train.demo --shared $(SHARED)
+	$(BIN)/python -m train.demo
 
 bench: venv
 	$(BIN)/python bench/caption_speed.py

@@ -3,11 +3,13 @@
 Posts are drawn from the tag database by post count per category (~25-40 general tags, 0-2
 characters, 1-2 copyrights, 1 artist, 1-3 meta tags, ratings, scores and dates), written as a
 Danbooru JSON-lines file, then captioned by `animagine-lora caption` (1 worker, N workers) with
-the real CLIP tokenizer and the 225-token budget, start-up included. The parts (parsing, the
+the shipped tag database, the real CLIP tokenizer and the 225-token budget, start-up included
+(a fresh process per run: imports, loading the database and the tokenizer). The parts (parsing, the
 captioner, a whole chunk) are timed in this process on the first 50,000 posts.
 Target (issue 2): 8.4M posts in 5 minutes on 2 cores, about 28,000 posts/s.
 
-    python bench/caption_speed.py                          # 400,000 posts, workers 1 and 2
+    python bench/caption_speed.py                          # 1,000,000 posts, workers 1 and N
+    python bench/caption_speed.py --cli-workers 2          # the issue-11 figure: 1M posts, --workers 2
     python bench/caption_speed.py --posts 8400000 --cli-workers 2 --keep /tmp/posts.jsonl
                                                            # the full target, as one run
     python bench/caption_speed.py --posts 2000             # tiny mode (tests)
@@ -40,8 +42,9 @@ import orjson
 
 from captioning import Captioner, Category, Post, TagDatabase, TokenCounter, chunks, load_profile
 from captioning.readers import parse_danbooru_line
+from captioning.tag_db import load_tag_database
+from captioning.tokens import SHIPPED_CLIP_BPE
 
-SHARED = REPO.parent / "shared" / "data"
 TARGET_POSTS_PER_S = 8_400_000 / 300
 RATING_WEIGHTS = {"g": 0.35, "s": 0.35, "q": 0.15, "e": 0.15}
 GENERATE_BLOCK = 50_000
@@ -141,11 +144,14 @@ def time_parts(captioner: Captioner, source: Path, sample: int) -> dict:
     }
 
 
-def time_cli(source: Path, out: Path, workers: int, tags_db: Path, clip_bpe: Path) -> tuple[float, float]:
+def time_cli(source: Path, out: Path, workers: int, tags_db: Path | None, clip_bpe: Path | None) -> tuple[float, float]:
     """Wall and CPU seconds (the process and its workers) of one `animagine-lora caption` run, in a
-    fresh process: imports, loading the database and the tokenizer count, as they do for a user."""
-    command = [sys.executable, "-m", "train.cli", "caption", str(source), "-o", str(out), "--tags-db", str(tags_db),
-               "--clip-bpe", str(clip_bpe), "--workers", str(workers)]
+    fresh process: imports, loading the database and the tokenizer count, as they do for a user
+    (the shipped data unless --tags-db/--clip-bpe are given)."""
+    command = [sys.executable, "-m", "train.cli", "caption", str(source), "-o", str(out), "--workers", str(workers)]
+    for flag, path in (("--tags-db", tags_db), ("--clip-bpe", clip_bpe)):
+        if path is not None:
+            command += [flag, str(path)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
@@ -159,19 +165,19 @@ def time_cli(source: Path, out: Path, workers: int, tags_db: Path, clip_bpe: Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--posts", type=int, default=400_000)
+    parser.add_argument("--posts", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N of the --workers N run")
     parser.add_argument("--cli-workers", help="comma-separated worker counts to run (default: 1 and N)")
     parser.add_argument("--keep", type=Path, help="keep the generated posts here; reused when it exists")
-    parser.add_argument("--tags-db", type=Path, default=SHARED / "danbooru_tags.csv")
-    parser.add_argument("--clip-bpe", type=Path, default=SHARED / "clip_bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--tags-db", type=Path, help="tag database (default: the one shipped with captioning)")
+    parser.add_argument("--clip-bpe", type=Path, help="CLIP BPE merges (default: the shipped copy)")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "caption_speed.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     worker_counts = sorted({int(w) for w in args.cli_workers.split(",")} if args.cli_workers else {1, args.workers})
 
-    db = TagDatabase.load(args.tags_db)
-    counter = TokenCounter.from_bpe(args.clip_bpe)
+    db = load_tag_database(args.tags_db)
+    counter = TokenCounter.from_bpe(args.clip_bpe or SHIPPED_CLIP_BPE)
     results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "posts": args.posts,
                      "workers": args.workers, "cpus": os.cpu_count(),
                      "machine": platform.processor() or platform.machine(), "python": platform.python_version(),

@@ -5,7 +5,7 @@ do real work), then times, in images/s:
   decode   `captioning.images.load_rgb` alone, one process: the floor prep cannot beat per core
   validate the parallel validation stage (decode + sha256 + checks) with 1 and N workers
   prep     the whole `prepare()` (listing, validation, captions with the tag database and CLIP
-           token counter from ../shared/data when present, buckets, Arrow write, report)
+           token counter shipped with captioning, buckets, Arrow write, report)
 Prints a table and writes bench/results/prep_speed.json.
 
     python bench/prep_speed.py                 # 400 images, workers 1 and all cores
@@ -40,7 +40,6 @@ SIZES = [
     (2048, 1536),
     (1344, 768),
 ]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_SIZES = [(512, 640), (640, 512), (512, 512)]
 
 
@@ -110,13 +109,8 @@ def main() -> None:
                     "images_per_s": rate(count, time.perf_counter() - start),
                 }
             )
-        caption = {}
-        if SHARED_DATA.is_dir():  # the real tag database and CLIP token counter, as users run it
-            caption = {
-                "tags_db": str(SHARED_DATA / "danbooru_tags.csv"),
-                "clip_bpe": str(SHARED_DATA / "clip_bpe_simple_vocab_16e6.txt.gz"),
-            }
-        results["captioning"] = "tag db + CLIP tokens" if caption else "no tag db"
+        caption = {}  # the shipped tag database and CLIP token counter, as users run it
+        results["captioning"] = "tag db + CLIP tokens"
         recipe = parse_recipe(
             {"sources": [{"name": "bench", "path": str(folder)}], "caption": caption}, "bench"
         )

@@ -2,17 +2,19 @@
 
 Public API:
 - tags: `Category`, `normalize_tag`, `display_tag`, `escape_prompt`
-- `TagDatabase` (tagcomplete CSV or WD selected_tags.csv), `fetch_tag_database`
+- `TagDatabase` (tagcomplete CSV, WD selected_tags.csv or packed), `load_tag_database` (the
+  shipped Danbooru database by default, `captioning/data/`), `fetch_tag_database`
 - `Post`, `Problem`: what readers yield (`captioning.readers`)
 - `Caption`, `CaptionResult`; `Profile`, `load_profile`; `Captioner`
-- `TokenCounter`, `build_clip_tokenizer_files`
+- `TokenCounter` (`from_bpe()`: the shipped CLIP vocabulary), `build_clip_tokenizer_files`
+- `captioning.hub`: is the Hugging Face Hub reachable (asked once, fast)
 """
 
 from captioning.caption import Caption, CaptionResult
 from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner, compute_percentiles
 from captioning.post import RATINGS, Post, Problem
 from captioning.profile import Profile, ProfileError, available_profiles, load_profile
-from captioning.tag_db import TagDatabase, TagDatabaseError, fetch_tag_database
+from captioning.tag_db import TagDatabase, TagDatabaseError, fetch_tag_database, load_tag_database
 from captioning.tags import Category, display_tag, escape_prompt, normalize_tag
 from captioning.tokens import TokenCounter, TokenizerError, build_clip_tokenizer_files
 
@@ -38,5 +40,6 @@ __all__ = [
     "escape_prompt",
     "fetch_tag_database",
     "load_profile",
+    "load_tag_database",
     "normalize_tag",
 ]

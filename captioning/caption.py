@@ -33,10 +33,21 @@ class Caption:
         return escape_prompt(self.training())
 
     def sd_scripts(self) -> str:
-        """`head, ||| body, ||| tail` for sd-scripts' `keep_tokens_separator="|||"`."""
+        """`head, ||| body, ||| tail` for sd-scripts' `keep_tokens_separator="|||"`.
+
+        sd-scripts splits at the first separator and then at the second, if any, and drops empty
+        pieces, so an empty tail needs no second separator (`head, ||| body`, or `head, |||`
+        with an empty body too: nothing to shuffle), and an empty body keeps both
+        (`head, ||| ||| tail`) so the tail stays fixed.
+        """
         head, body, tail = ", ".join(self.head), ", ".join(self.body), ", ".join(self.tail)
         sep = KEEP_TOKENS_SEPARATOR
-        return f"{head}{', ' if head else ''}{sep} {body}{', ' if body else ''}{sep} {tail}".rstrip()
+        text = f"{head}, {sep}" if head else sep
+        if body:
+            text += f" {body}"
+        if tail:
+            text += f"{',' if body else ''} {sep} {tail}"
+        return text
 
     def shuffled(self, rng: random.Random) -> Caption:
         """The body in a random order, head and tail fixed (caption shuffling in training)."""

@@ -1,6 +1,7 @@
 """Build Animagine captions from posts: sort tags into slots, add rating/year/score/quality, fit the budget.
 
-The rules (../shared/docs/animagine_captions.md, "The project's rules") live in the Profile;
+The rules (the `animagine-xl-4.0` profile in captioning/profiles/, after the model card's prompt
+structure and the publisher's 3.x caption notebooks) live in the Profile;
 this module only applies them.
 
 Speed (whole booru dumps, issue 2): every distinct input tag is classified once and cached by

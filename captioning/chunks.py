@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,7 +24,7 @@ from captioning.captioner import Captioner
 from captioning.jsonio import dumps_line
 from captioning.post import Post, Problem
 from captioning.readers import parse_danbooru_line, read_danbooru_json, read_tag_file
-from captioning.summary import CaptionSummary
+from captioning.summary import SUMMARY_FIELDS, CaptionSummary
 from captioning.tags import escape_prompt
 
 CHUNK_BYTES = 1 << 20  # about a thousand Danbooru posts: few enough tasks, small enough to balance
@@ -53,6 +53,13 @@ class ChunkResult(NamedTuple):
     origins: list[str]  # where each record came from ("file:line" or the sidecar), for messages
     problems: list[Problem]  # skipped records and warnings, in input order
     summary: CaptionSummary
+    # With --fields: per record, the fields the summary counts (the lines may lack them).
+    counted: list[dict] | None = None
+
+
+# Every field of an output record, in the order written; `--fields` picks some of them.
+FIELDS = ("id", "caption", "prompt", "sd_scripts", "head", "body", "tail", "tokens", "cut", "dropped",
+          "unknown_tags", "rating", "year", "score_tag", "quality_tag")
 
 
 def line_ranges(path: Path, chunk_bytes: int | None = None) -> Iterator[LineRange]:
@@ -80,7 +87,8 @@ def line_ranges(path: Path, chunk_bytes: int | None = None) -> Iterator[LineRang
 
 def image_groups(folder: Path, per_group: int | None = None) -> Iterator[ImageGroup]:
     per_group = per_group or CHUNK_IMAGES
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # as prep
     for start in range(0, len(images), per_group):
         yield ImageGroup(folder, images[start:start + per_group])
 
@@ -110,6 +118,7 @@ class _ChunkBuilder:
         self.origins: list[str] = []
         self.problems: list[Problem] = []
         self.summary = CaptionSummary()
+        self.counted: list[dict] | None = None if _FIELDS is None else []
 
     def add(self, parsed: list) -> None:
         """One input record, as a reader gives it: warnings then a Post, or a Problem."""
@@ -126,7 +135,11 @@ class _ChunkBuilder:
             for warning in warnings:
                 self._problem(Problem(post.origin, warning, skipped=False))
             summary.add_record(record)
-            self.lines.append(dumps_line(record))
+            if _FIELDS is None:
+                self.lines.append(dumps_line(record))
+            else:
+                self.lines.append(dumps_line({k: record[k] for k in _FIELDS}))
+                self.counted.append({k: record[k] for k in SUMMARY_FIELDS})
             self.ids.append(post.id)
             self.origins.append(post.origin)
         elif not any(p.skipped for p in parsed):
@@ -137,7 +150,8 @@ class _ChunkBuilder:
         self.summary.add_problem(problem)
 
     def result(self) -> ChunkResult:
-        return ChunkResult(b"".join(self.lines), self.ids, self.origins, self.problems, self.summary)
+        return ChunkResult(b"".join(self.lines), self.ids, self.origins, self.problems, self.summary,
+                           self.counted)
 
 
 # Set in the parent before the fork: workers inherit the loaded database, tokenizer and warm
@@ -145,6 +159,7 @@ class _ChunkBuilder:
 _CAPTIONER: Captioner | None = None
 _SOURCE: tuple[str, int] | None = None  # (path for messages, open descriptor)
 _PREPARE = True  # batch-classify each chunk's tags first, while the caches are cold
+_FIELDS: tuple[str, ...] | None = None  # the fields written (None: all)
 
 
 def caption_chunk(chunk: LineRange | ImageGroup) -> ChunkResult:
@@ -203,14 +218,16 @@ def _sidecar(image: Path) -> Path | None:
 
 
 def caption_chunks(chunks: Iterable[LineRange | ImageGroup], captioner: Captioner, workers: int,
-                   source: Path | None = None) -> Iterator[ChunkResult]:
+                   source: Path | None = None, fields: Sequence[str] | None = None) -> Iterator[ChunkResult]:
     """Caption chunks in input order, in this process or in `workers` forked processes.
 
-    `source` is the JSON-lines file that `LineRange` chunks refer to.
+    `source` is the JSON-lines file that `LineRange` chunks refer to; `fields` the output
+    fields to write (names from FIELDS; None: all).
     """
-    global _CAPTIONER, _SOURCE, _PREPARE
+    global _CAPTIONER, _SOURCE, _PREPARE, _FIELDS
     fd = os.open(source, os.O_RDONLY) if source is not None else -1
     _CAPTIONER, _SOURCE, _PREPARE = captioner, (str(source), fd), True
+    _FIELDS = None if fields is None or tuple(fields) == FIELDS else tuple(fields)
     try:
         if workers <= 1:
             yield from map(caption_chunk, chunks)
@@ -225,6 +242,6 @@ def caption_chunks(chunks: Iterable[LineRange | ImageGroup], captioner: Captione
         finally:
             gc.unfreeze()
     finally:
-        _CAPTIONER, _SOURCE = None, None
+        _CAPTIONER, _SOURCE, _FIELDS = None, None, None
         if fd >= 0:
             os.close(fd)

@@ -23,14 +23,14 @@ from pathlib import Path
 
 from captioning import jsonio, outputs
 from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner
-from captioning.chunks import ChunkResult, caption_chunks, image_groups, line_ranges
+from captioning.chunks import FIELDS, ChunkResult, caption_chunks, image_groups, line_ranges
 from captioning.outputs import OutputError
 from captioning.post import Post, Problem
 from captioning.profile import DEFAULT_PROFILE, ProfileError, load_profile
 from captioning.readers import read_danbooru_jsonl
 from captioning.summary import CaptionSummary
-from captioning.tag_db import TagDatabase, TagDatabaseError, fetch_tag_database
-from captioning.tokens import DEFAULT_TOKENIZER_REPO, TokenCounter, TokenizerError
+from captioning.tag_db import TagDatabase, TagDatabaseError, load_tag_database
+from captioning.tokens import SHIPPED_CLIP_BPE, TokenCounter, TokenizerError, TokenizerOfflineError
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="output .jsonl file, or a folder for .txt captions (--format txt)")
     parser.add_argument("--profile", default=DEFAULT_PROFILE, help="built-in profile name or a .toml file")
-    parser.add_argument("--tags-db", type=Path, help="tag database CSV (tagcomplete danbooru.csv or WD selected_tags.csv); "
-                        "default: fetched from the Hub into the cache when online")
+    parser.add_argument("--tags-db", type=Path,
+                        help="tag database CSV: a tagcomplete danbooru.csv replaces the shipped Danbooru "
+                             "database, a WD selected_tags.csv adds its tags to it (default: the shipped one)")
     parser.add_argument("--tokenizer", help="CLIP tokenizer folder (or a model folder with tokenizer/, or a Hub id)")
-    parser.add_argument("--clip-bpe", type=Path, help="CLIP BPE merges (bpe_simple_vocab_16e6.txt.gz) to build the tokenizer offline")
+    parser.add_argument("--clip-bpe", type=Path,
+                        help="CLIP BPE merges (bpe_simple_vocab_16e6.txt.gz) to build the tokenizer from "
+                             "(default: the copy shipped with the package)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="CLIP token budget per caption; body tags are dropped to fit (0: no budget)")
     parser.add_argument("--percentiles", choices=("table", "dataset"),
@@ -65,6 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--txt-style", choices=("caption", "sd-scripts"), default="caption",
                         help="txt content: the training caption, or `head, ||| body, ||| tail` for "
                              "sd-scripts' keep_tokens_separator")
+    parser.add_argument("--fields", type=parse_fields,
+                        help=f"comma-separated fields of each JSON line (default: all of {','.join(FIELDS)})")
+
+
+def parse_fields(text: str) -> tuple[str, ...]:
+    """`id,caption,...` -> the field names, checked against FIELDS (argparse reports the error)."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in FIELDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown field(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(FIELDS)}")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,9 +125,13 @@ def _run(args: argparse.Namespace) -> int:
     output_format = args.format or ("txt" if args.input.is_dir() and args.output.suffix != ".jsonl" else "jsonl")
     if output_format == "txt" and not args.input.is_dir():
         raise CaptionCliError(f"{args.input}: --format txt needs a folder of images as input")
+    if output_format == "txt" and getattr(args, "fields", None):
+        raise CaptionCliError("--fields selects JSON-lines fields; --txt-style picks the .txt content")
     _check_output(args.input, args.output, output_format)
     captioner = build_captioner(args)
     summary = CaptionSummary()
+    if captioner.tag_db is not None:
+        summary.tag_sources = list(captioner.tag_db.sources)
     if args.input.is_dir():
         chunks, source = image_groups(args.input), None
     else:
@@ -123,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             count = captioner.warm_up()
             logger.info("classified %d database tags in %.1f s before captioning", count, time.perf_counter() - started)
-    results = caption_chunks(chunks, captioner, args.workers, source)
+    results = caption_chunks(chunks, captioner, args.workers, source, getattr(args, "fields", None))
     outputs = _Accepted(summary, args.strict, args.max_messages).outputs(results)
     try:
         if output_format == "jsonl":
@@ -143,34 +162,28 @@ def build_captioner(args: argparse.Namespace) -> Captioner:
         profile = load_profile(args.profile)
     except ProfileError as error:
         raise CaptionCliError(str(error)) from None
-    if args.tags_db is not None:
-        try:
-            tag_db = _load_tag_db(args.tags_db)
-        except TagDatabaseError as error:
-            raise CaptionCliError(str(error)) from None
-        if tag_db.problems and args.strict:
-            raise CaptionCliError(f"--strict: {tag_db.problems[0]}")
-    else:
-        try:
-            tag_db = TagDatabase.load(fetch_tag_database())
-        except TagDatabaseError as error:
-            logger.warning("no tag database (%s): flat tags are not categorised and go in the body", error)
-            tag_db = None
+    try:
+        tag_db = _load_tag_db(args.tags_db)
+    except TagDatabaseError as error:
+        raise CaptionCliError(str(error)) from None
+    if tag_db.problems and args.strict:
+        raise CaptionCliError(f"--strict: {tag_db.problems[0]}")
     counter = None if args.max_tokens == 0 and not (args.tokenizer or args.clip_bpe) else _token_counter(args)
     return Captioner(profile, tag_db, counter, args.max_tokens)
 
 
 def _token_counter(args: argparse.Namespace) -> TokenCounter:
-    """--tokenizer, else --clip-bpe, else the base model's tokenizer from the Hub."""
+    """--tokenizer, else --clip-bpe, else the CLIP vocabulary shipped with the package."""
     try:
         if args.tokenizer:
             return TokenCounter.from_pretrained(args.tokenizer)
-        if args.clip_bpe:
-            return _counter_from_bpe(args.clip_bpe)
-        return TokenCounter.from_pretrained(DEFAULT_TOKENIZER_REPO)
+        return _counter_from_bpe(args.clip_bpe or SHIPPED_CLIP_BPE)
+    except TokenizerOfflineError as error:
+        raise CaptionCliError(str(error)) from None  # already names what to pass
     except TokenizerError as error:
-        raise CaptionCliError(f"{error}; offline, pass --tokenizer DIR or --clip-bpe "
-                              "bpe_simple_vocab_16e6.txt.gz (or --max-tokens 0 for no budget)") from None
+        raise CaptionCliError(f"{error}; pass --tokenizer DIR or --clip-bpe "
+                              "bpe_simple_vocab_16e6.txt.gz, or leave both out for the shipped "
+                              "vocabulary (--max-tokens 0: no budget)") from None
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
@@ -182,10 +195,13 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 # skip re-reading the 140k-row database and rebuilding the tokenizer.
 @functools.lru_cache(maxsize=4)
 def _cached_tag_db(key: tuple[str, int, int]) -> TagDatabase:
-    return TagDatabase.load(key[0])
+    return load_tag_database(key[0])
 
 
-def _load_tag_db(path: Path) -> TagDatabase:
+def _load_tag_db(path: Path | None) -> TagDatabase:
+    """The shipped database, or --tags-db's (merged over it when it is a WD tag list)."""
+    if path is None:
+        return load_tag_database()
     if not path.is_file():
         raise TagDatabaseError(f"{path}: tag database not found")
     return _cached_tag_db(_file_key(path))
@@ -259,12 +275,13 @@ class _Accepted:
             return result.output
         kept = []
         lines = result.output.split(b"\n")
-        for record_id, origin, line in zip(result.ids, result.origins, lines, strict=False):
+        counted = result.counted or [None] * len(result.ids)
+        for record_id, origin, line, fields in zip(result.ids, result.origins, lines, counted, strict=False):
             if record_id not in self.seen:
                 self.seen.add(record_id)
                 kept.append(line + b"\n")
                 continue
-            self.summary.add_record(jsonio.loads(line), sign=-1)
+            self.summary.add_record(fields or jsonio.loads(line), sign=-1)
             problem = Problem(origin, f"duplicate id {record_id!r} (first record kept)")
             self.summary.add_problem(problem)
             self._report(problem)

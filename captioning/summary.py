@@ -13,6 +13,10 @@ from captioning.terminal import rich_safe
 _SPECIFICS = re.compile(r"'[^']*'|\"[^\"]*\"|\b\d+\b")
 
 
+# The output-record fields `add_record` counts.
+SUMMARY_FIELDS = ("rating", "year", "score_tag", "quality_tag", "cut", "unknown_tags", "tokens")
+
+
 def reason_kind(reason: str) -> str:
     return _SPECIFICS.sub("…", reason)
 
@@ -32,6 +36,7 @@ class CaptionSummary:
     tokens_max: int = 0
     tokens_total: int = 0
     captioned: int = 0
+    tag_sources: list = field(default_factory=list)  # (tag database file, tags it categorised)
 
     @property
     def skipped_total(self) -> int:
@@ -84,6 +89,7 @@ class CaptionSummary:
             "scores": _positive(self.scores), "qualities": _positive(self.qualities),
             "tokens_max": self.tokens_max,
             "tokens_mean": round(self.tokens_total / captioned, 1) if captioned > 0 else 0,
+            "tag_sources": [list(item) for item in self.tag_sources],
         }
 
     def print(self) -> None:
@@ -102,6 +108,8 @@ class CaptionSummary:
             table.add_row(f"  skipped: {rich_safe(reason)}", str(count))
         for reason, count in self.warnings.most_common(10):
             table.add_row(f"  warning: {rich_safe(reason)}", str(count))
+        for source, count in self.tag_sources:
+            table.add_row(f"tags categorised by {source}", str(count))
         table.add_row("captions cut by the token budget", str(self.cut))
         table.add_row("tokens (mean / max)", f"{data['tokens_mean']} / {self.tokens_max}")
         unknown = data["unknown_tags"]

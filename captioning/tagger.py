@@ -68,12 +68,11 @@ def resolve_model(path_or_repo: str) -> tuple[Path, Path]:
         raise FileNotFoundError(
             f"{path_or_repo}: not a tagger folder (model.onnx + selected_tags.csv) or Hub repo id"
         )
-    from huggingface_hub import hf_hub_download
+    from captioning.hub import hf_download
 
-    return (
-        Path(hf_hub_download(path_or_repo, MODEL_FILE)),
-        Path(hf_hub_download(path_or_repo, LABEL_FILE)),
-    )
+    instead = "--tagger DIR (for `tag`: --model DIR), a folder with model.onnx and selected_tags.csv"
+    return tuple(Path(hf_download(path_or_repo, name, f"the tagger {path_or_repo}", instead))
+                 for name in (MODEL_FILE, LABEL_FILE))
 
 
 def pad_to_square(image: Image.Image) -> Image.Image:

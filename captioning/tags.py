@@ -2,8 +2,8 @@
 
 Danbooru stores tags lowercase with underscores (`long_hair`, `herta_(honkai:_star_rail)`).
 Animagine's captions show them with spaces, except short emoticon-like tags (`^_^`, `o_o`,
-`>_<`), which keep their underscores (the publisher's 3.x caption builder, see
-../shared/docs/animagine_captions.md). Prompts for WebUI/ComfyUI escape parentheses because
+`>_<`), which keep their underscores (the publisher's 3.x caption builder: public notebooks
+that format Danbooru post JSON). Prompts for WebUI/ComfyUI escape parentheses because
 both read `(...)` as emphasis.
 """
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference data beside the repository, and GPU skipping."""
+"""Shared fixtures: the data shipped in `captioning/data/`, and GPU skipping."""
 
 from __future__ import annotations
 
@@ -6,26 +6,22 @@ from pathlib import Path
 
 import pytest
 
+from captioning.tag_db import SHIPPED_DB_CSV
+from captioning.tokens import SHIPPED_CLIP_BPE
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """`../shared/data`: the Danbooru tag database and the CLIP BPE merges."""
-    if not (SHARED_DATA / "danbooru_tags.csv").exists():
-        pytest.fail(f"reference data not found at {SHARED_DATA}: clone the project beside shared/")
-    return SHARED_DATA
+def tag_db_path() -> Path:
+    """The shipped Danbooru tag database as a file users could pass (tagcomplete CSV, gzipped)."""
+    return SHIPPED_DB_CSV
 
 
 @pytest.fixture(scope="session")
-def tag_db_path(shared_data: Path) -> Path:
-    return shared_data / "danbooru_tags.csv"
-
-
-@pytest.fixture(scope="session")
-def clip_bpe_path(shared_data: Path) -> Path:
-    return shared_data / "clip_bpe_simple_vocab_16e6.txt.gz"
+def clip_bpe_path() -> Path:
+    """The shipped CLIP BPE merges."""
+    return SHIPPED_CLIP_BPE
 
 
 def pytest_collection_modifyitems(config, items):

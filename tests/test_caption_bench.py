@@ -10,11 +10,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_bench_tiny_mode(tmp_path, tag_db_path, clip_bpe_path):
+def test_bench_tiny_mode(tmp_path):
+    """The shipped data by default, as a user's run."""
     out = tmp_path / "speed.json"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "caption_speed.py"), "--posts", "2000",
-                           "--workers", "2", "--json", str(out), "--tags-db", str(tag_db_path),
-                           "--clip-bpe", str(clip_bpe_path)], capture_output=True, text=True, timeout=300, check=False)
+                           "--workers", "2", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["posts"] == 2000 and set(report["cli"]) == {"1", "2"}
@@ -23,15 +24,15 @@ def test_bench_tiny_mode(tmp_path, tag_db_path, clip_bpe_path):
     assert "posts/s" in done.stdout
 
 
-def test_synthetic_posts_look_like_danbooru(tag_db_path):
+def test_synthetic_posts_look_like_danbooru():
     sys.path.insert(0, str(REPO / "bench"))
     try:
         from caption_speed import synthetic_posts
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from captioning import TagDatabase
+    from captioning.tag_db import load_tag_database
 
-    posts = synthetic_posts(TagDatabase.load(tag_db_path), 300, seed=1)
+    posts = synthetic_posts(load_tag_database(), 300, seed=1)
     general = [len(p["tag_string_general"].split()) for p in posts]
     assert 20 <= min(general) and max(general) <= 40
     assert all(1 <= len(p["tag_string_copyright"].split()) <= 2 for p in posts)

@@ -1,4 +1,4 @@
-"""Golden tests: every caption rule of ../shared/docs/animagine_captions.md on hand-written posts."""
+"""Golden tests: every caption rule of the `animagine-xl-4.0` profile (captioning/profiles/) on hand-written posts."""
 
 from __future__ import annotations
 
@@ -247,3 +247,29 @@ def test_without_a_database_categorised_posts_still_caption(db):
     post = make_post(general=["smile", "1girl"], character=["hatsune_miku"], meta=["highres"])
     caption = captioner.caption(post).caption
     assert caption.training() == "1girl, hatsune miku, safe, smile, highres"
+
+
+def _sd_scripts_parts(text: str) -> tuple[list[str], list[str], list[str]]:
+    """(fixed, shuffled, fixed suffix) as sd-scripts' keep_tokens_separator reads a caption:
+    split at the first `|||`, then at the second if any; empty pieces dropped."""
+    def tags(part: str) -> list[str]:
+        return [t.strip() for t in part.split(",") if t.strip()]
+
+    fixed, _, flex = text.partition("|||")
+    flex, _, suffix = flex.partition("|||")
+    return tags(fixed), tags(flex), tags(suffix)
+
+
+@pytest.mark.parametrize(("head", "body", "tail", "text"), [
+    (("1girl",), ("smile",), ("masterpiece",), "1girl, ||| smile, ||| masterpiece"),
+    (("1girl",), ("smile", "solo"), (), "1girl, ||| smile, solo"),
+    (("1girl",), (), (), "1girl, |||"),
+    (("1girl",), (), ("masterpiece",), "1girl, ||| ||| masterpiece"),
+    ((), ("smile",), ("masterpiece",), "||| smile, ||| masterpiece"),
+])
+def test_sd_scripts_form_is_tidy_when_parts_are_empty(head, body, tail, text):
+    from captioning.caption import Caption
+
+    caption = Caption(head, body, tail)
+    assert caption.sd_scripts() == text
+    assert _sd_scripts_parts(text) == (list(head), list(body), list(tail))

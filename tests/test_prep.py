@@ -170,6 +170,28 @@ def test_layouts_repeats_and_bad_input(tmp_path, tag_db_path):
     assert report["counts"]["duplicates"] == 1 and report["rejected_by_reason"]["too small"] == 1
 
 
+def test_the_captioned_copy_wins_and_hidden_entries_are_skipped(tmp_path):
+    """A loose uncaptioned copy at the root is found first but must not take the caption and
+    the repeats away; `.thumbnails/`, `.git/` and dot-files are not part of the dataset."""
+    root = tmp_path / "img"
+    image(root / "a.png")  # loose copy, no caption: listed before 10_mira/
+    image(root / "10_mira" / "a.png")
+    (root / "10_mira" / "a.txt").write_text("1girl, smile", encoding="utf-8")
+    image(root / "5_mira" / "a.png")  # captioned too, fewer repeats
+    (root / "5_mira" / "a.txt").write_text("1girl, smile", encoding="utf-8")
+    image(root / ".thumbnails" / "t.png", colour=(1, 1, 1))
+    image(root / ".hidden.png", colour=(2, 2, 2))
+    (root / ".git").mkdir()
+    (root / ".git" / "orphan.txt").write_text("1girl", encoding="utf-8")
+    result = prepare(recipe_for({"name": "s", "path": str(root)}), tmp_path / "out", QUIET)
+    kept = rows(tmp_path / "out")
+    assert [(r["id"], r["repeats"]) for r in kept] == [("s/10_mira/a.png", 10)]
+    assert "smile" in kept[0]["caption_body"]
+    dropped = {d[0]: d[2] for d in result.stats.duplicates}
+    assert dropped == {"s/a.png": "s/10_mira/a.png", "s/5_mira/a.png": "s/10_mira/a.png"}
+    assert result.stats.rejected == []
+
+
 def test_folder_without_images(tmp_path, capsys):
     from train.prep import cli
 

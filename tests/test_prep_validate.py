@@ -137,9 +137,9 @@ def test_exact_and_near_duplicates(tmp_path):
     infos = {name: validate_image(str(p), options) for name, p in paths.items()}
     exact = Deduplicator(near_dup=False)
     assert exact.check("a", infos["a"].sha256, infos["a"].phash) is None
-    assert exact.check("a_copy", infos["a_copy"].sha256, None) == ("exact duplicate", "a")
+    assert exact.check("a_copy", infos["a_copy"].sha256, None) == ("a_copy", "exact duplicate", "a")
     assert exact.check("b", infos["b"].sha256, infos["b"].phash) is None
     near = Deduplicator(near_dup=True, max_distance=4)
     assert near.check("a", infos["a"].sha256, infos["a"].phash) is None
-    assert near.check("b", infos["b"].sha256, infos["b"].phash) == ("near duplicate", "a")
+    assert near.check("b", infos["b"].sha256, infos["b"].phash) == ("b", "near duplicate", "a")
     assert near.check("c", infos["c"].sha256, infos["c"].phash) is None

@@ -39,6 +39,22 @@ def test_slow_and_fast_tokenizers_agree_on_captions(tokenizer_dir):
     assert slow(text).input_ids == fast(text).input_ids
 
 
+def test_direct_tokenizer_matches_transformers_conversion(tokenizer_dir, counter, tmp_path):
+    """The tokenizer built with `tokenizers` alone gives the ids transformers' own CLIP
+    conversion gives from vocab.json + merges.txt (no tokenizer.json to copy from)."""
+    from transformers import CLIPTokenizer
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        (plain / name).write_bytes((tokenizer_dir / name).read_bytes())
+    reference = CLIPTokenizer.from_pretrained(plain)
+    texts = ["1girl, herta (honkai: star rail), ^_^, year 2024, masterpiece, \u00e9t\u00e9, :d, >_<",
+             "  Long   HAIR,\tsmile!!  ", "<|endoftext|> 1girl", "o_o, (o)_(o), 123 456, \u3042\u3044"]
+    for text in texts:
+        assert counter.ids(text) == reference(text).input_ids, text
+
+
 def test_documented_token_costs(counter):
     assert counter.count("1girl") == 2
     assert counter.count("year 2024") == 5

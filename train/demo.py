@@ -1,10 +1,11 @@
 """The whole path on a fresh machine, on CPU: tiny model, sample dataset prep, training, export.
 
-    python -m train.demo --shared ../shared          (what `make demo` runs)
+    python -m train.demo          (what `make demo` runs; needs no network and nothing beside the repo)
     python -m train.demo --config configs/tiny_features.toml   (regularization, masks, validation, EMA on)
 
 1. builds the tiny SDXL (`train.model.tiny`) into OUT/tiny_model (reused when already built);
-2. preps `datasets/sample.toml` into OUT/sample_prep (`animagine-lora prep`; "up to date" on reruns);
+2. preps `datasets/sample.toml` into OUT/sample_prep (`animagine-lora prep` with the tag database
+   and CLIP vocabulary shipped in `captioning/data/`; "up to date" on reruns);
 3. trains `configs/tiny.toml` (paths pointed at OUT), which caches latents on first use,
    checkpoints, and exports the WebUI and diffusers LoRA files;
 4. prints where the files are.
@@ -35,9 +36,15 @@ def demo_config(out: Path, model_dir: Path, prep_dir: Path, path: Path = REPO / 
     })
 
 
+def prep_sample(prep_dir: Path) -> int:
+    """`animagine-lora prep datasets/sample.toml` into `prep_dir`: the shipped data, no network."""
+    from train.cli import main as cli
+
+    return cli(["prep", str(REPO / "datasets" / "sample.toml"), "-o", str(prep_dir), "--workers", "1"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared/ folder (data/ inside)")
     parser.add_argument("--out", default=str(REPO / "out"), help="where everything is written (default out/)")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.toml",
                         help="the training config (default configs/tiny.toml; configs/tiny_features.toml "
@@ -45,22 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    data = Path(args.shared) / "data"
-    clip_bpe, tags_db = data / "clip_bpe_simple_vocab_16e6.txt.gz", data / "danbooru_tags.csv"
-    for path in (clip_bpe, tags_db):
-        if not path.is_file():
-            logger.error("%s: reference data not found (pass --shared the folder holding data/)", path)
-            return 2
     out = Path(args.out).resolve()
 
-    from train.cli import main as cli
     from train.loop import TrainingStopped, train
     from train.model.tiny import build_tiny_model
 
-    tiny = build_tiny_model(out / "tiny_model", clip_bpe)
+    tiny = build_tiny_model(out / "tiny_model")
     prep_dir = out / "sample_prep"
-    status = cli(["prep", str(REPO / "datasets" / "sample.toml"), "-o", str(prep_dir),
-                  "--tags-db", str(tags_db), "--clip-bpe", str(clip_bpe), "--workers", "1"])
+    status = prep_sample(prep_dir)
     if status:
         logger.error("prep failed (exit %d)", status)
         return status

@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", type=bounded_float(0.0, MAX_CFG), default=CARD_CFG)
     parser.add_argument("--negative", default=CARD_NEGATIVE, help="negative prompt (default: the card's)")
     parser.add_argument("--no-reorder", action="store_true", help="encode prompts exactly as given")
-    parser.add_argument("--tags-db", help="tag database for re-ordering (default: the captioning step's)")
+    parser.add_argument("--tags-db", help="tag database for re-ordering (default: the shipped one, as caption uses)")
     parser.add_argument("--dataset", type=Path, help="prepped dataset: its most frequent caption head gives the "
                         "order of the trained character's tags (unknown to the tag database)")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=4)

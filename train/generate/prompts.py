@@ -117,19 +117,17 @@ class PromptOrderer:
     @classmethod
     def load(cls, tag_db: str | None = None, profile: str = "animagine-xl-4.0",
              head_order: Sequence[str] = ()) -> PromptOrderer:
-        """A captioner with the given tag database (default: the captioning step's download).
+        """A captioner with the given tag database (default: the one shipped with `captioning`;
+        a WD selected_tags.csv adds to it).
 
         `head_order`: the training captions' head (e.g. the dataset's most frequent one). A new
         character's tag is unknown to any tag database and would land in the body; prompt tags
         listed here go first, in this order, as they did in training.
         """
-        from captioning import Captioner, TagDatabase, load_profile
+        from captioning import Captioner, load_profile
+        from captioning.tag_db import load_tag_database
 
-        if tag_db is None:
-            from captioning.tag_db import fetch_tag_database
-
-            tag_db = fetch_tag_database()
-        return cls(Captioner(load_profile(profile), TagDatabase.load(tag_db), None), head_order=head_order)
+        return cls(Captioner(load_profile(profile), load_tag_database(tag_db), None), head_order=head_order)
 
     def order(self, prompt: str) -> str:
         """The prompt re-ordered as a training caption, quality tail appended, weights kept (prompt text)."""

@@ -76,9 +76,10 @@ class SampleSettings:
 def resolve_model_source(model: str) -> str:
     """`opt`/`zero` -> their Hub ids; `opt-file` -> the downloaded Opt single file; else as given."""
     if model == "opt-file":
-        from huggingface_hub import hf_hub_download
+        from captioning.hub import hf_download
 
-        return hf_hub_download(OPT_REPO, OPT_FILE)
+        return hf_download(OPT_REPO, OPT_FILE, f"the Opt single file {OPT_REPO}/{OPT_FILE}",
+                           "--model PATH (a .safetensors file or a diffusers folder)")
     return MODEL_ALIASES.get(model, model)
 
 

@@ -87,6 +87,42 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+# What to pass when a Hub model is neither cached nor reachable.
+MODEL_INSTEAD = "--model PATH (a diffusers folder or a .safetensors file; config: model.source)"
+
+
+def _is_hub_id(source: str) -> bool:
+    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
+def _local_only(source: str) -> bool:
+    """Hub downloads are off: a local source, or the Hub is out of reach (checked once, fast)."""
+    from captioning.hub import hub_offline
+
+    return not _is_hub_id(source) or hub_offline()
+
+
+def _offline_error(source: str, error: Exception) -> OSError:
+    from captioning.hub import offline_error
+
+    first = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return offline_error(f"the model {source} ({first})", MODEL_INSTEAD)
+
+
+def shipped_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's two tokenizers from the CLIP vocabulary shipped with `captioning`: both use the
+    same 49,408 tokens and differ only in padding (`<|endoftext|>`, then `!`). Built once into
+    the user cache; no network."""
+    from captioning.tokens import EOS, SHIPPED_CLIP_BPE, build_clip_tokenizer_files, cache_root
+
+    folder = cache_root() / "sdxl-tokenizers"
+    pads = {"tokenizer": EOS, "tokenizer_2": "!"}
+    for name, pad in pads.items():
+        if not (folder / name / "tokenizer.json").is_file():
+            build_clip_tokenizer_files(SHIPPED_CLIP_BPE, folder / name, pad_token=pad)
+    return tuple(CLIPTokenizer.from_pretrained(folder / name) for name in pads)
+
+
 def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """The two CLIP tokenizers from the first candidate holding `tokenizer/` and `tokenizer_2/`.
 
@@ -95,12 +131,15 @@ def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenize
     """
     tried = []
     for candidate in candidates:
+        local_only = _local_only(candidate)
         try:
             return (
-                CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer"),
-                CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer_2"),
+                CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer", local_files_only=local_only),
+                CLIPTokenizer.from_pretrained(candidate, subfolder="tokenizer_2", local_files_only=local_only),
             )
         except (OSError, ValueError) as err:
+            if local_only and _is_hub_id(candidate):
+                raise _offline_error(candidate, err) from None
             tried.append(f"{candidate} ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
     raise OSError(
         "could not load the SDXL tokenizers (tokenizer/ and tokenizer_2/); tried: "
@@ -109,18 +148,26 @@ def _load_tokenizers(candidates: list[str]) -> tuple[CLIPTokenizer, CLIPTokenize
     )
 
 
-def _scheduler_config(source: str) -> dict:
-    return dict(DDPMScheduler.load_config(source, subfolder="scheduler"))
+def _scheduler_config(source: str, local_only: bool = True) -> dict:
+    return dict(DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only))
 
 
 def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype):
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=weight_dtype)
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
-    te1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=weight_dtype)
-    te2 = CLIPTextModelWithProjection.from_pretrained(
-        source, subfolder="text_encoder_2", dtype=weight_dtype
-    )
-    return unet, vae, te1, te2, _scheduler_config(source)
+    local_only = _local_only(source)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=weight_dtype, local_files_only=local_only)
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=vae_dtype, local_files_only=local_only)
+        te1 = CLIPTextModel.from_pretrained(
+            source, subfolder="text_encoder", dtype=weight_dtype, local_files_only=local_only)
+        te2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", dtype=weight_dtype, local_files_only=local_only)
+        return unet, vae, te1, te2, _scheduler_config(source, local_only)
+    except OSError as err:
+        if local_only and _is_hub_id(source):
+            raise _offline_error(source, err) from None
+        raise
 
 
 def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, vae_dtype):
@@ -173,14 +220,17 @@ def load_base_model(
         config_dir: component configs for single-file loading (default: SDXL 1.0 base configs
             shipped in `train/model/sdxl_configs`). Ignored for the other sources.
         tokenizer_dir: folder with `tokenizer/` and `tokenizer_2/`. Default: the source itself
-            (folder or Hub id), or for a single file the Hub's `DEFAULT_MODEL`.
+            (folder or Hub id), or for a single file the ones built from the shipped CLIP
+            vocabulary (`shipped_tokenizers`), so a local file never touches the network.
         weight_dtype: dtype of UNet and text encoders.
         vae_dtype: torch.float32 or torch.bfloat16.
 
     Raises:
         ValueError: a dtype that cannot work.
         FileNotFoundError: a local path that does not exist or a missing component config.
-        OSError: tokenizers or Hub files that could not be loaded (message lists what was tried).
+        OSError: tokenizers or Hub files that could not be loaded (message lists what was tried);
+            `captioning.hub.HubUnreachableError` at once when the Hub is out of reach and the
+            model is not cached (one line naming what to pass).
     """
     _check_dtypes(weight_dtype, vae_dtype)
     source = str(source)
@@ -188,8 +238,9 @@ def load_base_model(
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: single-file checkpoints must be .safetensors")
-        candidates = [tokenizer_dir] if tokenizer_dir else [DEFAULT_MODEL]
-        tokenizers = _load_tokenizers(candidates)
+        # A local file never needs the network: without tokenizer_dir, SDXL's tokenizers come
+        # from the shipped CLIP vocabulary (the same tokens as the Hub model's).
+        tokenizers = _load_tokenizers([tokenizer_dir]) if tokenizer_dir else shipped_tokenizers()
         config = Path(config_dir) if config_dir else SDXL_CONFIGS
         unet, vae, te1, te2, scheduler_config = _load_single_file(
             path, config, tokenizers, weight_dtype, vae_dtype

@@ -12,7 +12,8 @@ The build writes three things under `out_dir`:
 - `tiny_sdxl.safetensors`: the same weights as one SGM-layout checkpoint (like an A1111 model),
 - `configs/`: model_index.json and component configs, for single-file loading offline.
 
-Usage: `python -m train.model.tiny OUT_DIR --clip-bpe ../shared/data/clip_bpe_simple_vocab_16e6.txt.gz`
+Usage: `python -m train.model.tiny OUT_DIR` (the CLIP vocabulary shipped with `captioning`; `--clip-bpe FILE`
+for another copy of the merge list)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from captioning import build_clip_tokenizer_files
+from captioning.tokens import SHIPPED_CLIP_BPE
 from train.model import sgm_keys
 
 logger = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ def _write_build(root: Path, bpe_gz: Path, seed: int) -> None:
     )
 
 
-def build_tiny_model(out_dir: Path, clip_bpe: Path, seed: int = 0) -> TinyModel:
+def build_tiny_model(out_dir: Path, clip_bpe: Path = SHIPPED_CLIP_BPE, seed: int = 0) -> TinyModel:
     """Build (or reuse) the tiny SDXL under `out_dir`; see the module docstring for the layout.
 
     Idempotent: a complete build with the same seed is reused. The build happens in a temporary
@@ -213,7 +215,8 @@ def build_tiny_model(out_dir: Path, clip_bpe: Path, seed: int = 0) -> TinyModel:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the tiny SDXL test model.")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--clip-bpe", type=Path, required=True, help="bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--clip-bpe", type=Path, default=SHIPPED_CLIP_BPE,
+                        help="bpe_simple_vocab_16e6.txt.gz (default: the copy shipped with captioning)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

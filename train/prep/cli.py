@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
     parser.add_argument(
-        "--tags-db", help="tag category database (tagcomplete CSV or selected_tags.csv)"
+        "--tags-db", help="tag database: tagcomplete CSV (replaces the shipped one) or WD selected_tags.csv (added to it)"
     )
     parser.add_argument(
         "--profile", help="caption profile name or TOML path (default animagine-xl-4.0)"

@@ -28,6 +28,8 @@ from captioning import (
     outputs,
 )
 from captioning.images import load_mask
+from captioning.tag_db import load_tag_database
+from captioning.tokens import SHIPPED_CLIP_BPE
 from train.prep import sources as src
 from train.prep.buckets import bucket_set, closest_bucket, place
 from train.prep.dedupe import Deduplicator
@@ -98,12 +100,12 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
         except Exception as error:  # noqa: BLE001 - any failure here means an unusable setting
             raise RecipeError(f"caption.{field_name}: cannot load {value!r}: {error}") from None
 
-    tag_db = checked("tags_db", TagDatabase.load, options.tags_db) if options.tags_db else None
-    counter = None
+    # Default: the database and vocabulary shipped with `captioning` (a WD tag list adds to it).
+    tag_db = checked("tags_db", load_tag_database, options.tags_db)
     if options.tokenizer:
         counter = checked("tokenizer", TokenCounter.from_pretrained, options.tokenizer)
-    elif options.clip_bpe:
-        counter = checked("clip_bpe", TokenCounter.from_bpe, options.clip_bpe)
+    else:
+        counter = checked("clip_bpe", TokenCounter.from_bpe, options.clip_bpe or SHIPPED_CLIP_BPE)
     tagger = None
     if options.tagger:
         from captioning.tagger import WDTagger
@@ -387,6 +389,17 @@ def _build(
             spool.append(builder.row(record, info))
         untagged.clear()
 
+    def keep(record: src.Record, read_path: str, info: ImageInfo) -> None:
+        if record.post is None and tools.tagger is not None:
+            untagged.append((record, read_path, info))
+            if len(untagged) >= run.tagger_batch_size:
+                tag_pending()
+            return
+        spool.append(builder.row(record, info))
+
+    # Folder images (no bytes held) wait here until the end, so that a better exact copy found
+    # later (captioned, more repeats) can still take their place; sha256 -> the copy kept so far.
+    deferred: dict[str, tuple[src.Record, str, ImageInfo]] = {}
     listed = _records(recipe, kinds, out, temp, run, stats)
     results = validate_many(
         listed,
@@ -399,17 +412,21 @@ def _build(
         if isinstance(info, str):
             stats.reject(src.display_path(record.image_path), info)
             continue
-        duplicate = dedupe.check(record.id, info.sha256, info.phash)
+        replaceable = record.image_bytes is None
+        rank = (record.post is not None, record.repeats) if replaceable else None
+        duplicate = dedupe.check(record.id, info.sha256, info.phash, rank)
         if duplicate is not None:
-            stats.duplicates.append((record.id, *duplicate))
+            stats.duplicates.append(tuple(duplicate))
+            if duplicate.kept == record.id:  # this copy replaces the one kept so far
+                deferred[info.sha256] = (record, read_path, info)
             continue
         stats.kept += 1
-        if record.post is None and tools.tagger is not None:
-            untagged.append((record, read_path, info))
-            if len(untagged) >= run.tagger_batch_size:
-                tag_pending()
-            continue
-        spool.append(builder.row(record, info))
+        if replaceable:
+            deferred[info.sha256] = (record, read_path, info)
+        else:
+            keep(record, read_path, info)
+    for kept in deferred.values():
+        keep(*kept)
     if untagged:
         tag_pending()
     spool.close()

@@ -35,8 +35,8 @@ class CaptionOptions(_Strict):
     """How tags become captions (see captioning.Captioner)."""
 
     profile: str = "animagine-xl-4.0"
-    tags_db: str | None = None  # tag category database (tagcomplete CSV or selected_tags.csv)
-    clip_bpe: str | None = None  # CLIP BPE merges .txt.gz for the token budget
+    tags_db: str | None = None  # tag database; default the shipped one (a WD selected_tags.csv adds to it)
+    clip_bpe: str | None = None  # CLIP BPE merges .txt.gz for the token budget; default the shipped one
     tokenizer: str | None = None  # or a tokenizer folder / Hub id
     max_tokens: int = Field(225, ge=1)  # 3 CLIP chunks of 75, as sd-scripts' max_token_length
     tagger: str | None = None  # WD v3 tagger folder or Hub repo, for untagged images

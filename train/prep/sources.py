@@ -115,6 +115,8 @@ def _scan(directory: str) -> tuple[list[os.DirEntry], list[os.DirEntry], list[Re
     except OSError as error:
         return [], [], [Rejected(display_path(directory), f"cannot list folder: {error.strerror}")]
     for entry in entries:
+        if entry.name.startswith("."):  # .thumbnails/, .git/, ._x.png: skipped, as sd-scripts' glob does
+            continue
         if not _is_utf8(entry.name):
             rejected.append(Rejected(display_path(entry.path), "file name is not valid UTF-8"))
             continue
@@ -416,8 +418,8 @@ def listing_fingerprint(paths: list[str]) -> Iterator[str]:
             yield f"{display_path(top)} {st.st_size} {st.st_mtime_ns}"
             continue
         for directory, folders, files in os.walk(top):
-            folders.sort()
-            for name in sorted(files):
+            folders[:] = sorted(f for f in folders if not f.startswith("."))  # as walk_folder skips them
+            for name in sorted(f for f in files if not f.startswith(".")):
                 full = os.path.join(directory, name)
                 try:
                     st = os.stat(full)

@@ -5,7 +5,7 @@ hand: `[train] batch_size`, `gradient_accumulation_steps`, `gradient_checkpointi
 `[optimizer] name`, `[model] quantize`, `[data] cache_text_outputs`. Every preset keeps an
 effective batch of 8 through accumulation, so switching cards does not change the recipe.
 
-What uses memory at 1024², SDXL UNet, attn-mlp r32 (../shared/docs/performance.md):
+What uses memory at 1024², SDXL UNet, attn-mlp r32 (bench/RESULTS.md and the README's Training section):
 - the frozen weights: 4.88 GiB in bf16, about 2.5 in fp8, 1.8 with NF4 linears and fp8 convs;
 - activations: about 1 GiB per image with gradient checkpointing, many times that without;
 - the LoRA: fp32 weights, gradients and AdamW's two moments (8-bit moments with adamw8bit);
