@@ -621,8 +621,9 @@ def _train(config: Config, accelerator: Accelerator, point: ResumePoint | None) 
                 if accelerator.is_main_process:
                     checkpoint.save_best(run_dir, state.step, val_loss, c.export)
         if c.sample_hook is not None and should_sample(state.step, config.sample):
+            # The grid shows the weights that get exported: schedule-free's average, the EMA when on.
             with modules_on(accelerator.device, c.base.vae, c.base.text_encoder, c.base.text_encoder_2), \
-                    eval_weights(c.optimizer, c.params):
+                    eval_weights(c.optimizer, c.params), (c.ema.applied() if c.ema is not None else nullcontext()):
                 grid = c.sample_hook.render_grid(state.step, **_unwrapped(accelerator, c.trained))
             log_image(accelerator.trackers, "samples", grid, state.step)
         if should_save(state.step, config.output.save_every_n_steps, tc.max_steps):
