@@ -1,7 +1,7 @@
 """A clone with nothing beside it: the demo's caption and prep steps run offline.
 
-The repository's code and the sample dataset are copied into an empty temporary folder (no
-`../shared`, no Hugging Face cache, an unreachable Hub) and run from there in a fresh process.
+The repository's code and the sample dataset are copied into an empty temporary folder (no sibling
+`shared` folder, no Hugging Face cache, an unreachable Hub) and run from there in a fresh process.
 """
 
 from __future__ import annotations
