@@ -23,7 +23,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 demo: venv
-	$(BIN)/python -m train.demo
+	$(BIN)/animagine-lora demo
 
 bench: venv
 	$(BIN)/python bench/caption_speed.py

@@ -11,7 +11,7 @@ Two paths train the same frozen weights on the same random batch:
   on CUDA, no compile, plain MSE on epsilon.
 - project: `train.lora.adapters.add_unet_lora`, `train.model.quantize.quantize_frozen_unet` (`model.quantize`),
   `train.runtime.speed.apply_speed_settings` (channels_last, fused LoRA, compile, CUDA graphs),
-  `train.loop.loss_step` and the optimizer table (`train.runtime.optim.build_optimizer`, fused AdamW or
+  `train.loss.loss_step` and the optimizer table (`train.runtime.optim.build_optimizer`, fused AdamW or
   adamw8bit), i.e. what `animagine-lora train` runs per micro-batch (without accelerate's
   wrapper, a no-op on one process). A case's switches default to the config's defaults.
 Both run under bf16 autocast on CUDA, as `mixed_precision = "bf16"` does.
@@ -58,8 +58,8 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from train.data.rows import TrainBatch
-from train.loop import LossSettings, loss_step
 from train.lora.adapters import TARGET_PRESETS, add_unet_lora
+from train.loss import LossSettings, loss_step
 from train.model import tiny
 from train.model.quantize import quantize_frozen_unet
 from train.runtime.memory_presets import MEMORY_PRESETS

@@ -1,15 +1,16 @@
-"""`animagine-lora caption INPUT -o OUTPUT`: rewrite a dataset's tags into Animagine captions.
+"""Captioning a whole dataset: what `animagine-lora caption INPUT -o OUTPUT` runs (`run_job`).
 
 INPUT is a JSON-lines file of Danbooru posts, or a folder of images with sidecars (Danbooru JSON
 `image.jpg.json`/`image.json`, or `image.txt`/`image.caption` tag lists). OUTPUT is JSON lines,
 one object per record in input order, or, for a folder, `.txt` captions in a separate folder.
-Exit status: 0 all records written, 1 some skipped, 2 a fatal problem (any problem with --strict).
+`run_job` returns the exit status: 0 all records written, 1 some skipped, 2 a fatal problem (any
+problem with `strict`). No torch here.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from captioning import jsonio, outputs
 from captioning.captioner import DEFAULT_MAX_TOKENS, Captioner
-from captioning.chunks import FIELDS, ChunkResult, caption_chunks, image_groups, line_ranges
+from captioning.chunks import ChunkResult, caption_chunks, image_groups, line_ranges
 from captioning.outputs import OutputError
 from captioning.post import Post, Problem
 from captioning.profile import DEFAULT_PROFILE, ProfileError, load_profile
@@ -39,55 +40,35 @@ logger = logging.getLogger(__name__)
 WARM_UP_BYTES = 40 * 2**20
 
 
-class CaptionCliError(Exception):
+class CaptionJobError(Exception):
     """A fatal problem (exit status 2), reported as one line."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, help="JSON-lines file of Danbooru posts, or a folder of images with sidecars")
-    parser.add_argument("-o", "--output", type=Path, required=True,
-                        help="output .jsonl file, or a folder for .txt captions (--format txt)")
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="built-in profile name or a .toml file")
-    parser.add_argument("--tags-db", type=Path,
-                        help="tag database CSV: a tagcomplete danbooru.csv replaces the shipped Danbooru "
-                             "database, a WD selected_tags.csv adds its tags to it (default: the shipped one)")
-    parser.add_argument("--tokenizer", help="CLIP tokenizer folder (or a model folder with tokenizer/, or a Hub id)")
-    parser.add_argument("--clip-bpe", type=Path,
-                        help="CLIP BPE merges (bpe_simple_vocab_16e6.txt.gz) to build the tokenizer from "
-                             "(default: the copy shipped with the package)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help="CLIP token budget per caption; body tags are dropped to fit (0: no budget)")
-    parser.add_argument("--percentiles", choices=("table", "dataset"),
-                        help="score cut points: the profile's table, or computed from INPUT per rating")
-    parser.add_argument("--workers", type=int, default=1, help="processes for JSON-lines input (order is kept)")
-    parser.add_argument("--max-messages", type=int, default=100,
-                        help="problems logged one per line before the rest are only counted (0: all)")
-    parser.add_argument("--strict", action="store_true", help="any problem (even a warning) is fatal: exit 2")
-    parser.add_argument("--format", choices=("jsonl", "txt"),
-                        help="jsonl (default), or txt: one caption file per image (folder input only)")
-    parser.add_argument("--txt-style", choices=("caption", "sd-scripts"), default="caption",
-                        help="txt content: the training caption, or `head, ||| body, ||| tail` for "
-                             "sd-scripts' keep_tokens_separator")
-    parser.add_argument("--fields", type=parse_fields,
-                        help=f"comma-separated fields of each JSON line (default: all of {','.join(FIELDS)})")
+@dataclasses.dataclass(frozen=True)
+class CaptionJob:
+    """One `caption` run: the command line's options, typed."""
+
+    input: Path
+    output: Path
+    profile: str = DEFAULT_PROFILE
+    tags_db: Path | None = None
+    tokenizer: str | None = None
+    clip_bpe: Path | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    percentiles: str | None = None  # "table" | "dataset"
+    workers: int = 1
+    max_messages: int = 100
+    strict: bool = False
+    format: str | None = None  # "jsonl" | "txt" (default: from the input and output)
+    txt_style: str = "caption"  # "caption" | "sd-scripts"
+    fields: tuple[str, ...] | None = None
 
 
-def parse_fields(text: str) -> tuple[str, ...]:
-    """`id,caption,...` -> the field names, checked against FIELDS (argparse reports the error)."""
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in FIELDS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown field(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(FIELDS)}")
-    return names
-
-
-def run(args: argparse.Namespace) -> int:
+def run_job(job: CaptionJob) -> int:
     try:
-        with _seekable(args.input) as source:
-            args.input = source
-            return _run(args)
-    except (CaptionCliError, OutputError) as error:
+        with _seekable(job.input) as source:
+            return _run(dataclasses.replace(job, input=source))
+    except (CaptionJobError, OutputError) as error:
         logger.error("%s", error)
         return 2
 
@@ -102,53 +83,53 @@ def _seekable(path: Path) -> Iterator[Path]:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise CaptionCliError(f"{path}: input not found") from None
+        raise CaptionJobError(f"{path}: input not found") from None
     except OSError as error:
-        raise CaptionCliError(f"{path}: cannot read the input: {error.strerror}") from None
+        raise CaptionJobError(f"{path}: cannot read the input: {error.strerror}") from None
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         yield path
         return
     if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)):
-        raise CaptionCliError(f"{path}: not a file, folder or pipe")
+        raise CaptionJobError(f"{path}: not a file, folder or pipe")
     with tempfile.TemporaryDirectory(prefix="animagine-caption-") as folder:
         copy = Path(folder) / "stdin.jsonl"
         try:
             with open(path, "rb") as stream, open(copy, "wb") as out:
                 shutil.copyfileobj(stream, out, 1 << 20)
         except OSError as error:
-            raise CaptionCliError(f"{path}: cannot read the input stream: {error.strerror}") from None
+            raise CaptionJobError(f"{path}: cannot read the input stream: {error.strerror}") from None
         logger.info("%s: not a regular file; read it into a temporary copy first", path)
         yield copy
 
 
-def _run(args: argparse.Namespace) -> int:
-    output_format = args.format or ("txt" if args.input.is_dir() and args.output.suffix != ".jsonl" else "jsonl")
-    if output_format == "txt" and not args.input.is_dir():
-        raise CaptionCliError(f"{args.input}: --format txt needs a folder of images as input")
-    if output_format == "txt" and getattr(args, "fields", None):
-        raise CaptionCliError("--fields selects JSON-lines fields; --txt-style picks the .txt content")
-    _check_output(args.input, args.output, output_format)
-    captioner = build_captioner(args)
+def _run(job: CaptionJob) -> int:
+    output_format = job.format or ("txt" if job.input.is_dir() and job.output.suffix != ".jsonl" else "jsonl")
+    if output_format == "txt" and not job.input.is_dir():
+        raise CaptionJobError(f"{job.input}: --format txt needs a folder of images as input")
+    if output_format == "txt" and job.fields:
+        raise CaptionJobError("--fields selects JSON-lines fields; --txt-style picks the .txt content")
+    _check_output(job.input, job.output, output_format)
+    captioner = build_captioner(job)
     summary = CaptionSummary()
     if captioner.tag_db is not None:
         summary.tag_sources = list(captioner.tag_db.sources)
-    if args.input.is_dir():
-        chunks, source = image_groups(args.input), None
+    if job.input.is_dir():
+        chunks, source = image_groups(job.input), None
     else:
-        if captioner.profile.percentile_source == "dataset" or args.percentiles == "dataset":
-            _fit_percentiles(captioner, args.input)
-        chunks, source = line_ranges(args.input), args.input
-        if args.input.stat().st_size >= WARM_UP_BYTES and captioner.tag_db is not None:
+        if captioner.profile.percentile_source == "dataset" or job.percentiles == "dataset":
+            _fit_percentiles(captioner, job.input)
+        chunks, source = line_ranges(job.input), job.input
+        if job.input.stat().st_size >= WARM_UP_BYTES and captioner.tag_db is not None:
             started = time.perf_counter()
             count = captioner.warm_up()
             logger.info("classified %d database tags in %.1f s before captioning", count, time.perf_counter() - started)
-    results = caption_chunks(chunks, captioner, args.workers, source, getattr(args, "fields", None))
-    outputs = _Accepted(summary, args.strict, args.max_messages).outputs(results)
+    results = caption_chunks(chunks, captioner, job.workers, source, job.fields)
+    outputs = _Accepted(summary, job.strict, job.max_messages).outputs(results)
     try:
         if output_format == "jsonl":
-            _write_jsonl(outputs, args.output, summary)
+            _write_jsonl(outputs, job.output, summary)
         else:
-            _write_txt(outputs, args.output, args.txt_style, summary)
+            _write_txt(outputs, job.output, job.txt_style, summary)
     except _StrictStop as stop:
         logger.error("--strict: %s", stop.problem)
         return 2
@@ -156,32 +137,32 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if summary.skipped_total else 0
 
 
-def build_captioner(args: argparse.Namespace) -> Captioner:
+def build_captioner(job: CaptionJob) -> Captioner:
     """Profile, tag database and token counter from the command line."""
     try:
-        profile = load_profile(args.profile)
+        profile = load_profile(job.profile)
     except ProfileError as error:
-        raise CaptionCliError(str(error)) from None
+        raise CaptionJobError(str(error)) from None
     try:
-        tag_db = _load_tag_db(args.tags_db)
+        tag_db = _load_tag_db(job.tags_db)
     except TagDatabaseError as error:
-        raise CaptionCliError(str(error)) from None
-    if tag_db.problems and args.strict:
-        raise CaptionCliError(f"--strict: {tag_db.problems[0]}")
-    counter = None if args.max_tokens == 0 and not (args.tokenizer or args.clip_bpe) else _token_counter(args)
-    return Captioner(profile, tag_db, counter, args.max_tokens)
+        raise CaptionJobError(str(error)) from None
+    if tag_db.problems and job.strict:
+        raise CaptionJobError(f"--strict: {tag_db.problems[0]}")
+    counter = None if job.max_tokens == 0 and not (job.tokenizer or job.clip_bpe) else _token_counter(job)
+    return Captioner(profile, tag_db, counter, job.max_tokens)
 
 
-def _token_counter(args: argparse.Namespace) -> TokenCounter:
+def _token_counter(job: CaptionJob) -> TokenCounter:
     """--tokenizer, else --clip-bpe, else the CLIP vocabulary shipped with the package."""
     try:
-        if args.tokenizer:
-            return TokenCounter.from_pretrained(args.tokenizer)
-        return _counter_from_bpe(args.clip_bpe or SHIPPED_CLIP_BPE)
+        if job.tokenizer:
+            return TokenCounter.from_pretrained(job.tokenizer)
+        return _counter_from_bpe(job.clip_bpe or SHIPPED_CLIP_BPE)
     except TokenizerOfflineError as error:
-        raise CaptionCliError(str(error)) from None  # already names what to pass
+        raise CaptionJobError(str(error)) from None  # already names what to pass
     except TokenizerError as error:
-        raise CaptionCliError(f"{error}; pass --tokenizer DIR or --clip-bpe "
+        raise CaptionJobError(f"{error}; pass --tokenizer DIR or --clip-bpe "
                               "bpe_simple_vocab_16e6.txt.gz, or leave both out for the shipped "
                               "vocabulary (--max-tokens 0: no budget)") from None
 
@@ -223,11 +204,11 @@ def _check_output(source: Path, output: Path, output_format: str) -> None:
     source, target = source.resolve(), output.resolve()
     if output_format == "jsonl":
         if target == source:
-            raise CaptionCliError(f"{output}: the output would overwrite the input")
+            raise CaptionJobError(f"{output}: the output would overwrite the input")
         outputs.claim_file(output)
         return
     if target == source or source in target.parents:
-        raise CaptionCliError(f"{output}: refusing to write captions into the input folder {source}; "
+        raise CaptionJobError(f"{output}: refusing to write captions into the input folder {source}; "
                               "choose a separate output folder")
     outputs.claim_dir(output)
     if output.is_dir():

@@ -34,7 +34,6 @@ CLIP_MERGES = 49152 - 256 - 2
 CLIP_VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
-DEFAULT_TOKENIZER_REPO = "cagliostrolab/animagine-xl-4.0-zero"
 SHIPPED_CLIP_BPE = Path(__file__).resolve().parent / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
 
 

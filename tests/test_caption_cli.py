@@ -215,8 +215,8 @@ def test_duplicates_across_chunks_and_workers(tmp_path, tag_db_path, clip_bpe_pa
 
 def test_summary_takes_duplicates_back_out(tmp_path, tag_db_path, clip_bpe_path):
     from captioning import Captioner, TagDatabase, TokenCounter, load_profile
+    from captioning.batch import _Accepted
     from captioning.chunks import caption_chunks, line_ranges
-    from captioning.cli import _Accepted
     from captioning.summary import CaptionSummary
 
     source = tmp_path / "dups.jsonl"  # ids 0 1 2 0 1 2: posts 0-2 kept, 3-5 are duplicates

@@ -22,7 +22,7 @@ import captioning, train
 clone = Path.cwd()
 assert Path(captioning.__file__).is_relative_to(clone), captioning.__file__  # not the installed copy
 from train.cli import main
-from train.demo import prep_sample
+from train.cli.demo import prep_sample
 caption = main(["caption", "datasets/sample", "-o", "out/captions.jsonl"])
 prep = prep_sample(clone / "out" / "sample_prep")
 print(json.dumps({"caption": caption, "prep": prep, "torch": "torch" in sys.modules}))

@@ -99,7 +99,7 @@ def test_separator_and_control_characters_in_tags(tmp_path, tag_db_path, capsys)
 
 
 def test_prep_refuses_a_folder_that_only_looks_like_its_output(tmp_path, caplog):
-    from train.prep import cli
+    from train.cli import prep as cli
 
     source = tmp_path / "in"
     source.mkdir()

@@ -1,16 +1,20 @@
 """The train/ package layering: imports point down only (train/__init__.py draws the layers)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 TRAIN = Path(__file__).resolve().parents[1] / "train"
 
-# Higher may import lower; equal ranks may not import each other. `diffusion` is pure math that
-# every layer may use; `prep` stands apart (it uses captioning and libraries only).
+# Higher may import lower; equal ranks may not import each other. Rank -1 is the foundation every
+# layer may use: `names` (shared contracts), `config` (the schema), `diffusion` (pure math),
+# `tensor_files`; `prep` stands apart (it uses captioning, the foundation and libraries only).
 RANK = {"model": 0, "data": 1, "lora": 1, "generate": 2, "evaluate": 3, "runtime": 4, "top": 5,
-        "diffusion": -1, "prep": -1}
+        "names": -1, "config": -1, "diffusion": -1, "tensor_files": -1, "prep": -1}
+
 
 
 def _layer(module: str) -> str | None:
@@ -40,3 +44,11 @@ def test_imports_point_down(path):
         if other is None or other == me or me == "top":
             continue
         assert RANK[other] < RANK[me] or RANK[other] == -1, f"{path.name} ({me}) imports {module} ({other})"
+
+
+def test_config_check_and_the_command_line_load_no_torch():
+    """Validating a config (`train --check`) and starting any command import neither torch nor diffusers."""
+    code = ("import sys, train.names, train.config, train.preflight, train.cli, train.cli.train, train.cli.cache, "
+            "train.cli.caption, train.cli.prep; print(sorted({'torch', 'diffusers', 'datasets'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=TRAIN.parent, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -10,22 +10,23 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from train.config import LoraConfig
 from train.lora.adapters import (
     TARGET_PRESETS,
-    AdapterSpec,
     add_text_encoder_lora,
     add_unet_lora,
     lora_config,
     lora_modules,
     lora_state_dict,
 )
-from train.model.loading import SDXL_CONFIGS, load_base_model
+from train.model.loading import load_base_model
+from train.names import SDXL_CONFIG_DIR
 
 
 def _sdxl_unet_on_meta():
     with init_empty_weights():
         return UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")
+            UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet")
         )
 
 
@@ -46,9 +47,9 @@ def test_preset_layer_counts_on_real_sdxl(preset, expected):
 
 def test_text_encoder_counts_on_real_sdxl():
     with init_empty_weights():
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder"))
         te2 = CLIPTextModelWithProjection(
-            CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2")
+            CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder_2")
         )
         add_text_encoder_lora(te1, rank=4, alpha=1)
         add_text_encoder_lora(te2, rank=4, alpha=1)
@@ -122,20 +123,20 @@ def test_lora_init(init, std):
     torch.manual_seed(0)
     encoder = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, vocab_size=100))
-    add_text_encoder_lora(encoder, rank=8, alpha=8, spec=AdapterSpec(rank=8, alpha=8.0, init=init))
+    add_text_encoder_lora(encoder, rank=8, alpha=8, spec=LoraConfig(rank=8, alpha=8.0, init=init))
     layers = lora_modules(encoder).values()
     a = torch.cat([m.lora_A["default"].weight.flatten() for m in layers])
     assert a.std().item() == pytest.approx(std, rel=0.1)
     assert all(not m.lora_B["default"].weight.any() for m in layers)
 
 
-def test_adapter_spec_refuses_combinations_that_make_no_sense():
-    for spec, message in [
-        (AdapterSpec(type="lokr", rank=4, alpha=4, dora=True), "dora and init apply to type 'lora' only"),
-        (AdapterSpec(type="loha", rank=4, alpha=4, init="gaussian"), "dora and init apply to type 'lora'"),
-        (AdapterSpec(type="loha", rank=4, alpha=4, factor=8), "factor and decompose_both apply to type 'lokr'"),
-        (AdapterSpec(type="lokr", rank=4, alpha=4, tucker=True), "tucker applies to type 'loha' only"),
-        (AdapterSpec(type="lokr", rank=4, alpha=4, factor=1), "factor 1"),
+def test_adapter_settings_refuse_combinations_that_make_no_sense():
+    for settings, message in [
+        ({"type": "lokr", "rank": 4, "alpha": 4, "dora": True}, "dora and init apply to type 'lora' only"),
+        ({"type": "loha", "rank": 4, "alpha": 4, "init": "gaussian"}, "dora and init apply to type 'lora'"),
+        ({"type": "loha", "rank": 4, "alpha": 4, "factor": 8}, "factor and decompose_both apply to type 'lokr'"),
+        ({"type": "lokr", "rank": 4, "alpha": 4, "tucker": True}, "tucker applies to type 'loha' only"),
+        ({"type": "lokr", "rank": 4, "alpha": 4, "factor": 1}, "factor 1"),
     ]:
         with pytest.raises(ValueError, match=message):
-            spec.check()
+            LoraConfig(**settings)

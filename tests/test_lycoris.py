@@ -16,7 +16,8 @@ from peft import LoKrConfig
 from safetensors import safe_open
 from unet_helpers import tiny_lora_unet
 
-from train.lora.adapters import ADAPTER_NAME, AdapterSpec, add_unet_lora, lora_modules
+from train.config import LoraConfig
+from train.lora.adapters import ADAPTER_NAME, add_unet_lora, lora_modules
 from train.lora.convert import convert
 from train.lora.export import (
     kohya_module_name,
@@ -40,7 +41,7 @@ def base_unet():
     return tiny_lora_unet(lora=False)
 
 
-def _randomised(base_unet, spec: AdapterSpec):
+def _randomised(base_unet, spec: LoraConfig):
     """A copy of the tiny UNet with a `spec` adapter on attn-mlp-conv, every adapter tensor random
     (the zero-initialised half would make every delta zero and every comparison trivial)."""
     unet = copy.deepcopy(base_unet)
@@ -72,11 +73,11 @@ def _lycoris_module(module, tensors: dict[str, torch.Tensor], prefix: str):
     "spec, full_w2",
     [
         # rank 6 >= half of every w2 side of MODULES: both halves full matrices, alpha != r.
-        (AdapterSpec(type="lokr", rank=6, alpha=2.0), True),
-        (AdapterSpec(type="lokr", rank=1, alpha=3.0, factor=4), False),
-        (AdapterSpec(type="lokr", rank=1, alpha=0.5, decompose_both=True), False),
-        (AdapterSpec(type="loha", rank=4, alpha=2.0), None),
-        (AdapterSpec(type="loha", rank=2, alpha=1.0, tucker=True), None),
+        (LoraConfig(type="lokr", rank=6, alpha=2.0), True),
+        (LoraConfig(type="lokr", rank=1, alpha=3.0, factor=4), False),
+        (LoraConfig(type="lokr", rank=1, alpha=0.5, decompose_both=True), False),
+        (LoraConfig(type="loha", rank=4, alpha=2.0), None),
+        (LoraConfig(type="loha", rank=2, alpha=1.0, tucker=True), None),
     ],
     ids=["lokr-full", "lokr-factor4", "lokr-decompose-both", "loha", "loha-tucker"],
 )
@@ -100,7 +101,7 @@ def test_exported_deltas_match_the_lycoris_oracle(base_unet, spec, full_w2):
 
 
 def test_file_names_shapes_and_metadata(base_unet, tmp_path):
-    spec = AdapterSpec(type="lokr", rank=4, alpha=2.0, factor=4)
+    spec = LoraConfig(type="lokr", rank=4, alpha=2.0, factor=4)
     unet = _randomised(base_unet, spec)
     args = lycoris_network_args(algo="lokr", rank=4, alpha=2.0, conv=True, factor=4)
     metadata = webui_metadata(rank=4, alpha=2.0, output_name="t", resolution=128, tag_frequency={}, comment="c",
@@ -126,7 +127,7 @@ def test_file_names_shapes_and_metadata(base_unet, tmp_path):
 
 def test_full_matrix_lokr_alpha_is_folded_into_w1(base_unet):
     """Loaders ignore alpha when both halves are full: the file must carry alpha / r in w1."""
-    unet = _randomised(base_unet, AdapterSpec(type="lokr", rank=4, alpha=2.0))
+    unet = _randomised(base_unet, LoraConfig(type="lokr", rank=4, alpha=2.0))
     tensors = kohya_state_dict("unet", unet, dtype=torch.float32)
     layer = lora_modules(unet)[MODULES[0]]
     prefix = kohya_module_name("unet", MODULES[0])
@@ -139,7 +140,7 @@ def test_refuses_tucker_lokr_and_incomplete_loha(base_unet):
     unet.add_adapter(LoKrConfig(r=2, alpha=2, target_modules=["conv1"], use_effective_conv2d=True))
     with pytest.raises(ValueError, match="conv1: Tucker LoKr"):
         kohya_state_dict("unet", unet)
-    unet = _randomised(base_unet, AdapterSpec(type="loha", rank=2, alpha=2.0))
+    unet = _randomised(base_unet, LoraConfig(type="loha", rank=2, alpha=2.0))
     del lora_modules(unet)[MODULES[0]].hada_w2_b[ADAPTER_NAME]
     with pytest.raises(ValueError, match="to_q: LoHa module lacks hada_w2_b"):
         kohya_state_dict("unet", unet)
@@ -147,7 +148,7 @@ def test_refuses_tucker_lokr_and_incomplete_loha(base_unet):
 
 def test_step_zero_is_the_base_model(base_unet):
     """Both methods start at a zero delta (LoKr: w2 = 0, LyCORIS' init; LoHa: w2_b = 0)."""
-    for spec in (AdapterSpec(type="lokr", rank=4, alpha=4.0), AdapterSpec(type="loha", rank=4, alpha=4.0)):
+    for spec in (LoraConfig(type="lokr", rank=4, alpha=4.0), LoraConfig(type="loha", rank=4, alpha=4.0)):
         unet = copy.deepcopy(base_unet)
         add_unet_lora(unet, preset="attn-mlp-conv", rank=4, alpha=4.0, spec=spec)
         layers = lora_modules(unet)
@@ -160,7 +161,7 @@ def test_step_zero_is_the_base_model(base_unet):
 def test_convert_lokr_file_to_diffusers_reloads_the_same_deltas(base_unet, tmp_path):
     """Rank 6 on the tiny UNet mixes full-matrix modules (alpha folded) with factorised ones (the
     up-block convs, 128 channels in; alpha baked on conversion), Linear and conv."""
-    spec = AdapterSpec(type="lokr", rank=6, alpha=2.0)
+    spec = LoraConfig(type="lokr", rank=6, alpha=2.0)
     unet = _randomised(base_unet, spec)
     metadata = webui_metadata(rank=spec.rank, alpha=spec.alpha, output_name="t", resolution=128, tag_frequency={},
                               comment="c", network_args=lycoris_network_args(algo="lokr", rank=spec.rank,
@@ -178,7 +179,7 @@ def test_convert_lokr_file_to_diffusers_reloads_the_same_deltas(base_unet, tmp_p
 
 
 def test_convert_refuses_loha_with_the_reason(base_unet, tmp_path):
-    unet = _randomised(base_unet, AdapterSpec(type="loha", rank=2, alpha=2.0))
+    unet = _randomised(base_unet, LoraConfig(type="loha", rank=2, alpha=2.0))
     metadata = webui_metadata(rank=2, alpha=2.0, output_name="t", resolution=128, tag_frequency={}, comment="c",
                               network_args=lycoris_network_args(algo="loha", rank=2, alpha=2.0, conv=True))
     save_webui_lora(tmp_path / "loha.safetensors", unet=unet, metadata=metadata)

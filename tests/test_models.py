@@ -11,15 +11,16 @@ from accelerate import init_empty_weights
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
-from train.model.loading import SDXL_CONFIGS, load_base_model, vae_fingerprint
+from train.model.loading import load_base_model, vae_fingerprint
 from train.model.tiny import build_tiny_model
+from train.names import SDXL_CONFIG_DIR
 
 
 def test_shipped_unet_config_is_sdxl_base():
     """The UNet config instantiates to SDXL 1.0 base's exact parameter count."""
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")
+            UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet")
         )
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
 

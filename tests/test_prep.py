@@ -193,7 +193,7 @@ def test_the_captioned_copy_wins_and_hidden_entries_are_skipped(tmp_path):
 
 
 def test_folder_without_images(tmp_path, capsys):
-    from train.prep import cli
+    from train.cli import prep as cli
 
     (tmp_path / "empty").mkdir()
     parser = __import__("argparse").ArgumentParser()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.prep import cli
+from train.cli import prep as cli
 from train.prep.recipe import RecipeError, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]

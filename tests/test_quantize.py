@@ -28,8 +28,8 @@ from torch import nn
 from unet_helpers import ALPHAS_CUMPROD, SETTINGS, fixed_batch, fixed_text, tiny_lora_unet
 
 from train.data.rows import TrainBatch
-from train.loop import loss_step
 from train.lora.adapters import add_unet_lora, lora_modules, lora_state_dict
+from train.loss import loss_step
 from train.model import tiny
 from train.model.quantize import (
     QUANTIZE_MODES,
@@ -54,7 +54,7 @@ def _quantized(base: nn.Module, mode: str, compute_dtype=torch.bfloat16):
 
 
 def _loss(unet, batch: TrainBatch, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """train.loop.loss_step, under bf16 autocast when the model computes in bf16."""
+    """train.loss.loss_step, under bf16 autocast when the model computes in bf16."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         return loss_step(
             unet,

@@ -24,8 +24,7 @@ import torch
 from accelerate.state import AcceleratorState
 from train_helpers import REPO, make_dataset, write_config
 
-from train.__main__ import main as train_main
-from train.cache_cli import main as cache_main
+from train.cli import main as cli_main
 from train.runtime import checkpoint
 from train.runtime.run_dir import LOCK_NAME, RunDirError, RunLock, refuse_or_move_previous_run
 from train.runtime.state_files import StateFileError, read_state, write_state
@@ -65,7 +64,7 @@ def refused(caplog, argv: list[str], *inputs: Path) -> str:
     caplog.clear()
     try:
         with caplog.at_level(logging.INFO):
-            code = train_main(argv)
+            code = cli_main(["train", *argv])
     finally:  # the in-process Accelerator's singleton state must not leak into other tests
         AcceleratorState._reset_state(reset_partial_state=True)
     assert code == 2, caplog.text
@@ -271,7 +270,7 @@ def test_cache_after_an_image_was_deleted(tiny_model, caplog, tmp_path):
     before = snapshot(config, prep / "dataset", prep / "images")
     try:
         with caplog.at_level(logging.INFO):
-            assert cache_main([str(config)]) == 2
+            assert cli_main(["cache", str(config)]) == 2
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert f"{prep / 'images' / 'b.png'} (dataset row 'b.png'): cannot read image" in caplog.text

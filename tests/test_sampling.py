@@ -12,16 +12,15 @@ from kdiff_reference import load_k_diffusion
 from safetensors.torch import load_file, save_file
 from sample_eval_helpers import HEAD, lora_model, write_lora
 
-from train.data.text_encoding import chunk_tokens, encode_prompts
+from train.config import SampleConfig
+from train.data.text_encoding import chunk_tokens, encode_prompts, text_encoder_fn
 from train.generate.emphasis import escape
-from train.generate.hook import SampleConfig, TrainingSampler, share_components
+from train.generate.hook import SampleGrids, sample_settings, share_components
 from train.generate.prompt_encoding import encode_weighted_prompts
 from train.generate.prompts import (
-    CARD_NEGATIVE,
     QUALITY_TAIL,
     PromptOrderer,
     default_prompts,
-    parse_size,
     prepare_prompt,
     split_tags,
 )
@@ -35,8 +34,8 @@ from train.generate.sampling import (
     sample_latents_batch,
     unload_lora,
 )
-from train.loop import build_text_encoder_fn
 from train.model.loading import load_base_model
+from train.names import CARD_NEGATIVE, parse_size
 
 PROMPT = "1girl, herta \\(honkai: star rail\\), honkai: star rail, safe, smile"  # prompt text: escaped
 LITERAL = "1girl, herta (honkai: star rail), honkai: star rail, safe, smile"  # what the encoder reads
@@ -121,7 +120,7 @@ def test_emphasis_weights_token_embeddings_as_comfyui_and_training_text_stays_li
     torch.testing.assert_close(weighted, expected)
 
     # The training loop's encoder reads emphasis syntax as literal characters.
-    encode = build_text_encoder_fn(tiny_model_base(pipe), max_chunks=3, train_text_encoder=False,
+    encode = text_encoder_fn(tiny_model_base(pipe), max_chunks=3, train_text_encoder=False,
                                    cached_captions=None, device=torch.device("cpu"))
     training, _ = encode(["1girl, (smile:1.5)"])
     literal, _ = encode_weighted_prompts([escape("1girl, (smile:1.5)")], tokenizers, encoders)
@@ -129,7 +128,7 @@ def test_emphasis_weights_token_embeddings_as_comfyui_and_training_text_stays_li
 
 
 def tiny_model_base(pipe):
-    """The attributes `build_text_encoder_fn` reads, from the pipeline's components."""
+    """The attributes `text_encoder_fn` reads, from the pipeline's components."""
     from types import SimpleNamespace
 
     return SimpleNamespace(tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, text_encoder=pipe.text_encoder,
@@ -197,7 +196,7 @@ def test_sizes_and_default_prompts():
 def test_sample_config_rejects_unknown_keys():
     with pytest.raises(ValueError, match="every_n_step"):
         SampleConfig(every_n_step=10)
-    assert SampleConfig(size="64x64").settings().width == 64
+    assert sample_settings(SampleConfig(size="64x64")).width == 64
 
 
 def test_lora_file_problems_are_named(pipe, tiny_model, lora_file, tmp_path):
@@ -226,7 +225,7 @@ def test_training_hook_on_opt_model_matches_training_model(tiny_model, tmp_path)
     train_model = lora_model(tiny_model, seed=2)  # UNet LoRA only: VAE and text encoders shareable
     config = SampleConfig(every_n_steps=5, prompts=[PROMPT], seeds=[1], size="64x64", steps=2,
                           sample_model="opt", opt_model=str(tiny_model.diffusers_dir))
-    sampler = TrainingSampler(config, train_model=train_model, out_dir=tmp_path, weight_dtype=torch.float32)
+    sampler = SampleGrids(config, train_model=train_model, out_dir=tmp_path, weight_dtype=torch.float32)
     on_opt = sampler.render_grid(5, unet=train_model.unet)
     assert (tmp_path / "samples" / "step-000005.png").is_file()
     opt_pipe = sampler._opt_pipe
@@ -234,7 +233,7 @@ def test_training_hook_on_opt_model_matches_training_model(tiny_model, tmp_path)
     assert opt_pipe.unet is not train_model.unet
     assert not any(opt_pipe.get_list_adapters().values())  # the step's LoRA was removed again
 
-    on_train = TrainingSampler(config.model_copy(update={"sample_model": "train"}), train_model=train_model,
+    on_train = SampleGrids(config.model_copy(update={"sample_model": "train"}), train_model=train_model,
                                out_dir=tmp_path / "t").render_grid(5, unet=train_model.unet)
     # Same base weights here, so "opt" (exported file) and "train" (PEFT in place) agree.
     assert np.abs(np.asarray(on_opt, np.int16) - np.asarray(on_train, np.int16)).max() <= 2
@@ -278,7 +277,7 @@ def test_training_hook_offloads_the_opt_model_on_cuda(tiny_model, tmp_path):
         getattr(train_model, name).to("cuda")
     config = SampleConfig(every_n_steps=1, prompts=[PROMPT], seeds=[1], size="64x64", steps=2,
                           opt_model=str(tiny_model.diffusers_dir))
-    sampler = TrainingSampler(config, train_model=train_model, out_dir=tmp_path, device="cuda",
+    sampler = SampleGrids(config, train_model=train_model, out_dir=tmp_path, device="cuda",
                               weight_dtype=torch.float32)
     grid = sampler.render_grid(1, unet=train_model.unet)
     assert grid.size == (64, 80)

@@ -26,8 +26,8 @@ from unet_helpers import (
 )
 
 from train.config import ConfigError, parse_config
-from train.loop import LossSettings, loss_step
 from train.lora.adapters import lora_modules
+from train.loss import LossSettings, loss_step
 from train.runtime.speed import SpeedSettings, apply_speed_settings, ensure_sdpa
 
 slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="torch.compile on CPU: set RUN_SLOW=1")

@@ -104,7 +104,7 @@ def test_bad_model_folder(tmp_path):
 
 
 def test_tag_cli_writes_sidecars_outside_input(tagger_dir, tmp_path):
-    from captioning import tagger_cli
+    from train.cli import tag as tagger_cli
 
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)

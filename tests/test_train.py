@@ -70,7 +70,7 @@ def test_resume_after_sigkill_is_bitwise_exact(uninterrupted, tiny_model, datase
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
                           run_dir=tmp_path / "run")
     process = popen(train_command(config))
-    first = tmp_path / "run" / "checkpoint-000002" / checkpoint.COMPLETE_MARKER
+    first = tmp_path / "run" / "checkpoint-000002" / checkpoint.CHECKPOINT_COMPLETE
     deadline = time.monotonic() + 150
     while not first.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -7,8 +7,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from train.data.rows import TrainBatch
-from train.loop import LossSettings, loss_step
 from train.lora.adapters import add_unet_lora, lora_modules
+from train.loss import LossSettings, loss_step
 from train.model import tiny
 
 SETTINGS = LossSettings("epsilon", 0.0, None, 0, 1000)
@@ -60,7 +60,7 @@ def fixed_text(captions):
 
 def loss_and_grads(unet, model_dtype: torch.dtype = torch.float32
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`train.loop.loss_step` on the fixed batch, then backward: (loss, LoRA gradients by name)."""
+    """`train.loss.loss_step` on the fixed batch, then backward: (loss, LoRA gradients by name)."""
     loss = loss_step(unet, fixed_batch(), fixed_text, SETTINGS, ALPHAS_CUMPROD, torch.Generator().manual_seed(4),
                      torch.device("cpu"), model_dtype)
     loss.backward()

@@ -4,15 +4,18 @@ The flow, one subpackage per stage (the README draws it the same way)::
 
     prep/ ──► data/ ──► loop.py ──► lora/ ──► generate/ ──► evaluate/
     raw images   rows, latents,   the recipe:   adapters,    samples on    validation loss,
-    → dataset    bucket batches,  builders +    WebUI and    Opt at the    grids, tag fidelity,
-                 text encoding    one loop      diffusers    card's        the best checkpoint
+    → dataset    bucket batches,  setup + one   WebUI and    Opt at the    grids, tag fidelity,
+                 text encoding    loop          diffusers    card's        the best checkpoint
                                                 files        settings
                           model/: loading, SGM keys, the tiny SDXL, the quantized base
 
-On top sit the command line (`cli.py`, `__main__.py`, `cache_cli.py`, `demo.py`), the config
-schema (`config.py`), the loop (`loop.py`) and what the loop runs with (`runtime/`: optimizers,
-checkpoints, tracking, speed switches, memory presets). Imports point down only: the top, then
-`generate/` and `evaluate/`, then `lora/` and `data/`, then `model/`. `diffusion.py` is pure
-math that imports nothing from `train`, so every layer may use it; `prep/` uses only
-`captioning` and libraries.
+On top sit the command line (`cli/`, one module per subcommand; `python -m train` is `train`), the
+recipe (`loop.py`, with the loss of a micro-batch in `loss.py`), the `--check` preflight
+(`preflight.py`) and what the loop runs with (`runtime/`: optimizers, checkpoints, tracking, speed
+switches, memory presets). Imports point down only: the top, then `generate/` and `evaluate/`,
+then `lora/` and `data/`, then `model/`. Below everything, importable from every layer: `names.py`
+(the contracts every layer shares: repository ids, sampler names, dataset columns, checkpoint
+names; no imports), `config.py` (the config schema; pydantic and `names` only), `diffusion.py`
+(pure math) and `tensor_files.py` (safetensors written atomically). `prep/` uses only
+`captioning`, those and libraries.
 """

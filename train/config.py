@@ -5,6 +5,9 @@
 path and a "did you mean" (difflib). Relative paths are resolved against the TOML file's folder,
 so a config works from any working directory. Builders receive the fields they need, never the
 whole tree (see `train.loop`).
+
+A leaf: it imports pydantic and `train.names` only, so validating a config (`train CONFIG --check`)
+loads neither torch nor diffusers.
 """
 
 from __future__ import annotations
@@ -16,10 +19,19 @@ from typing import Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from train.evaluate.validation import DEFAULT_TIMESTEPS
-from train.generate.hook import SampleConfig
-
-DTYPES = ("bf16", "fp16", "fp32")
+from train.names import (
+    CARD_CFG,
+    CARD_NEGATIVE,
+    CARD_STEPS,
+    DTYPE_NAMES,
+    NOISE_DEVICES,
+    SAMPLER_CHOICES,
+    SCHEDULERS,
+    VALIDATION_TIMESTEPS,
+    ZERO_REPO,
+    looks_like_path,
+    parse_size,
+)
 
 
 class ConfigError(ValueError):
@@ -31,10 +43,10 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    source: str = "cagliostrolab/animagine-xl-4.0-zero"  # Hub id, diffusers folder or .safetensors
+    source: str = ZERO_REPO  # Hub id, diffusers folder or .safetensors
     config_dir: str | None = None  # component configs for a single-file source (default: shipped)
     tokenizer_dir: str | None = None  # folder with tokenizer/ and tokenizer_2/
-    weight_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    weight_dtype: Literal[DTYPE_NAMES] = "bf16"
     vae_dtype: Literal["bf16", "fp32"] = "fp32"  # never fp16: the SDXL VAE overflows
     # Frozen UNet weights stored compressed (train.model.quantize): "fp8" (Linear and Conv2d in
     # float8 with per-channel scales, about half of bf16) or "nf4" (bitsandbytes 4-bit Linear,
@@ -74,16 +86,17 @@ class LoraConfig(_Section):
     text_encoder_lr: float | None = Field(None, gt=0)  # default: optimizer.lr
 
     @model_validator(mode="after")
-    def _adapter_settings(self) -> LoraConfig:
-        self.adapter_spec().check()  # a ValueError naming the setting that makes no sense for the type
+    def _settings_fit_the_type(self) -> LoraConfig:
+        """Each setting belongs to one adapter type: `factor` to LoKr, `tucker` to LoHa, ..."""
+        if self.type != "lora" and (self.dora or self.init != "kaiming"):
+            raise ValueError(f"dora and init apply to type 'lora' only, not {self.type!r}")
+        if self.type != "lokr" and (self.factor != -1 or self.decompose_both):
+            raise ValueError(f"factor and decompose_both apply to type 'lokr' only, not {self.type!r}")
+        if self.type != "loha" and self.tucker:
+            raise ValueError(f"tucker applies to type 'loha' only, not {self.type!r}")
+        if self.factor != -1 and self.factor < 2:
+            raise ValueError(f"LoKr factor {self.factor}: -1 (automatic) or >= 2")
         return self
-
-    def adapter_spec(self):
-        """The `train.lora.adapters.AdapterSpec` these settings describe."""
-        from train.lora.adapters import AdapterSpec
-
-        return AdapterSpec(rank=self.rank, alpha=self.alpha, type=self.type, dora=self.dora, init=self.init,
-                           factor=self.factor, decompose_both=self.decompose_both, tucker=self.tucker)
 
 
 class OptimizerConfig(_Section):
@@ -162,13 +175,40 @@ class ValidationConfig(_Section):
     """Validation loss during training: the `eval` command's fixed-noise loss on the `val` rows."""
 
     every_n_steps: int = Field(0, ge=0)  # 0: off
-    timesteps: list[int] = Field(list(DEFAULT_TIMESTEPS), min_length=1)  # each val image at each of these
+    timesteps: list[int] = Field(list(VALIDATION_TIMESTEPS), min_length=1)  # each val image at each of these
     seed: int = 0  # noise of val image i comes from seed + i
 
     @model_validator(mode="after")
     def _timesteps_in_range(self) -> ValidationConfig:
         if any(not 0 <= t < 1000 for t in self.timesteps):
             raise ValueError("timesteps must be in [0, 1000)")
+        return self
+
+
+class SampleConfig(_Section):
+    """Sample grids during training (`train.generate.hook`), at the model card's settings."""
+
+    every_n_steps: int = Field(0, ge=0)  # 0 turns sampling off
+    prompts: list[str] = []  # prompt text ((tag:1.2), escaped \\( \\)); empty: the dataset's most frequent heads
+    num_default_prompts: int = Field(2, ge=1)
+    seeds: list[int] = [0, 1]
+    size: str = "square"  # WIDTHxHEIGHT or portrait | landscape | square
+    steps: int = Field(CARD_STEPS, ge=1)
+    cfg: float = Field(CARD_CFG, ge=0)
+    negative: str = CARD_NEGATIVE
+    strength: float = 1.0
+    batch_size: int = Field(4, ge=1)
+    sampler: Literal[SAMPLER_CHOICES] = "euler_ancestral"
+    scheduler: Literal[SCHEDULERS] = "normal"
+    noise_device: Literal[NOISE_DEVICES] = "gpu"  # ancestral noise: the sampling device or the CPU
+    sample_model: Literal["opt", "train"] = "opt"  # the Opt model with the LoRA loaded, or the training model
+    opt_model: str = "opt"  # 'opt', 'zero', a Hub id, a diffusers folder or a .safetensors
+    opt_config_dir: str | None = None
+    opt_tokenizer_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _size_parses(self) -> SampleConfig:
+        parse_size(self.size)  # ValueError: not WxH in multiples of 8, nor an alias
         return self
 
 
@@ -199,6 +239,15 @@ class Config(_Section):
         return self
 
 
+def resume_settings(config: Config) -> dict:
+    """The settings a checkpoint's state depends on: resuming with other values is refused, by key."""
+    lora = config.lora
+    return {"lora.type": lora.type, "lora.preset": lora.preset, "lora.rank": lora.rank, "lora.alpha": lora.alpha,
+            "lora.dora": lora.dora, "lora.factor": lora.factor, "lora.decompose_both": lora.decompose_both,
+            "lora.tucker": lora.tucker, "lora.train_text_encoder": lora.train_text_encoder,
+            "optimizer.name": config.optimizer.name}
+
+
 # Fields holding filesystem paths, resolved against the config file's folder.
 _PATH_FIELDS = {
     "model": ("source", "config_dir", "tokenizer_dir"),
@@ -208,10 +257,6 @@ _PATH_FIELDS = {
 }
 # Fields that may also name a Hub id or an alias ("opt"): resolved only when they look like paths.
 _PATH_OR_NAME = {"source", "opt_model"}
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith(".safetensors")
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
@@ -227,7 +272,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             continue
         for key in keys:
             value = table.get(key)
-            if not isinstance(value, str) or (key in _PATH_OR_NAME and not _looks_like_path(value)):
+            if not isinstance(value, str) or (key in _PATH_OR_NAME and not looks_like_path(value)):
                 continue
             table[key] = str((base / Path(value).expanduser()).resolve())
     return resolved

@@ -1,8 +1,12 @@
-"""The `animagine-lora` command line: one subcommand per stage.
+"""The `animagine-lora` command line: one subcommand per stage, one module per subcommand.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and
-`run(args) -> int`. Modules are imported only when their subcommand runs, so
-`animagine-lora caption` never pays for importing torch.
+Each module here (`caption.py`, `prep.py`, `train.py`, ...) exposes `add_arguments(parser)` and
+`run(args) -> int` (0 done, 1 done with problems, 2 bad input), and nothing else reads `argparse`:
+the library modules take typed arguments. Only the chosen subcommand's module is imported, so
+`animagine-lora caption` never pays for torch. Logging is set up once, in `main`.
+
+`python -m train CONFIG` (what `accelerate launch -m train CONFIG` runs) is `animagine-lora train
+CONFIG`; `accelerate launch -m train.cli COMMAND ...` runs any subcommand on every process (`cache`).
 """
 
 from __future__ import annotations
@@ -15,53 +19,54 @@ import sys
 from captioning.outputs import OutputError
 from captioning.terminal import use_safe_formatter
 
-# name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "caption": ("captioning.cli", "rewrite tags into Animagine tag order"),
-    "tag": ("captioning.tagger_cli", "auto-tag untagged images with a WD v3 tagger"),
-    "prep": ("train.prep.cli", "build a training dataset from raw images, with a report"),
-    "cache": ("train.cache_cli", "encode latents into the dataset's cache"),
-    "train": ("train.__main__", "train a LoRA (same as `accelerate launch -m train CONFIG`)"),
-    "convert": ("train.lora.convert", "convert LoRA files between WebUI and diffusers formats"),
-    "sample": ("train.generate.cli", "generate with a LoRA on Animagine XL 4.0 Opt/Zero at the card's settings"),
-    "eval": ("train.evaluate.cli", "evaluate a run's checkpoints side by side and recommend one"),
+# name -> one-line help; the module is train.cli.<name>.
+COMMANDS: dict[str, str] = {
+    "caption": "rewrite tags into Animagine tag order",
+    "tag": "auto-tag untagged images with a WD v3 tagger",
+    "prep": "build a training dataset from raw images, with a report",
+    "cache": "encode latents into the dataset's cache",
+    "train": "train a LoRA (same as `accelerate launch -m train CONFIG`)",
+    "convert": "convert LoRA files between WebUI and diffusers formats",
+    "sample": "generate with a LoRA on Animagine XL 4.0 Opt/Zero at the card's settings",
+    "eval": "evaluate a run's checkpoints side by side and recommend one",
+    "demo": "the whole path on a tiny SDXL-architecture model, on CPU (what `make demo` runs)",
 }
+logger = logging.getLogger("animagine_lora")
 
 
-def _chosen_subcommand(argv: list[str]) -> str | None:
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines as `LEVEL module: message`, control characters escaped (tags and file names
+    from untrusted files reach these lines)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    use_safe_formatter()
+
+
+def _chosen(argv: list[str]) -> str | None:
     """The first positional argument: the subcommand, if any (options come before it)."""
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    chosen = _chosen_subcommand(argv)
+    chosen = _chosen(argv)
     parser = argparse.ArgumentParser(prog="animagine-lora", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, help_text in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        # Only the chosen subcommand's module is imported to fill in its arguments.
-        if name == chosen:
-            module = importlib.import_module(module_name)
+        if name == chosen:  # only the chosen subcommand's module is imported to fill in its arguments
+            module = importlib.import_module(f"train.cli.{name}")
             module.add_arguments(sub)
-            sub.set_defaults(_run=module.run)
+            sub.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    use_safe_formatter()  # tags and file names from untrusted files reach these lines
+    setup_logging(args.verbose)
     try:
-        return int(args._run(args) or 0)
+        return int(args.run(args) or 0)
     except OutputError as error:  # an output refused or a write failed (disk full): one line
-        logging.getLogger("animagine_lora").error("%s", error)
+        logger.error("%s", error)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""`animagine-lora cache CONFIG.toml | DATASET_DIR`: encode every image's latents ahead of training.
+"""`animagine-lora cache CONFIG.toml | DATASET_DIR [--check]`: encode every image's latents ahead of training.
 
 With a training config, the model, dataset, resolution scale and flip setting come from it; with a
 prep OUT folder, pass `--model` (and optionally `--resolution-scale`, `--flip`). Rows of every
 split are cached (validation rows too). Several GPUs split the work:
-`accelerate launch -m train.cache_cli CONFIG.toml`. Already cached latents are skipped, so it is
+`accelerate launch -m train.cli cache CONFIG.toml`. Already cached latents are skipped, so it is
 safe to rerun; the trainer also caches whatever is missing on start.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution-scale", type=float, default=None, help="as data.resolution_scale (default 1)")
     parser.add_argument("--flip", action="store_true", default=None, help="also cache horizontally flipped latents")
     parser.add_argument("--vae-dtype", choices=["fp32", "bf16"], default=None, help="VAE precision (default fp32)")
+    parser.add_argument("--check", action="store_true", help="say what would be encoded and exit (loads no model)")
 
 
 def _settings(args: argparse.Namespace):
-    """(ModelConfig, dataset dir, scale, flip) from a config file or the options."""
+    """(ModelConfig, dataset dir, scale, flip) from a config file or the options.
+
+    Raises:
+        ConfigError: the config cannot be used.
+        ValueError: a dataset folder without --model.
+    """
     from train.config import ModelConfig, load_config
 
     if args.source.endswith(".toml"):
@@ -47,23 +52,34 @@ def _settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from train.config import ConfigError
-    from train.data.latents import LatentCache, cache_latents
-    from train.data.rows import load_rows
-    from train.loop import build_model
-
     try:
         model, dataset, scale, flip = _settings(args)
-        rows = [row for split in ("train", "val") for row in _split_rows(load_rows, dataset, split)]
-        if not rows:
-            raise ValueError(f"{dataset}: the dataset has no rows")
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except ValueError as err:  # ConfigError is a ValueError
+        logger.error("%s", err)
+        return 2
+    if args.check:
+        from train.preflight import cache_plan
+
+        plan = cache_plan(model, dataset, scale=scale, flip=flip)
+        print(plan.render())
+        return 2 if plan.problems else 0
+    return _cache(model, dataset, scale, flip)
+
+
+def _cache(model, dataset: str, scale: float, flip: bool) -> int:
+    from accelerate import PartialState
+
+    from train.data.latents import LatentCache, cache_latents
+    from train.data.rows import load_rows
+    from train.model.loading import load_model
+
+    try:
+        rows = load_rows(dataset, split=None)  # every split: validation rows are cached too
+    except (FileNotFoundError, ValueError) as err:
         logger.error("%s", err)
         return 2
     state = PartialState()
-    base = build_model(model, state.device)
+    base = load_model(model, state.device)
     cache = LatentCache(dataset, base.vae_fingerprint, base.vae.config.scaling_factor, scale)
     try:
         encoded = cache_latents(rows, base.vae, cache, flip=flip, rank=state.process_index,
@@ -74,23 +90,3 @@ def run(args: argparse.Namespace) -> int:
     state.wait_for_everyone()
     logger.info("process %d encoded %d latents; cache: %s", state.process_index, encoded, cache.root)
     return 0
-
-
-def _split_rows(load_rows, dataset: str, split: str) -> list[dict]:
-    try:
-        return load_rows(dataset, split)
-    except ValueError as err:
-        if "no rows with split" in str(err):
-            return []
-        raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.cache_cli", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

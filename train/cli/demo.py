@@ -1,7 +1,7 @@
-"""The whole path on a fresh machine, on CPU: tiny model, sample dataset prep, training, export.
+"""`animagine-lora demo`: the whole path on a fresh machine, on CPU: tiny model, prep, training, export.
 
-    python -m train.demo          (what `make demo` runs; needs no network and nothing beside the repo)
-    python -m train.demo --config configs/tiny_features.toml   (regularization, masks, validation, EMA on)
+    animagine-lora demo           (what `make demo` runs; needs no network and nothing beside the repo)
+    animagine-lora demo --config configs/tiny_features.toml   (regularization, masks, validation, EMA on)
 
 1. builds the tiny SDXL (`train.model.tiny`) into OUT/tiny_model (reused when already built);
 2. preps `datasets/sample.toml` into OUT/sample_prep (`animagine-lora prep` with the tag database
@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository: datasets/ and configs/ are beside train/
 logger = logging.getLogger(__name__)
 
 
@@ -43,19 +42,19 @@ def prep_sample(prep_dir: Path) -> int:
     return cli(["prep", str(REPO / "datasets" / "sample.toml"), "-o", str(prep_dir), "--workers", "1"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=str(REPO / "out"), help="where everything is written (default out/)")
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.toml",
                         help="the training config (default configs/tiny.toml; configs/tiny_features.toml "
                              "turns on regularization, masked loss, validation and EMA)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.loop import train
+    from train.model.tiny import build_tiny_model
+    from train.runtime.nonfinite import TrainingStopped
 
     out = Path(args.out).resolve()
-
-    from train.loop import TrainingStopped, train
-    from train.model.tiny import build_tiny_model
 
     tiny = build_tiny_model(out / "tiny_model")
     prep_dir = out / "sample_prep"
@@ -83,7 +82,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  checkpoints              {', '.join(p.name for p in sorted(run_dir.glob('checkpoint-*')))}")
     print(f"  metrics                  {run_dir / 'log.jsonl'}  (TensorBoard: {run_dir / 'logs'})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@
     animagine-lora eval a.safetensors b.safetensors --dataset prepped/herta --no-images -o eval/ab
 
 Writes `report.json`, `report.csv`, `index.html`, `plots/`, `grids/`, `comparison.png` in OUT and
-prints the table with the recommended checkpoint. See train.evaluate.compare for the metrics.
+prints the table with the recommended checkpoint. See `train.evaluate.compare` for the metrics.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from train.generate.cli import add_sampler_arguments
-from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, parse_size
+from train.cli.options import add_sampler_arguments
+from train.names import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, VALIDATION_TIMESTEPS, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=Path, help="prepped dataset folder (val rows, training heads)")
     parser.add_argument("--val-folder", type=Path, help="held-out images (+ .txt captions) instead of val rows")
     parser.add_argument("--val-scale", type=float, default=1.0, help="resolution scale of the val images")
-    parser.add_argument("--val-timesteps", type=int, nargs="+", default=None, help="default 100 300 500 700 900")
+    parser.add_argument("--val-timesteps", type=int, nargs="+", default=None, help=f"default {' '.join(map(str, VALIDATION_TIMESTEPS))}")
     parser.add_argument("--val-seed", type=int, default=0)
     parser.add_argument("--prompts", type=Path, help="prompt file, one per line (default: dataset heads)")
     parser.add_argument("--num-prompts", type=int, default=2, help="default prompts taken from the dataset")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-dir", help="component configs for a single-file model")
     parser.add_argument("--tokenizer-dir", help="folder with tokenizer/ and tokenizer_2/")
     parser.add_argument("--size", default="square")
-    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=CARD_STEPS)
     parser.add_argument("--cfg", type=float, default=CARD_CFG)
     parser.add_argument("--negative", default=CARD_NEGATIVE)
     parser.add_argument("--strength", type=float, default=1.0)
@@ -82,7 +82,7 @@ def _prompts(args, heads, problems: list[str]) -> list[str]:
 
 
 def _load(source: str, args, device: str):
-    """A loaded BaseModel and its pipeline (bf16 on CUDA, fp32 on CPU; VAE always fp32)."""
+    """A loaded SdxlComponents and its pipeline (bf16 on CUDA, fp32 on CPU; VAE always fp32)."""
     import torch
 
     from train.generate.sampling import build_pipeline, resolve_model_source
@@ -105,7 +105,7 @@ def _validation(args, model):
     else:
         return None
     return validation.ValidationLoss(validation.encode_items(sources, model.vae), model.noise_scheduler,
-                                     model.prediction_type, args.val_timesteps or validation.DEFAULT_TIMESTEPS,
+                                     model.prediction_type, args.val_timesteps or VALIDATION_TIMESTEPS,
                                      args.val_seed)
 
 

@@ -15,70 +15,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
-from train.generate.prompts import (
-    CARD_CFG,
-    CARD_NEGATIVE,
-    CARD_STEPS,
-    PromptOrderer,
-    parse_size,
-    prepare_prompt,
+from train.cli.options import (
+    MAX_BATCH_SIZE,
+    MAX_CFG,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_STRENGTH,
+    add_sampler_arguments,
+    bounded_float,
+    bounded_int,
 )
+from train.names import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, DIFFUSERS_SAMPLER, parse_size
 
 logger = logging.getLogger(__name__)
-SAMPLERS = ("euler_ancestral", "euler", "dpmpp_2m", "diffusers-euler-a")  # sampling.SAMPLER_NAMES, torch-free
-SCHEDULERS = ("normal", "karras")
-
-
-def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """--sampler, --scheduler, --noise-device (shared by `sample` and `eval`)."""
-    parser.add_argument("--sampler", choices=SAMPLERS, default="euler_ancestral",
-                        help="ComfyUI's sampler names (default euler_ancestral, the card's Euler a); "
-                             "diffusers-euler-a: diffusers' pipeline scheduler instead")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="normal", help="ComfyUI's scheduler (default normal)")
-    parser.add_argument("--noise-device", choices=("gpu", "cpu"), default="gpu",
-                        help="ancestral noise generator: gpu = the sampling device, as ComfyUI (default); "
-                             "cpu = the same images on any machine")
-
-# Bounds for the numbers on the command line: outside them a run only burns time or memory
-# (steps, batch, size) or gives garbage images with exit 0 (a NaN or infinite cfg or strength).
-MAX_STEPS = 1000
-MAX_BATCH_SIZE = 64
-MAX_CFG = 100.0
-MAX_STRENGTH = 10.0  # negative strengths are legitimate (slider LoRAs), so the bound is |s|
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range; WebUI seeds are 0 .. 2**32 - 1
-
-
-def bounded_int(low: int, high: int):
-    """An argparse `type` accepting integers in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
-        return value
-
-    return parse
-
-
-def bounded_float(low: float, high: float):
-    """An argparse `type` accepting finite numbers in [low, high] (no nan, no inf)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite number in {low:g}..{high:g}")
-        return value
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         logger.error("--size: %s", err)
         return 2
+    from train.generate.prompts import PromptOrderer, prepare_prompt
+
     try:
         orderer = None if args.no_reorder else PromptOrderer.load(args.tags_db, head_order=_head_order(args.dataset))
     except (ValueError, OSError) as err:  # tag database or dataset missing, unreadable or not downloadable
@@ -184,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_workflow(args: argparse.Namespace, texts: list[str], settings) -> None:
     """The ComfyUI graph of this run at `args.workflow` (atomic write)."""
-    from train.generate.sampling import DIFFUSERS_SAMPLER, save_text
+    from train.generate.sampling import save_text
     from train.generate.workflow import WorkflowSpec, checkpoint_name, workflow_json
 
     sampler = settings.sampler

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from captioning.images import load_rgb
+from train.tensor_files import save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class LatentCache:
 
     Args:
         dataset_dir: the prep OUT folder (the cache goes into `OUT/latents/`).
-        vae_fingerprint: `BaseModel.vae_fingerprint`.
+        vae_fingerprint: `SdxlComponents.vae_fingerprint`.
         scaling_factor: the VAE config's `scaling_factor`.
         scale: training resolution scale (`data.resolution_scale`).
     """
@@ -148,11 +148,8 @@ class LatentCache:
         return [(row, f) for row, f in share if not self.path(row, f).is_file()]
 
     def store(self, row: dict, flip: bool, latents: torch.Tensor) -> None:
-        path = self.path(row, flip)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, str(temp))
-        os.replace(temp, path)
+        save_tensors(self.path(row, flip), {"latents": latents.detach().to("cpu", torch.float32).contiguous()},
+                     clean=False)
 
 
 @torch.no_grad()

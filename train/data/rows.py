@@ -26,13 +26,7 @@ from torch import Tensor
 
 from train.data.latents import LatentCache, load_latent_mask, row_geometry
 from train.diffusion import compute_time_ids
-
-# Columns the trainer reads from the prepped dataset (notes/contract.md).
-COLUMNS = ("id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height",
-           "resize_width", "resize_height", "crop_left", "crop_top",
-           "caption_head", "caption_body", "caption_tail", "repeats", "source", "split")
-# Columns added later: datasets prepped before them read as None.
-OPTIONAL_COLUMNS = ("mask_path",)  # the file whose alpha (or grey level) is the loss mask
+from train.names import DATASET_DIR, OPTIONAL_TRAINING_COLUMNS, TRAINING_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -70,27 +64,28 @@ class TrainBatch:
     masks: Tensor | None = None  # (B, 1, H/8, W/8) in [0, 1], when the loss is masked
 
 
-def load_rows(dataset_dir: str | Path, split: str = "train") -> list[dict]:
-    """The rows of one split of a prepped dataset (`OUT/dataset`), as plain dicts.
+def load_rows(dataset_dir: str | Path, split: str | None = "train") -> list[dict]:
+    """The rows of one split (None: every split) of a prepped dataset (`OUT/dataset`), as plain dicts.
 
     Raises:
         FileNotFoundError: no dataset at `OUT/dataset`.
-        ValueError: a required column is missing, or the split is empty.
+        ValueError: a required column is missing, or there are no such rows.
     """
     import datasets
 
-    path = Path(dataset_dir) / "dataset"
+    path = Path(dataset_dir) / DATASET_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no prepped dataset here (run `animagine-lora prep ... -o {dataset_dir}`)")
     table = datasets.load_from_disk(str(path))
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in TRAINING_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: dataset lacks columns {missing}")
-    present = [c for c in OPTIONAL_COLUMNS if c in table.column_names]
-    rows = [{**dict.fromkeys(OPTIONAL_COLUMNS), **row}
-            for row in table.select_columns([*COLUMNS, *present]).to_list() if row["split"] == split]
+    present = [c for c in OPTIONAL_TRAINING_COLUMNS if c in table.column_names]
+    rows = [{**dict.fromkeys(OPTIONAL_TRAINING_COLUMNS), **row}
+            for row in table.select_columns([*TRAINING_COLUMNS, *present]).to_list()
+            if split is None or row["split"] == split]
     if not rows:
-        raise ValueError(f"{path}: no rows with split={split!r}")
+        raise ValueError(f"{path}: no rows" + (f" with split={split!r}" if split is not None else ""))
     return rows
 
 

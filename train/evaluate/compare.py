@@ -32,10 +32,10 @@ from train.generate.sampling import (
     save_png,
     unload_lora,
 )
+from train.names import CHECKPOINT_DIR_RE
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 _STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
 METRICS = ("val_loss", "prompt_recall", "character_recall", "negative_rate", "tag_fidelity",
            "clip_image", "clip_text")
@@ -103,7 +103,7 @@ def discover_checkpoints(inputs: Sequence[str | Path]) -> tuple[list[Checkpoint]
     for item in map(Path, inputs):
         if item.is_dir():
             dirs = sorted((int(m.group(1)), p) for p in item.iterdir()
-                          if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir())
+                          if (m := CHECKPOINT_DIR_RE.match(p.name)) and p.is_dir())
             for step, folder in dirs:
                 # With train.ema_decay a checkpoint holds NAME (the EMA, the run's LoRA) and NAME-raw.
                 files = sorted((p for p in folder.rglob("*.safetensors") if is_webui_lora(p)),
@@ -123,7 +123,7 @@ def discover_checkpoints(inputs: Sequence[str | Path]) -> tuple[list[Checkpoint]
             if not dirs and not finals:
                 problems.append(f"{item}: no checkpoint-*/ folders and no WebUI LoRA files in this run folder")
         elif item.is_file():
-            match = CHECKPOINT_DIR.match(item.parent.name)  # a file picked out of a run folder
+            match = CHECKPOINT_DIR_RE.match(item.parent.name)  # a file picked out of a run folder
             if match:
                 found.append(Checkpoint(item.parent.name, int(match.group(1)), item))
             else:

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
+from train.config import ValidationConfig
 from train.data.latents import Geometry, encode, load_pixels, row_geometry
 from train.data.rows import load_rows
 from train.data.text_encoding import encode_prompts
 from train.diffusion import add_noise, compute_time_ids, sample_noise, training_target, weighted_mse
-from train.generate.prompts import CARD_RESOLUTIONS
+from train.names import CARD_RESOLUTIONS, VALIDATION_TIMESTEPS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".avif")
 
 
@@ -107,7 +107,7 @@ class ValidationLoss:
     """Callable giving the mean validation loss of the model in its current LoRA state."""
 
     def __init__(self, items: Sequence[ValItem], noise_scheduler, prediction_type: str,
-                 timesteps: Sequence[int] = DEFAULT_TIMESTEPS, seed: int = 0) -> None:
+                 timesteps: Sequence[int] = VALIDATION_TIMESTEPS, seed: int = 0) -> None:
         if not items:
             raise ValueError("validation loss needs at least one held-out image")
         self.items = list(items)
@@ -141,3 +141,24 @@ class ValidationLoss:
             ).sample  # (T, 4, h, w)
             losses.append(weighted_mse(prediction.float().cpu(), target.float()).item())
         return losses
+
+
+def validation_share(validation: ValidationConfig, dataset: str, *, scale: float, base, rank: int, world_size: int):
+    """The `[validation]` loss during training: this rank's share of it (every `world_size`-th `val`
+    row), its latents encoded now with `base.vae`; None when validation is off or the share is empty.
+
+    Raises:
+        ValueError: validation is on but the dataset has no `val` rows.
+    """
+    if not validation.every_n_steps:
+        return None
+    try:
+        sources = dataset_sources(dataset, scale)
+    except ValueError as err:
+        raise ValueError(f"validation.every_n_steps is set but {err}: give the prep recipe a val_fraction, "
+                         "or set validation.every_n_steps = 0") from None
+    share = sources[rank::world_size]
+    if not share:
+        return None
+    return ValidationLoss(encode_items(share, base.vae), base.noise_scheduler, base.prediction_type,
+                          validation.timesteps, validation.seed)

@@ -2,8 +2,7 @@
 
 `sampling` (pipeline, LoRA loading, generate, grids, PNG output), `comfy_sampling` (ComfyUI's
 KSampler loop over the UNet) and `k_samplers` (its sigmas, schedulers and samplers), `prompts`
-(card settings, prompt order), `emphasis` (the `(tag:1.2)` syntax) and `prompt_encoding` (weighted
-embeddings), `workflow` (the ComfyUI API graph), `hook` (sample grids during training), `cli`
-(the `sample` command). May import `lora/`,
-`data/` and `model/`, never `evaluate/`, `runtime/` or the loop.
+(the card's prompt order and quality tail), `emphasis` (the `(tag:1.2)` syntax) and `prompt_encoding` (weighted
+embeddings), `workflow` (the ComfyUI API graph), `hook` (sample grids during training). May import
+`lora/`, `data/` and `model/`, never `evaluate/`, `runtime/` or the loop.
 """

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from train.diffusion import compute_time_ids
 from train.generate.k_samplers import SAMPLERS, SCHEDULERS, ModelSampling
+from train.names import NOISE_DEVICES
 
-NOISE_DEVICES = ("gpu", "cpu")
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8
 

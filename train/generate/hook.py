@@ -1,7 +1,7 @@
 """Sample grids during training, on the Opt model or on the model being trained.
 
-The training loop builds one `TrainingSampler` and, on the main process, calls
-`sampler.render_grid(step, unet=..., text_encoder=..., text_encoder_2=...)` when
+The training loop builds one `SampleGrids` and, on the main process, calls
+`grids.render_grid(step, unet=..., text_encoder=..., text_encoder_2=...)` when
 `should_sample(step)`; the returned PIL grid also goes to the trackers.
 
 - `sample_model = "train"`: the pipeline wraps the training components themselves (the LoRA is
@@ -23,13 +23,11 @@ import copy
 import logging
 import tempfile
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel as Schema
-from pydantic import ConfigDict, Field
 
-from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, default_prompts, parse_size
+from train.config import SampleConfig
+from train.generate.prompts import default_prompts
 from train.generate.sampling import (
     SampleSettings,
     build_pipeline,
@@ -39,41 +37,19 @@ from train.generate.sampling import (
     unload_lora,
 )
 from train.model.loading import vae_fingerprint
+from train.names import parse_size
 
 logger = logging.getLogger(__name__)
 
 _SHAREABLE = ("vae", "text_encoder", "text_encoder_2")
 
 
-class SampleConfig(Schema):
-    """The `[sample]` table of a training config."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    every_n_steps: int = Field(0, ge=0, description="0 turns sampling off")
-    prompts: list[str] = Field(default_factory=list, description="prompt text ((tag:1.2), escaped \\( \\)); "
-                               "empty: the dataset's most frequent heads")
-    num_default_prompts: int = Field(2, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1])
-    size: str = "square"
-    steps: int = Field(CARD_STEPS, ge=1)
-    cfg: float = Field(CARD_CFG, ge=0)
-    negative: str = CARD_NEGATIVE
-    strength: float = 1.0
-    batch_size: int = Field(4, ge=1)
-    sampler: Literal["euler_ancestral", "euler", "dpmpp_2m", "diffusers-euler-a"] = "euler_ancestral"
-    scheduler: Literal["normal", "karras"] = "normal"
-    noise_device: Literal["gpu", "cpu"] = Field("gpu", description="ancestral noise: the sampling device or the CPU")
-    sample_model: Literal["opt", "train"] = "opt"
-    opt_model: str = Field("opt", description="'opt', 'zero', a Hub id, a diffusers folder or a .safetensors")
-    opt_config_dir: str | None = None
-    opt_tokenizer_dir: str | None = None
-
-    def settings(self) -> SampleSettings:
-        width, height = parse_size(self.size)
-        return SampleSettings(width=width, height=height, steps=self.steps, cfg=self.cfg,
-                              negative=self.negative, seeds=list(self.seeds), batch_size=self.batch_size,
-                              sampler=self.sampler, scheduler=self.scheduler, noise_device=self.noise_device)
+def sample_settings(config: SampleConfig) -> SampleSettings:
+    """The `[sample]` table as the sampler's settings."""
+    width, height = parse_size(config.size)
+    return SampleSettings(width=width, height=height, steps=config.steps, cfg=config.cfg,
+                          negative=config.negative, seeds=list(config.seeds), batch_size=config.batch_size,
+                          sampler=config.sampler, scheduler=config.scheduler, noise_device=config.noise_device)
 
 
 def should_sample(step: int, config: SampleConfig) -> bool:
@@ -88,7 +64,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 def share_components(sample_model, train_model, names: tuple[str, ...] = _SHAREABLE) -> list[str]:
     """Replace `sample_model`'s components `names` by `train_model`'s where the weights are equal.
 
-    Returns the names shared. Both are `train.model.loading.BaseModel`s; a training text encoder that
+    Returns the names shared. Both are `train.model.loading.SdxlComponents`s; a training text encoder that
     carries LoRA layers hashes differently and is therefore never shared.
     """
     shared = []
@@ -104,7 +80,7 @@ def _gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
 
-class TrainingSampler:
+class SampleGrids:
     """Renders the sample grid of a training step and writes it under `out_dir/samples/`."""
 
     def __init__(self, config: SampleConfig, *, train_model, out_dir: str | Path,
@@ -114,7 +90,7 @@ class TrainingSampler:
         self.out_dir = Path(out_dir) / "samples"
         self.device = torch.device(device)
         self.weight_dtype = weight_dtype or train_model.unet.dtype
-        self.settings = config.settings()
+        self.settings = sample_settings(config)
         self.prompts = list(config.prompts) or default_prompts(dataset_heads, config.num_default_prompts)
         if not self.prompts:
             raise ValueError("sample: no prompts configured and the dataset has no caption heads")
@@ -228,7 +204,7 @@ def copy_adapter(pipe, adapter_name: str, trained: dict, strength: float) -> Non
 
 
 class _Components:
-    """A `BaseModel`-shaped view with some modules replaced (for `build_pipeline`)."""
+    """An `SdxlComponents`-shaped view with some modules replaced (for `build_pipeline`)."""
 
     def __init__(self, model, **replacements) -> None:
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "noise_scheduler"):

@@ -1,8 +1,7 @@
-"""Prompts and sizes at the Animagine XL 4.0 model card's settings.
+"""Prompts in the Animagine XL 4.0 model card's form: its tag order and quality tail.
 
-What the card recommends (see docs/animagine_captions.md, "Recommended generation settings"):
-the negative prompt, the quality tail, the resolution table. Prompts given as tags are put in the
-card's order by the captioning step (`Captioner.caption_tags`), the same order the LoRA's training
+The card's numbers (steps, CFG, negative prompt, resolution table) are `train.names`. Prompts
+given as tags are put in the card's order by the captioning step (`Captioner.caption_tags`), the same order the LoRA's training
 captions had, with the quality tail appended.
 
 Prompt text convention: prompts are WebUI/ComfyUI text. `( )` and `[ ]` are emphasis
@@ -21,49 +20,7 @@ from train.generate.emphasis import comfy_text, escape, parse_emphasis
 
 logger = logging.getLogger(__name__)
 
-CARD_NEGATIVE = (
-    "lowres, bad anatomy, bad hands, text, error, missing finger, extra digits, fewer digits, cropped, "
-    "worst quality, low quality, low score, bad score, average score, signature, watermark, username, blurry"
-)
 QUALITY_TAIL = ("masterpiece", "high score", "great score", "absurdres")
-# (width, height), from the model card.
-CARD_RESOLUTIONS = (
-    (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
-    (1344, 768), (768, 1344), (1536, 640), (640, 1536),
-)
-SIZE_ALIASES = {"square": (1024, 1024), "portrait": (832, 1216), "landscape": (1216, 832)}
-CARD_STEPS = 28
-CARD_CFG = 5.0
-
-
-MAX_SIDE = 4096  # 4x SDXL's training side: beyond it memory explodes and images are noise
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """`"832x1216"`, `"portrait"`, `"landscape"` or `"square"` -> (width, height).
-
-    Sizes off the card's table are allowed (tests use 64x64) but logged: the model degrades there.
-
-    Raises:
-        ValueError: not WxH with positive multiples of 8, nor an alias.
-    """
-    key = text.strip().lower()
-    if key in SIZE_ALIASES:
-        return SIZE_ALIASES[key]
-    parts = key.split("x")
-    try:
-        width, height = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(
-            f"size {text!r}: expected WIDTHxHEIGHT (e.g. 832x1216) or one of {sorted(SIZE_ALIASES)}"
-        ) from None
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise ValueError(f"size {text!r}: width and height must be positive multiples of 8 (the VAE's factor)")
-    if max(width, height) > MAX_SIDE:
-        raise ValueError(f"size {text!r}: at most {MAX_SIDE} pixels a side (SDXL is trained near 1024x1024)")
-    if (width, height) not in CARD_RESOLUTIONS:
-        logger.info("size %dx%d is not in the model card's resolution table", width, height)
-    return width, height
 
 
 def weighted_tags(prompt: str) -> list[tuple[str, float]]:

@@ -39,21 +39,22 @@ from tqdm.auto import tqdm
 
 from captioning import outputs
 from train.generate.comfy_sampling import CFGDenoiser, Conditioning, sample_latents
-from train.generate.k_samplers import SAMPLERS, SCHEDULERS, ModelSampling
+from train.generate.k_samplers import ModelSampling
 from train.generate.prompt_encoding import encode_weighted_prompts
-from train.generate.prompts import CARD_CFG, CARD_NEGATIVE, CARD_STEPS
 from train.lora.files import LoraFileError, lora_modules
+from train.names import (
+    CARD_CFG,
+    CARD_NEGATIVE,
+    CARD_STEPS,
+    DIFFUSERS_SAMPLER,
+    MODEL_ALIASES,
+    OPT_FILE,
+    OPT_FILE_ALIAS,
+    OPT_REPO,
+    SAMPLER_CHOICES,
+)
 
 logger = logging.getLogger(__name__)
-
-OPT_REPO = "cagliostrolab/animagine-xl-4.0"
-OPT_FILE = "animagine-xl-4.0-opt.safetensors"
-ZERO_REPO = "cagliostrolab/animagine-xl-4.0-zero"
-# Hub repos whose diffusers folders hold the named model (the 4.0 repo's folders are Opt).
-MODEL_ALIASES = {"opt": OPT_REPO, "zero": ZERO_REPO}
-DIFFUSERS_SAMPLER = "diffusers-euler-a"
-SAMPLER_NAMES = (*SAMPLERS, DIFFUSERS_SAMPLER)
-SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
 @dataclass
@@ -67,15 +68,15 @@ class SampleSettings:
     negative: str = CARD_NEGATIVE
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 4
-    sampler: str = "euler_ancestral"  # SAMPLER_NAMES: ComfyUI's names, or "diffusers-euler-a"
-    scheduler: str = "normal"  # SCHEDULER_NAMES (ComfyUI loop only)
+    sampler: str = "euler_ancestral"  # train.names.SAMPLER_CHOICES: ComfyUI's names, or "diffusers-euler-a"
+    scheduler: str = "normal"  # train.names.SCHEDULERS (ComfyUI loop only)
     noise_device: str = "gpu"  # ancestral noise on the sampling device (ComfyUI) or "cpu"
     timestep_spacing: str = "linspace"  # diffusers-euler-a only
 
 
 def resolve_model_source(model: str) -> str:
     """`opt`/`zero` -> their Hub ids; `opt-file` -> the downloaded Opt single file; else as given."""
-    if model == "opt-file":
+    if model == OPT_FILE_ALIAS:
         from captioning.hub import hf_download
 
         return hf_download(OPT_REPO, OPT_FILE, f"the Opt single file {OPT_REPO}/{OPT_FILE}",
@@ -85,7 +86,7 @@ def resolve_model_source(model: str) -> str:
 
 def build_pipeline(model, *, device: str | torch.device = "cpu",
                    timestep_spacing: str = "linspace") -> StableDiffusionXLPipeline:
-    """A `StableDiffusionXLPipeline` over a loaded `train.model.loading.BaseModel`'s components.
+    """A `StableDiffusionXLPipeline` over a loaded `train.model.loading.SdxlComponents`'s components.
 
     The components are used as they are (no copy): LoRA weights loaded into the pipeline land in
     these modules. The scheduler is Euler Ancestral from the model's own scheduler config.
@@ -224,8 +225,8 @@ def generate(pipe: StableDiffusionXLPipeline, prompts: Sequence[str], settings: 
     Raises:
         ValueError: an unknown sampler, scheduler or noise device.
     """
-    if settings.sampler not in SAMPLER_NAMES:
-        raise ValueError(f"sampler {settings.sampler!r}: expected one of {list(SAMPLER_NAMES)}")
+    if settings.sampler not in SAMPLER_CHOICES:
+        raise ValueError(f"sampler {settings.sampler!r}: expected one of {list(SAMPLER_CHOICES)}")
     embeds = encode(pipe, prompts, settings.negative)
     pairs = [(p, s) for p in range(len(prompts)) for s in range(len(settings.seeds))]
     images: dict[tuple[int, int], Image.Image] = {}

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.generate.emphasis import comfy_text, parse_emphasis
+from train.names import OPT_FILE, OPT_FILE_ALIAS, ZERO_FILE
 
-KNOWN_CHECKPOINTS = {"opt": "animagine-xl-4.0-opt.safetensors", "zero": "animagine-xl-4.0-zero.safetensors"}
+# The single-file names of our `--model` aliases, as users keep them in ComfyUI's models/checkpoints.
+KNOWN_CHECKPOINTS = {"opt": OPT_FILE, OPT_FILE_ALIAS: OPT_FILE, "zero": ZERO_FILE}
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,6 @@ def checkpoint_name(model: str) -> str:
     """The checkpoint file name ComfyUI needs for our `--model` value (a path's or repo's last part)."""
     if model in KNOWN_CHECKPOINTS:
         return KNOWN_CHECKPOINTS[model]
-    if model == "opt-file":
-        return KNOWN_CHECKPOINTS["opt"]
     name = Path(model.rstrip("/")).name
     return name if name.endswith((".safetensors", ".ckpt")) else f"{name}.safetensors"
 

@@ -1,7 +1,8 @@
 """LoRA adapters on the SDXL base and the files they are saved in.
 
 `adapters` (PEFT LoRA/DoRA, LoKr and LoHa on the UNet and text encoders), `fused` (one-addmm
-LoRA forward), `export` (WebUI/ComfyUI kohya or LyCORIS file and diffusers folder), `convert` (the
-`convert` command) with `lycoris_convert` (LoKr file -> diffusers).
+LoRA forward), `export` (WebUI/ComfyUI kohya or LyCORIS file and diffusers folder, a run's exporter), `convert`
+(WebUI <-> diffusers) with `lycoris_convert` (LoKr file -> diffusers), `files` (reading LoRA
+files from elsewhere safely).
 May import `model/`, never `data/`, `generate/`, `evaluate/`, `runtime/` or the loop.
 """

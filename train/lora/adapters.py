@@ -12,7 +12,7 @@ Initialisation (`init`), always with B = 0 so the adapted model equals the base 
 - "gaussian": A ~ normal with std 1/r, PEFT's `init_lora_weights="gaussian"`, as diffusers' training
   scripts use.
 
-LyCORIS methods (`AdapterSpec.type`, the config's `lora.type`), with PEFT's `LoKrConfig` / `LoHaConfig` and LyCORIS's own tensor
+LyCORIS methods (the config's `lora.type`), with PEFT's `LoKrConfig` / `LoHaConfig` and LyCORIS's own tensor
 names (Yeh et al. 2024, "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model
 Evaluation"):
 - "lokr": delta W = (alpha / r) * kron(w1, w2), each side of w1 a factor of the layer's (`factor`,
@@ -31,9 +31,6 @@ Which UNet modules to adapt (the target presets) is described in docs/lora_forma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from diffusers.training_utils import cast_training_params
 from peft import LoHaConfig, LoKrConfig, LoraConfig
@@ -42,7 +39,10 @@ from peft.tuners.loha import LoHaLayer
 from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+from pydantic import ValidationError
 from torch import Tensor, nn
+
+from train.config import LoraConfig as AdapterSettings
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TRANSFORMER_MLP = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
@@ -57,50 +57,11 @@ TARGET_PRESETS: dict[str, list[str]] = {
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 ADAPTER_NAME = "default"
-ADAPTER_TYPES = ("lora", "lokr", "loha")
 INITS = {"kaiming": True, "gaussian": "gaussian"}  # lora.init -> PEFT's init_lora_weights
 AdapterLayer = LoraLayer | LoKrLayer | LoHaLayer
 
 
-@dataclass(frozen=True)
-class AdapterSpec:
-    """Which adapter to build and its settings (the `[lora]` table, less the targets).
-
-    `factor`, `decompose_both` are LoKr's (PEFT `decompose_factor`, `decompose_both`); `tucker`
-    is LoHa's (PEFT `use_effective_conv2d`); `dora` and `init` are plain LoRA's.
-    """
-
-    rank: int
-    alpha: float
-    type: Literal["lora", "lokr", "loha"] = "lora"
-    dora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    factor: int = -1
-    decompose_both: bool = False
-    tucker: bool = False
-
-    def check(self) -> None:
-        """Raises ValueError for values or combinations that make no sense."""
-        if self.type not in ADAPTER_TYPES:
-            raise ValueError(f"adapter type {self.type!r}: choose one of {', '.join(ADAPTER_TYPES)}")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank {self.rank}: must be >= 1")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha {self.alpha}: must be > 0")
-        if self.init not in INITS:
-            raise ValueError(f"LoRA init {self.init!r}: choose one of {', '.join(INITS)}")
-        if self.type != "lora" and (self.dora or self.init != "kaiming"):
-            raise ValueError(f"dora and init apply to type 'lora' only, not {self.type!r}")
-        if self.type != "lokr" and (self.factor != -1 or self.decompose_both):
-            raise ValueError(f"factor and decompose_both apply to type 'lokr' only, not {self.type!r}")
-        if self.type != "loha" and self.tucker:
-            raise ValueError(f"tucker applies to type 'loha' only, not {self.type!r}")
-        if self.factor != -1 and self.factor < 2:
-            raise ValueError(f"LoKr factor {self.factor}: -1 (automatic) or >= 2")
-
-
-def _peft_config(targets: list[str], spec: AdapterSpec) -> PeftConfig:
-    spec.check()
+def _peft_config(targets: list[str], spec: AdapterSettings) -> PeftConfig:
     if spec.type == "lokr":
         # init_weights="lycoris": w2 = 0, w1 random, LyCORIS' own init (PEFT's default zeroes
         # w1 instead). use_effective_conv2d=False: no Tucker `lokr_t2`, which ComfyUI cannot merge.
@@ -122,30 +83,35 @@ def _attach(model: nn.Module, config: PeftConfig) -> PeftConfig:
     return config
 
 
-def add_unet_lora(
-    unet, *, preset: str = "attn-mlp", rank: int, alpha: float, dora: bool = False,
-    spec: AdapterSpec | None = None,
-) -> PeftConfig:
-    """Attach a trainable adapter to the UNet's `preset` modules: a LoRA (or DoRA) from `rank`,
-    `alpha`, `dora`, or whatever `spec` describes (then those three are ignored).
+def _settings(spec: AdapterSettings | None, overrides: dict) -> AdapterSettings:
+    """`spec` (default: the `[lora]` table's defaults) with `overrides` of its keys, validated."""
+    if not overrides:
+        return spec or AdapterSettings()
+    try:
+        return AdapterSettings(**{**(spec.model_dump() if spec else {}), **overrides})
+    except ValidationError as err:  # one line per setting: "LoRA rank 0: Input should be ..."
+        raise ValueError("; ".join(
+            "LoRA " + (f"{'.'.join(map(str, e['loc']))} {e['input']!r}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
+
+
+def add_unet_lora(unet, spec: AdapterSettings | None = None, **overrides) -> PeftConfig:
+    """Attach a trainable adapter to the UNet's `preset` modules, as `spec` (the `[lora]` table)
+    describes, with `overrides` of its keys (`preset`, `rank`, `alpha`, `dora`, `type`, ...).
 
     Returns the PEFT config used (also at `unet.peft_config["default"]`).
 
     Raises:
-        ValueError: unknown preset, or a bad `AdapterSpec` (see `AdapterSpec.check`).
+        ValueError: unknown preset or settings that do not fit together (`train.config.LoraConfig`).
     """
-    if preset not in TARGET_PRESETS:
-        raise ValueError(f"LoRA preset {preset!r}: choose one of {', '.join(TARGET_PRESETS)}")
-    spec = spec or AdapterSpec(rank=rank, alpha=alpha, dora=dora)
-    return _attach(unet, _peft_config(TARGET_PRESETS[preset], spec))
+    spec = _settings(spec, overrides)
+    return _attach(unet, _peft_config(TARGET_PRESETS[spec.preset], spec))
 
 
-def add_text_encoder_lora(
-    text_encoder, *, rank: int, alpha: float, dora: bool = False, spec: AdapterSpec | None = None
-) -> PeftConfig:
-    """Attach a trainable adapter to a CLIP text encoder's attention and MLP projections."""
-    spec = spec or AdapterSpec(rank=rank, alpha=alpha, dora=dora)
-    return _attach(text_encoder, _peft_config(TEXT_ENCODER_TARGETS, spec))
+def add_text_encoder_lora(text_encoder, spec: AdapterSettings | None = None, **overrides) -> PeftConfig:
+    """Attach a trainable adapter to a CLIP text encoder's attention and MLP projections (`spec`
+    and `overrides` as for `add_unet_lora`; the preset does not apply)."""
+    return _attach(text_encoder, _peft_config(TEXT_ENCODER_TARGETS, _settings(spec, overrides)))
 
 
 def adapter_type(config: PeftConfig) -> str:

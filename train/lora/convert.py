@@ -1,4 +1,4 @@
-"""`animagine-lora convert IN OUT`: convert SDXL LoRA files between the WebUI and diffusers formats.
+"""Converting SDXL LoRA files between the WebUI (kohya) and diffusers formats (`animagine-lora convert`).
 
 Reads a kohya/WebUI file (diffusers or original SGM block names, as sd-scripts writes) or a
 diffusers `pytorch_lora_weights.safetensors` (file or its folder), and writes the other format
@@ -6,16 +6,10 @@ diffusers `pytorch_lora_weights.safetensors` (file or its folder), and writes th
 Alpha is carried per module: kohya `.alpha` tensors <-> the PEFT
 config (`lora_alpha`, `alpha_pattern`) diffusers stores as adapter metadata. Where the input does
 not record alpha, loaders assume alpha = r; `--alpha` supplies the training alpha instead.
-
-Examples:
-    animagine-lora convert my_lora.safetensors my_lora_diffusers/            # WebUI -> diffusers
-    animagine-lora convert my_lora_diffusers/ my_lora.safetensors --alpha 8  # diffusers -> WebUI
-    animagine-lora convert sd_scripts.safetensors renamed.safetensors --to webui  # SGM -> diffusers names
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -37,16 +31,15 @@ from train.lora.export import (
     kohya_module_name,
     webui_metadata,
     write_diffusers_file,
-    write_safetensors,
 )
 from train.lora.files import LoraFileError, check_pair, lora_modules, read_header
 from train.lora.lycoris_convert import is_lycoris, lycoris_to_diffusers
-from train.model.loading import SDXL_CONFIGS
+from train.names import SDXL_CONFIG_DIR
+from train.tensor_files import save_tensors
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-DTYPES = {"keep": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -175,7 +168,7 @@ def _read_webui(path: Path, alpha: float | None) -> LoraWeights:
         raise ValueError(f"{path}: DoRA LoRAs (dora_scale) cannot be converted")
     # diffusers reads the config by attribute (`unet_config.layers_per_block`), as on a model.
     unet_config = SimpleNamespace(
-        **json.loads((SDXL_CONFIGS / "unet" / "config.json").read_text("utf-8"))
+        **json.loads((SDXL_CONFIG_DIR / "unet" / "config.json").read_text("utf-8"))
     )
     state, network_alphas = StableDiffusionXLPipeline.lora_state_dict(
         dict(tensors), unet_config=unet_config
@@ -302,7 +295,7 @@ def write_webui(
         }
     )
     check_metadata(metadata)
-    write_safetensors(path, tensors, metadata)
+    save_tensors(path, tensors, metadata)
 
 
 def write_diffusers(lora: LoraFile, out_dir: Path, *, dtype: torch.dtype | None) -> Path:
@@ -332,9 +325,7 @@ def write_diffusers(lora: LoraFile, out_dir: Path, *, dtype: torch.dtype | None)
         layers[f"{component}_lora_adapter_metadata"] = {
             k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
         }
-    return write_diffusers_file(
-        out_dir, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers)
-    )
+    return write_diffusers_file(out_dir, layers)
 
 
 def convert(
@@ -372,39 +363,3 @@ def convert(
     if to == "diffusers":
         return write_diffusers(lora, out_path, dtype=dtype)
     raise ValueError(f"--to {to!r}: choose webui or diffusers")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "input", help="LoRA .safetensors (WebUI or diffusers) or a diffusers LoRA folder"
-    )
-    parser.add_argument("output", help="a .safetensors file (webui) or a folder (diffusers)")
-    parser.add_argument("--to", choices=("webui", "diffusers"), help="default: the other format")
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        help="training alpha for modules whose file does not record one (default: r)",
-    )
-    parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="keep", help="tensor dtype of the output"
-    )
-    parser.add_argument(
-        "--resolution", type=int, default=1024, help="training resolution for WebUI metadata"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        out = convert(
-            args.input,
-            args.output,
-            to=args.to,
-            alpha=args.alpha,
-            dtype=DTYPES[args.dtype],
-            resolution=args.resolution,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        logger.error("%s", err)
-        return 1
-    logger.info("wrote %s", out)
-    return 0

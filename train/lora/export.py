@@ -8,6 +8,9 @@
   the same module names, LyCORIS' tensor names, and `ss_network_module = "lycoris.kohya"`.
 - `save_diffusers_lora`: diffusers' own `pytorch_lora_weights.safetensors`, with the PEFT
   LoraConfig as adapter metadata so a reload keeps alpha.
+- `RunExporter`: what a training run writes at each checkpoint and at its end: both of the above,
+  with the run's metadata (tag frequencies, steps, images), the EMA weights as the run's LoRA when
+  `train.ema_decay` is on, and no WebUI file for DoRA.
 
 Both write to a temporary path beside the target and rename it into place.
 """
@@ -15,17 +18,19 @@ Both write to a temporary path beside the target and rename it into place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from safetensors.torch import save_file
 from torch import Tensor
 
 from captioning import outputs
+from train.config import LoraConfig as AdapterSettings
 from train.lora.adapters import (
     ADAPTER_NAME,
     adapter_type,
@@ -34,6 +39,9 @@ from train.lora.adapters import (
     lora_state_dict,
 )
 from train.model import sgm_keys
+from train.tensor_files import save_tensors
+
+logger = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -284,19 +292,7 @@ def save_webui_lora(
     for component, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is not None:
             tensors.update(kohya_state_dict(component, model, dtype, block_names))
-    write_safetensors(Path(path), tensors, metadata)
-
-
-def write_safetensors(
-    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None
-) -> None:
-    """save_file to a temporary file in the same folder, then rename over `path`.
-
-    Raises:
-        OutputError: `path` cannot be an output (device, folder) or the write failed (disk full).
-    """
-    with outputs.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_tensors(path, tensors, metadata)
 
 
 def peft_metadata(model) -> dict:
@@ -305,8 +301,9 @@ def peft_metadata(model) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def save_diffusers_lora(out_dir, *, unet, text_encoder=None, text_encoder_2=None) -> None:
-    """Write `out_dir/pytorch_lora_weights.safetensors` with each adapter's config as metadata.
+def save_diffusers_lora(out_dir, *, unet, text_encoder=None, text_encoder_2=None) -> Path:
+    """Write `out_dir/pytorch_lora_weights.safetensors` with each adapter's config as metadata;
+    returns its path. A weights file already there (an earlier export) is replaced atomically.
 
     DoRA adapters are written too (PEFT's `lora_magnitude_vector`); diffusers restores them from
     the metadata's `use_dora`.
@@ -319,22 +316,79 @@ def save_diffusers_lora(out_dir, *, unet, text_encoder=None, text_encoder_2=None
         if model is not None:
             layers[f"{name}_lora_layers"] = lora_state_dict(model)
             layers[f"{name}_lora_adapter_metadata"] = peft_metadata(model)
-    write_diffusers_file(
-        Path(out_dir), lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers)
-    )
+    return write_diffusers_file(Path(out_dir), layers)
 
 
-def write_diffusers_file(out_dir: Path, write) -> Path:
-    """Run `write(tmp_dir)` (which writes `pytorch_lora_weights.safetensors`) in a temporary folder
-    inside `out_dir`, then rename the file into `out_dir`; other files there are left alone."""
+def write_diffusers_file(out_dir: Path, layers: dict[str, object]) -> Path:
+    """`StableDiffusionXLPipeline.save_lora_weights(out_dir, **layers)`, written to a temporary file
+    beside `out_dir/pytorch_lora_weights.safetensors` and renamed over it (the umask's mode); other
+    files in `out_dir` are left alone.
+
+    Raises:
+        OutputError: `out_dir` is a file or device, or the write failed (disk full).
+    """
     outputs.claim_dir(out_dir)
-    target = outputs.claim_file(out_dir / DIFFUSERS_WEIGHT_NAME)
-    tmp = outputs.temp_dir(target)
-    try:
-        with outputs.output_errors(target):
-            write(str(tmp))
-            os.chmod(tmp / DIFFUSERS_WEIGHT_NAME, outputs.normal_mode())
-            os.replace(tmp / DIFFUSERS_WEIGHT_NAME, target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target = out_dir / DIFFUSERS_WEIGHT_NAME
+    with outputs.atomic_path(target) as temp:
+        StableDiffusionXLPipeline.save_lora_weights(str(out_dir), weight_name=temp.name, **layers)
+    return target
+
+
+def tag_frequency(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """{source: {tag: count}} over the training captions: sd-scripts' `ss_tag_frequency` layout,
+    which the WebUIs show as the LoRA's trigger words."""
+    counts: dict[str, Counter] = {}
+    for row in rows:
+        tags = [*row["caption_head"], *row["caption_body"], *row["caption_tail"]]
+        counts.setdefault(row["source"] or "dataset", Counter()).update(tags)
+    return {source: dict(counter) for source, counter in counts.items()}
+
+
+class RunExporter:
+    """`exporter(folder, step)`: a training run's LoRA files, written into `folder`.
+
+    `NAME.safetensors` (kohya format; LyCORIS for LoKr / LoHa) and `diffusers/`. With an EMA
+    (`ema`, an object with `decay` and an `applied()` context that swaps the averaged weights in),
+    the averaged weights are the run's LoRA and the raw ones go beside them (`NAME-raw.safetensors`,
+    `diffusers-raw/`). A DoRA run writes the diffusers folder only: the WebUI loaders disagree on
+    DoRA's magnitude axis and diffusers drops it on load.
+
+    Args:
+        modules: returns {"unet": ..., "text_encoder": ..., "text_encoder_2": ...}, the unwrapped
+            modules carrying the adapters (text encoders only when trained).
+        lora: the `[lora]` table.
+        rows: the training rows (tag frequencies, image count).
+        weights: a context in which the weights to export are in place (schedule-free AdamW's average).
+    """
+
+    def __init__(self, modules: Callable[[], dict], lora: AdapterSettings, *, name: str, rows: Sequence[dict],
+                 base_model: str, prediction_type: str, resolution: tuple[int, int], num_reg_images: int = 0,
+                 ema=None, weights: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        self.modules, self.lora, self.name, self.ema, self.weights = modules, lora, name, ema, weights
+        self.metadata = {
+            "rank": lora.rank, "alpha": lora.alpha, "output_name": name, "resolution": resolution,
+            "tag_frequency": tag_frequency(rows), "comment": f"animagine-lora, preset {lora.preset}",
+            "base_model": base_model, "prediction_type": prediction_type, "conv": lora.preset == "attn-mlp-conv",
+            "network_args": None if lora.type == "lora" else lycoris_network_args(
+                algo=lora.type, rank=lora.rank, alpha=lora.alpha, conv=lora.preset == "attn-mlp-conv",
+                factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker)}
+        self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images}
+        if lora.dora:
+            logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
+
+    def __call__(self, folder: str | Path, step: int) -> None:
+        with self.weights():
+            if self.ema is None:
+                self._write(Path(folder), step, "")
+                return
+            self._write(Path(folder), step, "-raw")
+            with self.ema.applied():
+                self._write(Path(folder), step, "")
+
+    def _write(self, folder: Path, step: int, suffix: str) -> None:
+        modules = self.modules()
+        ema = {"ss_ema_decay": self.ema.decay} if self.ema is not None and not suffix else {}
+        metadata = webui_metadata(**self.metadata, extra={"ss_steps": step, **self.counts, **ema})
+        if not self.lora.dora:
+            save_webui_lora(folder / f"{self.name}{suffix}.safetensors", metadata=metadata, **modules)
+        save_diffusers_lora(folder / f"diffusers{suffix}", **modules)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from train.lora.export import kohya_module_name, write_diffusers_file
 from train.model import sgm_keys
-from train.model.loading import SDXL_CONFIGS
+from train.names import SDXL_CONFIG_DIR
 
 LYCORIS_MARKERS = (".lokr_", ".hada_")
 
@@ -38,9 +38,9 @@ def _sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
     """kohya module name (diffusers or SGM blocks) -> (component, module path, module) for every
     Linear and Conv2d of the SDXL UNet and text encoders (built on the meta device: shapes only)."""
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet"))
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIG_DIR / "unet"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIG_DIR / "text_encoder_2"))
     sgm_map = sgm_keys.unet_module_map(dict(unet.config))
     names = {}
     for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
@@ -96,7 +96,7 @@ def lycoris_to_diffusers(source: Path, out_dir: Path, *, dtype: torch.dtype | No
             {f"{path}.{k}": (v.to(dtype) if dtype else v.to(parts[k].dtype)).contiguous() for k, v in baked.items()})
     for component, modules_shapes in shapes.items():
         layers[f"{component}_lora_adapter_metadata"] = _lokr_config(source, modules_shapes)
-    return write_diffusers_file(out_dir, lambda tmp: StableDiffusionXLPipeline.save_lora_weights(tmp, **layers))
+    return write_diffusers_file(out_dir, layers)
 
 
 def _factor_shapes(parts: dict[str, Tensor], base: nn.Module) -> tuple:

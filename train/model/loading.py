@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +30,17 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from train.config import ModelConfig
+from train.names import SDXL_CONFIG_DIR, ZERO_REPO, looks_like_path
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "cagliostrolab/animagine-xl-4.0-zero"
-SDXL_CONFIGS = Path(__file__).resolve().parent / "sdxl_configs"
-_ALLOWED_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# `model.weight_dtype` / `vae_dtype` names (train.names.DTYPE_NAMES) -> torch dtypes.
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
-class BaseModel:
+class SdxlComponents:
     """The frozen components a LoRA is trained on, plus what the training loop needs to know."""
 
     unet: UNet2DConditionModel
@@ -66,7 +69,7 @@ def vae_fingerprint(vae: AutoencoderKL) -> str:
 
 
 def _check_dtypes(weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
-    if weight_dtype not in _ALLOWED_WEIGHT_DTYPES:
+    if weight_dtype not in TORCH_DTYPES.values():
         raise ValueError(
             f"weight_dtype {weight_dtype}: use torch.bfloat16, torch.float16 or torch.float32"
         )
@@ -79,20 +82,12 @@ def _check_dtypes(weight_dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
         raise ValueError(f"vae_dtype {vae_dtype}: use torch.float32 or torch.bfloat16")
 
 
-def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith((".", "/", "~"))
-        or source.endswith((".safetensors", ".ckpt"))
-        or "\\" in source
-    )
-
-
 # What to pass when a Hub model is neither cached nor reachable.
 MODEL_INSTEAD = "--model PATH (a diffusers folder or a .safetensors file; config: model.source)"
 
 
 def _is_hub_id(source: str) -> bool:
-    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+    return not Path(source).expanduser().exists() and not looks_like_path(source)
 
 
 def _local_only(source: str) -> bool:
@@ -206,13 +201,13 @@ def _freeze(*models: torch.nn.Module) -> None:
 
 
 def load_base_model(
-    source: str = DEFAULT_MODEL,
+    source: str = ZERO_REPO,
     *,
     config_dir: str | None = None,
     tokenizer_dir: str | None = None,
     weight_dtype: torch.dtype = torch.bfloat16,
     vae_dtype: torch.dtype = torch.float32,
-) -> BaseModel:
+) -> SdxlComponents:
     """Load a frozen SDXL base model from a Hub id, a diffusers folder or an SGM `.safetensors`.
 
     Args:
@@ -241,11 +236,11 @@ def load_base_model(
         # A local file never needs the network: without tokenizer_dir, SDXL's tokenizers come
         # from the shipped CLIP vocabulary (the same tokens as the Hub model's).
         tokenizers = _load_tokenizers([tokenizer_dir]) if tokenizer_dir else shipped_tokenizers()
-        config = Path(config_dir) if config_dir else SDXL_CONFIGS
+        config = Path(config_dir) if config_dir else SDXL_CONFIG_DIR
         unet, vae, te1, te2, scheduler_config = _load_single_file(
             path, config, tokenizers, weight_dtype, vae_dtype
         )
-    elif path.is_dir() or not _looks_like_path(source):
+    elif path.is_dir() or not looks_like_path(source):
         if path.is_dir() and not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers folder (no unet/ subfolder)")
         tokenizers = _load_tokenizers([tokenizer_dir] if tokenizer_dir else [source])
@@ -256,7 +251,7 @@ def load_base_model(
     prediction_type = scheduler_config.get("prediction_type") or "epsilon"
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     logger.info("loaded %s (prediction_type=%s)", source, prediction_type)
-    return BaseModel(
+    return SdxlComponents(
         unet=unet,
         vae=vae,
         text_encoder=te1,
@@ -267,3 +262,33 @@ def load_base_model(
         prediction_type=prediction_type,
         vae_fingerprint=vae_fingerprint(vae),
     )
+
+
+def load_model(model: ModelConfig, device: torch.device | str) -> SdxlComponents:
+    """The frozen base model of a `[model]` table, on `device` (the VAE too: it encodes uncached latents).
+
+    A UNet to be quantized (`model.quantize`) stays on the CPU: `train.model.quantize.quantize_unet`
+    moves it once compressed, so a small GPU never holds its full-precision weights.
+    """
+    base = load_base_model(model.source, config_dir=model.config_dir, tokenizer_dir=model.tokenizer_dir,
+                           weight_dtype=TORCH_DTYPES[model.weight_dtype], vae_dtype=TORCH_DTYPES[model.vae_dtype])
+    modules = [base.vae, base.text_encoder, base.text_encoder_2]
+    if model.quantize == "none":
+        modules.append(base.unet)
+    for module in modules:
+        module.to(device)
+    return base
+
+
+@contextmanager
+def modules_on(device: torch.device, *modules: torch.nn.Module):
+    """Modules moved to `device` for the block and back where they were (text encoders that
+    cached text outputs sent to the CPU come back for sample grids)."""
+    moved = [(m, home) for m in modules if (home := next(m.parameters()).device).type != device.type]
+    for module, _ in moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in moved:
+            module.to(home)

@@ -41,12 +41,15 @@ weight gradient is computed: the base is frozen.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("none", "fp8", "nf4")
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -354,8 +357,8 @@ def quantize_frozen_unet(unet: nn.Module, mode: str, compute_dtype: torch.dtype)
     Converted: every `nn.Linear` and `nn.Conv2d` that is not part of a LoRA adapter, i.e. the
     `base_layer` inside each LoRA wrapper and every un-adapted layer (time embedding, ResNet
     convolutions, ...). Norms and the adapters are untouched; biases move to `compute_dtype`.
-    In `train.loop.setup` this belongs right after `build_lora` and before the speed settings
-    (a compiled region must contain the final modules).
+    In `train.loop.setup` this (through `quantize_unet`) comes right after `build_lora` and before
+    the speed settings (a compiled region must contain the final modules).
 
     Args:
         mode: "none" (no-op), "fp8" (Linear and Conv2d to fp8), "nf4" (Linear to NF4, Conv2d
@@ -402,6 +405,18 @@ def quantize_frozen_unet(unet: nn.Module, mode: str, compute_dtype: torch.dtype)
     return QuantizeReport(
         mode, **counts, frozen_bytes_before=before, frozen_bytes_after=frozen_weight_bytes(unet)
     )
+
+
+def quantize_unet(unet: nn.Module, mode: str, *, compute_dtype: torch.dtype, device: torch.device | str) -> None:
+    """`model.quantize`: compress the frozen UNet weights (`quantize_frozen_unet`), then move the
+    UNet to `device` (it was left on the CPU, so its full-precision weights never reach a small GPU).
+    Nothing happens for mode "none"."""
+    if mode == "none":
+        return
+    report = quantize_frozen_unet(unet, mode, compute_dtype)
+    unet.to(device)
+    logger.info("model.quantize = %s: frozen UNet weights %.2f GiB -> %.2f GiB", mode,
+                report.frozen_bytes_before / 2**30, report.frozen_bytes_after / 2**30)
 
 
 def _nbytes(tensor: Tensor) -> int:

@@ -36,10 +36,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from captioning import build_clip_tokenizer_files
 from captioning.tokens import SHIPPED_CLIP_BPE
 from train.model import sgm_keys
+from train.names import SDXL_CONFIG_DIR
 
 logger = logging.getLogger(__name__)
 
-SDXL_CONFIGS = Path(__file__).resolve().parent / "sdxl_configs"
 _COMPLETE_MARKER = "tiny_model.json"
 _BUILD_VERSION = 1
 
@@ -107,7 +107,7 @@ def _write_tokenizer(bpe_gz: Path, out_dir: Path, pad_token: str) -> None:
 
 
 def _sdxl_config(component: str, filename: str = "config.json") -> dict:
-    return json.loads((SDXL_CONFIGS / component / filename).read_text("utf-8"))
+    return json.loads((SDXL_CONFIG_DIR / component / filename).read_text("utf-8"))
 
 
 def _tiny_text_config(component: str) -> CLIPTextConfig:
@@ -149,12 +149,12 @@ def _write_build(root: Path, bpe_gz: Path, seed: int) -> None:
     scheduler.save_pretrained(d / "scheduler")
     _write_tokenizer(bpe_gz, d / "tokenizer", pad_token="<|endoftext|>")
     _write_tokenizer(bpe_gz, d / "tokenizer_2", pad_token="!")
-    shutil.copy(SDXL_CONFIGS / "model_index.json", d / "model_index.json")
+    shutil.copy(SDXL_CONFIG_DIR / "model_index.json", d / "model_index.json")
 
     # Config folder for single-file loading: every component's config, no weights.
     c = paths.config_dir
     c.mkdir()
-    shutil.copy(SDXL_CONFIGS / "model_index.json", c / "model_index.json")
+    shutil.copy(SDXL_CONFIG_DIR / "model_index.json", c / "model_index.json")
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         (c / component).mkdir()
         shutil.copy(d / component / "config.json", c / component / "config.json")

@@ -30,6 +30,7 @@ from captioning import (
 from captioning.images import load_mask
 from captioning.tag_db import load_tag_database
 from captioning.tokens import SHIPPED_CLIP_BPE
+from train.names import DATASET_DIR, PREP_MANIFEST
 from train.prep import sources as src
 from train.prep.buckets import bucket_set, closest_bucket, place
 from train.prep.dedupe import Deduplicator
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the row schema or the meaning of a column changes
 # Written into every OUT: the marker by which prep recognises a folder it may replace. Nothing
 # else is taken as ours (a folder that merely holds a `report.json` may be the user's).
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "animagine-lora prep"
 IMAGE_CACHE = "image_cache"  # under OUT: images that were embedded as bytes in a dataset
 
@@ -170,7 +170,7 @@ def check_output(out: Path, recipe: Recipe) -> None:
     outputs.claim_dir(out)
     if out.is_dir() and any(out.iterdir()) and not is_prep_output(out):
         raise RecipeError(
-            f"--out {out}: exists and is not a prep output (no {MANIFEST} written by prep); "
+            f"--out {out}: exists and is not a prep output (no {PREP_MANIFEST} written by prep); "
             "choose a new or empty folder"
         )
 
@@ -178,7 +178,7 @@ def check_output(out: Path, recipe: Recipe) -> None:
 def is_prep_output(out: Path) -> bool:
     """Whether `out` holds the manifest prep writes (any format version: a re-prep upgrades it)."""
     try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((out / PREP_MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
@@ -186,7 +186,7 @@ def is_prep_output(out: Path) -> bool:
 
 def write_manifest(folder: Path) -> None:
     manifest = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION}
-    outputs.write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    outputs.write_text(folder / PREP_MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def fingerprint(recipe: Recipe, run: RunOptions) -> str:
@@ -213,7 +213,7 @@ def is_up_to_date(out: Path, expected: str) -> bool:
     except (OSError, ValueError):
         return False
     return (
-        report.get("fingerprint") == expected and (out / "dataset").is_dir() and is_prep_output(out)
+        report.get("fingerprint") == expected and (out / DATASET_DIR).is_dir() and is_prep_output(out)
     )
 
 
@@ -431,7 +431,7 @@ def _build(
         tag_pending()
     spool.close()
     with outputs.output_errors(out):  # a full disk: one line naming OUT, the old OUT intact
-        rows = write_dataset(spool.path, temp / "dataset", temp / "arrow_cache")
+        rows = write_dataset(spool.path, temp / DATASET_DIR, temp / "arrow_cache")
     spool.path.unlink()
     shutil.rmtree(temp / "arrow_cache", ignore_errors=True)
     return rows

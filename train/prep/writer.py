@@ -18,36 +18,12 @@ from typing import Any
 
 import datasets
 from captioning import outputs
+from train.names import DATASET_COLUMNS
 
-# The column schema of the contract (notes/contract.md, "The prepped dataset").
-FEATURES = datasets.Features(
-    {
-        "id": datasets.Value("string"),
-        "image_path": datasets.Value("string"),
-        "sha256": datasets.Value("string"),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "bucket_width": datasets.Value("int32"),
-        "bucket_height": datasets.Value("int32"),
-        "resize_width": datasets.Value("int32"),
-        "resize_height": datasets.Value("int32"),
-        "crop_left": datasets.Value("int32"),
-        "crop_top": datasets.Value("int32"),
-        "caption_head": datasets.Sequence(datasets.Value("string")),
-        "caption_body": datasets.Sequence(datasets.Value("string")),
-        "caption_tail": datasets.Sequence(datasets.Value("string")),
-        "repeats": datasets.Value("int32"),
-        "rating": datasets.Value("string"),
-        "score": datasets.Value("int64"),
-        "year": datasets.Value("int32"),
-        "source": datasets.Value("string"),
-        "split": datasets.Value("string"),
-        "metadata": datasets.Value("string"),
-        # The loss mask (train.masked_loss): the image itself when it has alpha, its `name.mask.png`,
-        # or null. The trainer composites alpha images on white as always and reads the mask from here.
-        "mask_path": datasets.Value("string"),
-    }
-)
+# The prepped dataset's columns (train.names.DATASET_COLUMNS, which the trainer reads) as Arrow types.
+_ARROW_TYPES = {"string": datasets.Value("string"), "int32": datasets.Value("int32"),
+                "int64": datasets.Value("int64"), "list": datasets.Sequence(datasets.Value("string"))}
+FEATURES = datasets.Features({name: _ARROW_TYPES[kind] for name, kind in DATASET_COLUMNS.items()})
 
 
 class RowSpool:

@@ -4,5 +4,6 @@
 `state_files` (resume state as JSON + safetensors, never pickles), `run_dir` (one run per output
 folder: lock, refusal, `--overwrite`),
 `tracking` (metrics, draws, trackers), `speed` (the `[speed]` switches), `memory_presets` (settings
-per GPU size). Used by the loop and the CLIs; may import `lora/`, `data/` and `model/`.
+per GPU size), `nonfinite` (stopping on a NaN loss or out of memory), `ema` (the LoRA weights'
+moving average). Used by the loop and the command line; may import `lora/`, `data/` and `model/`.
 """

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from train.names import CHECKPOINT_COMPLETE, CHECKPOINT_DIR_RE, checkpoint_name
+from train.runtime.run_dir import RunLock, check_output_dir, refuse_or_move_previous_run
 from train.runtime.state_files import StateFileError, read_state, write_state
+from train.tensor_files import save_tensors
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
-COMPLETE_MARKER = "train_state.json"
 
 
 @dataclass
@@ -60,10 +59,6 @@ class TrainState:
             setattr(self, key, value)
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:06d}"
-
-
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints in `run_dir`, oldest first (by step)."""
     run_dir = Path(run_dir)
@@ -71,8 +66,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = []
     for child in run_dir.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
+        match = CHECKPOINT_DIR_RE.match(child.name)
+        if match and child.is_dir() and (child / CHECKPOINT_COMPLETE).is_file():
             found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
 
@@ -90,8 +85,8 @@ def resolve_resume(value: str, run_dir: str | Path) -> Path | None:
         checkpoints = list_checkpoints(run_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(value)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER})")
+    if not (path / CHECKPOINT_COMPLETE).is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {CHECKPOINT_COMPLETE})")
     return path
 
 
@@ -102,7 +97,7 @@ def temp_dir(run_dir: Path, step: int) -> Path:
 
 def publish(temp: Path, run_dir: Path, step: int, state: TrainState) -> Path:
     """Mark `temp` complete and rename it to `checkpoint-NNNNNN` (main process only)."""
-    marker = temp / COMPLETE_MARKER
+    marker = temp / CHECKPOINT_COMPLETE
     marker.with_suffix(".tmp").write_text(json.dumps(state.state_dict(), indent=2), "utf-8")
     os.replace(marker.with_suffix(".tmp"), marker)
     final = run_dir / checkpoint_name(step)
@@ -236,9 +231,9 @@ def read_checkpoint(folder: Path, *, rank: int, settings: dict, inexact: bool = 
     if changed:
         raise ResumeError(f"{folder}: cannot resume after changing {'; '.join(changed)}. Set them back, or train "
                           "into a new output.dir")
-    train_state = _read_json(folder / COMPLETE_MARKER)
+    train_state = _read_json(folder / CHECKPOINT_COMPLETE)
     if not isinstance(train_state, dict) or not set(train_state) <= set(TrainState().state_dict()):
-        raise StateFileError(f"{folder / COMPLETE_MARKER}: not a TrainState")
+        raise StateFileError(f"{folder / CHECKPOINT_COMPLETE}: not a TrainState")
     state = {name: read_state(folder, name) for name in manifest["state"]}
     try:
         rng = read_state(folder, f"rng_{rank}")
@@ -297,6 +292,35 @@ def find_resume_point(value: str, run_dir: Path, *, rank: int, settings: dict, i
     return None
 
 
+def open_run(run_dir: Path, resume: str | None, *, overwrite: bool, inexact: bool, settings: dict,
+             accelerator) -> tuple[ResumePoint | None, RunLock | None]:
+    """Claim `run_dir` and read the checkpoint to resume from (None: a fresh start), before any
+    model is built, so bad input fails in seconds.
+
+    Only the main process locks the folder and deals with an earlier run's files; under
+    `accelerate launch` a rank that fails here ends the whole launch.
+
+    Raises:
+        RunDirError: output.dir is a file, is locked by another run, or holds another run.
+        StateFileError, ResumeError: no usable checkpoint (see `find_resume_point`).
+    """
+    check_output_dir(run_dir)
+    lock = RunLock(run_dir) if accelerator.is_main_process else None
+    try:
+        point = find_resume_point(resume, run_dir, rank=accelerator.process_index, settings=settings,
+                                  inexact=inexact) if resume else None
+        if resume and point is None:
+            logger.info("no complete checkpoint in %s: starting from step 0", run_dir)
+        if point is None and accelerator.is_main_process:
+            refuse_or_move_previous_run(run_dir, overwrite=overwrite, resuming=resume is not None)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    accelerator.wait_for_everyone()
+    return point, lock
+
+
 def restore(point: ResumePoint, state: TrainState, resumable: dict) -> None:
     """Load a `ResumePoint` into the built model, optimizer, ... (same names as `save_checkpoint`).
 
@@ -346,4 +370,4 @@ def write_rank_weights(run_dir: Path, accelerator, unet) -> None:
     """Each rank's final LoRA weights, so a multi-process run can show they agree."""
     path = run_dir / "ranks" / f"lora_rank{accelerator.process_index}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(accelerator.unwrap_model(unet)), str(path))
+    save_tensors(path, trainable_state(accelerator.unwrap_model(unet)))

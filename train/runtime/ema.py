@@ -84,3 +84,13 @@ class LoraEma:
             if state[name].shape != average.shape:
                 raise ValueError(f"EMA {name} has shape {tuple(state[name].shape)}, expected {tuple(average.shape)}")
             average.copy_(state[name])
+
+
+def build_ema(modules: dict, decay: float | None, device: torch.device | str) -> LoraEma | None:
+    """The EMA of every trainable weight of `modules` ({"unet": module, ...}, unwrapped), named
+    `unet.<parameter>` and so on (`train.ema_decay`); None when `decay` is None (off)."""
+    if decay is None:
+        return None
+    named = [(f"{prefix}.{name}", p) for prefix, module in modules.items()
+             for name, p in module.named_parameters() if p.requires_grad]
+    return LoraEma(named, decay, device)

@@ -57,8 +57,3 @@ MEMORY_PRESETS: dict[str, MemoryPreset] = {p.name: p for p in (
     _preset("24gb", 24, 21.5, batch=8, quantize="none", optimizer="adamw"),
 )}
 
-
-def preset_table() -> list[dict[str, object]]:
-    """One row per preset, for the README and the benchmark's report."""
-    return [{"preset": p.name, "card GB": p.card_gib, "UNet budget GiB": p.unet_budget_gib, **p.overrides}
-            for p in MEMORY_PRESETS.values()]

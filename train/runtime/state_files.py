@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from train.tensor_files import save_tensors
 
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
 _SCALARS = (bool, int, float, str, type(None))
@@ -84,7 +86,7 @@ def write_state(folder: Path, name: str, tree) -> None:
     tensors: dict[str, torch.Tensor] = {}
     data = split_tensors(tree, tensors)
     if tensors:
-        save_file(tensors, str(folder / f"{name}.safetensors"))
+        save_tensors(folder / f"{name}.safetensors", tensors, clean=False)
     (folder / f"{name}.json").write_text(json.dumps(data), encoding="utf-8")
 
 

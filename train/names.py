@@ -1,0 +1,146 @@
+"""The names every layer agrees on, written once: no torch, no diffusers, no I/O.
+
+What lives here is a contract between modules that would otherwise each keep a copy: the model
+repositories and the model card's settings, the sampler and scheduler names, the precision names,
+the prepped dataset's columns, the checkpoint folder name. Importing this module costs nothing, so
+the config schema (`train.config`) and the command line use it without loading torch. Where a
+table here must match an implementation (the sampler names against `train.generate.k_samplers`),
+a test says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- models
+
+ZERO_REPO = "cagliostrolab/animagine-xl-4.0-zero"  # the pretrained base: what LoRAs are trained on
+OPT_REPO = "cagliostrolab/animagine-xl-4.0"  # the refined model (its diffusers folders are Opt)
+OPT_FILE = "animagine-xl-4.0-opt.safetensors"  # the Opt single file in OPT_REPO
+ZERO_FILE = "animagine-xl-4.0-zero.safetensors"  # the Zero single file in ZERO_REPO
+# `--model` / `sample.opt_model` aliases -> Hub ids; "opt-file" is the Opt single file, downloaded.
+MODEL_ALIASES = {"opt": OPT_REPO, "zero": ZERO_REPO}
+OPT_FILE_ALIAS = "opt-file"
+# The component configs of SDXL, shipped: a single-file model without `config_dir` is read with these.
+SDXL_CONFIG_DIR = Path(__file__).resolve().parent / "model" / "sdxl_configs"
+
+
+def looks_like_path(source: str) -> bool:
+    """True when a model source names a file or folder rather than a Hub id ("owner/name") or an
+    alias ("opt"): it starts with `.`, `/` or `~`, has a backslash, or ends in a checkpoint suffix.
+
+    A bare relative name such as `models/zero` reads as a Hub id; callers that can look at the
+    disk treat an existing path as a path whatever its form (`train.model.loading`).
+    """
+    return source.startswith((".", "/", "~")) or source.endswith((".safetensors", ".ckpt")) or "\\" in source
+
+
+# ---------------------------------------------------------------- the model card's settings
+
+CARD_STEPS = 28
+CARD_CFG = 5.0
+CARD_NEGATIVE = (
+    "lowres, bad anatomy, bad hands, text, error, missing finger, extra digits, fewer digits, cropped, "
+    "worst quality, low quality, low score, bad score, average score, signature, watermark, username, blurry"
+)
+# (width, height), from the model card.
+CARD_RESOLUTIONS = (
+    (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
+    (1344, 768), (768, 1344), (1536, 640), (640, 1536),
+)
+SIZE_ALIASES = {"square": (1024, 1024), "portrait": (832, 1216), "landscape": (1216, 832)}
+MAX_SIDE = 4096  # 4x SDXL's training side: beyond it memory explodes and images are noise
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"832x1216"`, `"portrait"`, `"landscape"` or `"square"` -> (width, height).
+
+    Sizes off the card's table are allowed (tests use 64x64) but logged: the model degrades there.
+
+    Raises:
+        ValueError: not WxH with positive multiples of 8 up to MAX_SIDE, nor an alias.
+    """
+    key = text.strip().lower()
+    if key in SIZE_ALIASES:
+        return SIZE_ALIASES[key]
+    parts = key.split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(
+            f"size {text!r}: expected WIDTHxHEIGHT (e.g. 832x1216) or one of {sorted(SIZE_ALIASES)}"
+        ) from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise ValueError(f"size {text!r}: width and height must be positive multiples of 8 (the VAE's factor)")
+    if max(width, height) > MAX_SIDE:
+        raise ValueError(f"size {text!r}: at most {MAX_SIDE} pixels a side (SDXL is trained near 1024x1024)")
+    if (width, height) not in CARD_RESOLUTIONS:
+        logger.info("size %dx%d is not in the model card's resolution table", width, height)
+    return width, height
+
+
+# ---------------------------------------------------------------- sampling
+
+# ComfyUI's sampler and scheduler names, implemented by train.generate.k_samplers (a test checks).
+SAMPLERS = ("euler_ancestral", "euler", "dpmpp_2m")
+SCHEDULERS = ("normal", "karras")
+DIFFUSERS_SAMPLER = "diffusers-euler-a"  # diffusers' own pipeline scheduler instead of ComfyUI's loop
+SAMPLER_CHOICES = (*SAMPLERS, DIFFUSERS_SAMPLER)
+NOISE_DEVICES = ("gpu", "cpu")  # where ancestral noise is drawn: the sampling device (ComfyUI) or the CPU
+# The validation loss's timesteps: each held-out image is noised at every one of these.
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+
+# ---------------------------------------------------------------- precision
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # train.model.loading.TORCH_DTYPES maps them to torch dtypes
+
+# ---------------------------------------------------------------- the prepped dataset
+
+# Written by `animagine-lora prep` (train.prep.writer), read by the trainer (train.data.rows) and
+# `eval`: column -> Arrow type ("list" is a list of strings).
+DATASET_COLUMNS: dict[str, str] = {
+    "id": "string",
+    "image_path": "string",
+    "sha256": "string",
+    "width": "int32",
+    "height": "int32",
+    "bucket_width": "int32",
+    "bucket_height": "int32",
+    "resize_width": "int32",
+    "resize_height": "int32",
+    "crop_left": "int32",
+    "crop_top": "int32",
+    "caption_head": "list",
+    "caption_body": "list",
+    "caption_tail": "list",
+    "repeats": "int32",
+    "rating": "string",
+    "score": "int64",
+    "year": "int32",
+    "source": "string",
+    "split": "string",
+    "metadata": "string",
+    # The loss mask (train.masked_loss): the image itself when it has alpha, its `name.mask.png`,
+    # or null. The trainer composites alpha images on white as always and reads the mask from here.
+    "mask_path": "string",
+}
+# Columns the trainer needs; the others are optional (datasets prepped before them read as None).
+TRAINING_COLUMNS = ("id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height",
+                    "resize_width", "resize_height", "crop_left", "crop_top",
+                    "caption_head", "caption_body", "caption_tail", "repeats", "source", "split")
+OPTIONAL_TRAINING_COLUMNS = ("mask_path",)
+DATASET_DIR = "dataset"  # the Arrow dataset inside prep's OUT folder
+PREP_MANIFEST = "manifest.json"  # marks a folder prep wrote (prep refuses to replace any other)
+
+# ---------------------------------------------------------------- training runs
+
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-(\d{6,})$")  # RUN/checkpoint-000123
+CHECKPOINT_COMPLETE = "train_state.json"  # written last: a checkpoint without it is incomplete
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
