@@ -1,0 +1,68 @@
+"""`train CONFIG --check` and `cache --check`: what the run would do, read without loading a model."""
+
+from __future__ import annotations
+
+import pytest
+from train_helpers import write_config
+
+from train.cli import main
+from train.runtime.run_dir import RunLock
+
+
+@pytest.fixture
+def config(tiny_model, train_dataset, tmp_path):
+    def make(run_dir=None, **sections):
+        return write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset,
+                            run_dir=run_dir or tmp_path / "run", **sections)
+
+    return make
+
+
+def test_check_says_what_a_fresh_run_would_do(config, capsys, tiny_model, train_dataset, tmp_path):
+    path = config(validation={"every_n_steps": 3})
+    assert main(["train", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: valid" in out
+    assert f"{tiny_model.diffusers_dir}: diffusers folder; weights fp32, VAE fp32" in out
+    # train_helpers.ROWS: 5 train rows (repeats 2 each), 2 buckets, 1 val row.
+    assert f"{train_dataset}: 5 train rows (10 draws per epoch with repeats, 2 buckets), 1 val rows" in out
+    assert "6 x effective batch 2 (batch 1 x accumulation 2 x 1 process) = 12 images, about 1.2 epochs" in out
+    assert "lora rank 2 alpha 2 on the UNet's attn-mlp modules" in out
+    assert f"{tmp_path / 'run'}: new folder; a fresh run, LoRA as test_lora.safetensors" in out
+    assert "validation    every 3 steps" in out and "problem" not in out
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_check_reports_what_would_stop_the_run(config, capsys, trained_run, tmp_path):
+    assert main(["train", str(config(run_dir=trained_run)), "--check"]) == 2
+    out = capsys.readouterr().out
+    assert "checkpoints at steps 4, 6" in out and "holds another run; continue it with --resume latest" in out
+    assert main(["train", str(config(run_dir=trained_run)), "--check", "--resume", "latest"]) == 0
+    assert "resumes from step 6" in capsys.readouterr().out
+
+    empty = tmp_path / "empty"
+    (empty / "dataset").mkdir(parents=True)
+    path = write_config(tmp_path / "bad.toml", model_dir=tmp_path / "missing", dataset=empty, run_dir=tmp_path / "r",
+                        validation={"every_n_steps": 2})
+    assert main(["train", str(path), "--check"]) == 2
+    out = capsys.readouterr().out
+    assert f"model.source {tmp_path / 'missing'}: model file or folder not found" in out
+    assert f"data.dataset: {empty / 'dataset'}: no prepped dataset here" in out
+
+
+def test_check_sees_a_run_in_progress(config, capsys, tmp_path):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text("{}\n")
+    lock = RunLock(run_dir)
+    try:
+        assert main(["train", str(config(run_dir=run_dir)), "--check", "--overwrite"]) == 2
+    finally:
+        lock.release()
+    assert "another training run (pid" in capsys.readouterr().out
+
+
+def test_cache_check_counts_latents(config, capsys):
+    assert main(["cache", str(config(data={"flip": True})), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "6 rows (5 train, 1 val)" in out and "12 at resolution scale 1 (and flipped)" in out

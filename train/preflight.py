@@ -1,0 +1,257 @@
+"""What a run would do, worked out in a fraction of a second: `train CONFIG --check`, `cache --check`.
+
+Nothing heavy is loaded: the config is validated (`train.config`, pydantic only), the prepped
+dataset's columns are read straight from its Arrow files with pyarrow (memory-mapped; no torch, no
+`datasets`), and `output.dir` is looked at the way `train.runtime.run_dir` and
+`train.runtime.checkpoint` will (its files, its checkpoints, its lock). The result is a list of
+(label, text) lines and a list of problems; a problem is what would stop the real run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.config import Config, ModelConfig
+from train.names import (
+    CHECKPOINT_COMPLETE,
+    CHECKPOINT_DIR_RE,
+    DATASET_DIR,
+    TRAINING_COLUMNS,
+    looks_like_path,
+)
+from train.runtime.run_dir import LOCK_NAME, previous_run_files
+
+
+@dataclass
+class Plan:
+    """Lines to print (label, text) and the problems that would stop the run."""
+
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, label: str, text: str) -> None:
+        self.lines.append((label, text))
+
+    def render(self) -> str:
+        width = max((len(label) for label, _ in self.lines), default=0)
+        out = [f"{label:<{width}}  {text}" for label, text in self.lines]
+        out += [f"problem: {problem}" for problem in self.problems]
+        return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """A prepped dataset's shape, per split."""
+
+    rows: Counter  # split -> rows
+    entries: Counter  # split -> rows x repeats (draws per epoch)
+    buckets: Counter  # (width, height) -> train rows
+
+
+def read_dataset_summary(dataset_dir: str | Path) -> DatasetSummary:
+    """Rows, repeats and buckets of a prep output (`OUT/dataset`), from its Arrow files.
+
+    Raises:
+        FileNotFoundError: no prepped dataset there.
+        ValueError: a column the trainer needs is missing, or the files are not a `datasets` folder.
+    """
+    import pyarrow as pa
+
+    folder = Path(dataset_dir) / DATASET_DIR
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        files = [folder / entry["filename"] for entry in state["_data_files"]]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: no prepped dataset here (run `animagine-lora prep ... -o "
+                                f"{dataset_dir}`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder}/state.json: not a `datasets` folder ({err})") from None
+    rows, entries, buckets = Counter(), Counter(), Counter()
+    for path in files:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        missing = [c for c in TRAINING_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{folder}: dataset lacks columns {missing}")
+        columns = table.select(["split", "repeats", "bucket_width", "bucket_height"]).to_pydict()
+        for split, repeats, width, height in zip(*columns.values()):
+            rows[split] += 1
+            entries[split] += repeats
+            if split == "train":
+                buckets[(width, height)] += 1
+    return DatasetSummary(rows, entries, buckets)
+
+
+def describe_model(model: ModelConfig) -> tuple[str, str | None]:
+    """(what the source is, a problem or None): a Hub id, a diffusers folder or a single file."""
+    source = model.source
+    path = Path(source).expanduser()
+    if path.is_file():
+        kind = "single file" if path.suffix == ".safetensors" else None
+        problem = None if kind else f"model.source {source}: single-file checkpoints must be .safetensors"
+    elif path.is_dir():
+        kind = "diffusers folder" if (path / "unet").is_dir() else None
+        problem = None if kind else f"model.source {source}: not a diffusers folder (no unet/ subfolder)"
+    elif looks_like_path(source):
+        kind, problem = None, f"model.source {source}: model file or folder not found"
+    else:
+        kind, problem = "Hub id, downloaded on first use", None
+    precision = f"weights {model.weight_dtype}, VAE {model.vae_dtype}"
+    if model.quantize != "none":
+        precision += f", frozen UNet stored {model.quantize}"
+    return f"{source}: {kind or 'unusable'}; {precision}", problem
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """`output.dir` as a fresh run, `--resume` and `--overwrite` will find it."""
+
+    is_file: bool = False  # exists and is not a folder
+    exists: bool = False
+    files: int = 0  # an earlier run's files and folders at its top (train.runtime.run_dir.RUN_FILES)
+    checkpoints: tuple[int, ...] = ()  # steps of its complete checkpoints
+    locked_by: str | None = None  # pid of a training process writing into it now
+
+    def describe(self) -> str:
+        if self.is_file:
+            return "exists and is not a folder"
+        if not self.files:
+            return "empty" if self.exists else "new folder"
+        steps = f"checkpoints at steps {', '.join(map(str, self.checkpoints))}" if self.checkpoints else \
+            "no complete checkpoint"
+        locked = f"; LOCKED by a running training process (pid {self.locked_by})" if self.locked_by else ""
+        return f"holds a run ({self.files} files and folders; {steps}){locked}"
+
+
+def output_state(run_dir: Path) -> OutputState:
+    if run_dir.exists() and not run_dir.is_dir():
+        return OutputState(is_file=True, exists=True)
+    found = previous_run_files(run_dir)
+    steps = tuple(sorted(int(m.group(1)) for p in found if (m := CHECKPOINT_DIR_RE.match(p.name))
+                         and (p / CHECKPOINT_COMPLETE).is_file()))
+    return OutputState(exists=run_dir.is_dir(), files=len(found), checkpoints=steps,
+                       locked_by=_lock_holder(run_dir) if found else None)
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid written in `output.dir/.train.lock` when another process holds its flock."""
+    path = run_dir / LOCK_NAME
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
+def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
+    """What `animagine-lora train` would do with `config` and these options."""
+    plan = Plan()
+    tc, oc, lc = config.train, config.optimizer, config.lora
+    model, problem = describe_model(config.model)
+    plan.add("model", model)
+    if problem:
+        plan.problems.append(problem)
+
+    entries = _dataset_lines(plan, "dataset", config.data.dataset, config.validation.every_n_steps > 0)
+    if config.data.regularization:
+        _dataset_lines(plan, "regularization", config.data.regularization, False)
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    effective = tc.batch_size * tc.gradient_accumulation_steps * processes
+    images = tc.max_steps * effective
+    epochs = f", about {images / entries:.1f} epochs" if entries else ""
+    plan.add("steps", f"{tc.max_steps} x effective batch {effective} (batch {tc.batch_size} x accumulation "
+                      f"{tc.gradient_accumulation_steps} x {processes} process{'es' * (processes > 1)}) = "
+                      f"{images} images{epochs}")
+    adapter = f"{lc.type} rank {lc.rank} alpha {lc.alpha:g} on the UNet's {lc.preset} modules"
+    adapter += " and both text encoders" if lc.train_text_encoder else ""
+    adapter += ", DoRA" if lc.dora else ""
+    plan.add("adapter", adapter)
+    schedule = f"{oc.scheduler}" + (f", {oc.warmup_steps} warm-up steps" if oc.warmup_steps else "")
+    plan.add("optimizer", f"{oc.name}, lr {oc.lr:g}, {schedule}")
+    plan.add("precision", f"mixed precision {tc.mixed_precision}, weights {config.model.weight_dtype}"
+                          + (", gradient checkpointing" if tc.gradient_checkpointing else ""))
+    plan.add("output", _output_line(plan, Path(config.output.dir), config.output.name, resume=resume,
+                                    overwrite=overwrite))
+    plan.add("checkpoints", f"every {config.output.save_every_n_steps} steps, "
+                            + (f"the last {config.output.checkpoints_total_limit} kept"
+                               if config.output.checkpoints_total_limit else "all kept"))
+    sample = config.sample
+    plan.add("sample grids", f"every {sample.every_n_steps} steps on {sample.sample_model if sample.sample_model == 'train' else sample.opt_model}"
+             if sample.every_n_steps else "off")
+    plan.add("validation", f"every {config.validation.every_n_steps} steps" if config.validation.every_n_steps
+             else "off")
+    return plan
+
+
+def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> int:
+    """Add the dataset's line; returns its training entries per epoch (0 when unreadable)."""
+    try:
+        summary = read_dataset_summary(dataset)
+    except (OSError, ValueError) as err:
+        plan.add(label, f"{dataset} (unreadable)")
+        plan.problems.append(f"data.{label if label == 'regularization' else 'dataset'}: {err}")
+        return 0
+    train, val = summary.rows["train"], summary.rows["val"]
+    plan.add(label, f"{dataset}: {train} train rows ({summary.entries['train']} draws per epoch with repeats, "
+                    f"{len(summary.buckets)} buckets), {val} val rows")
+    if not train:
+        plan.problems.append(f"{dataset}: no rows with split 'train'")
+    if needs_val and not val:
+        plan.problems.append(f"validation.every_n_steps is set but {dataset} has no val rows: give the prep "
+                             "recipe a val_fraction, or set validation.every_n_steps = 0")
+    return summary.entries["train"]
+
+
+def _output_line(plan: Plan, run_dir: Path, name: str, *, resume: str | None, overwrite: bool) -> str:
+    state = output_state(run_dir)
+    line = f"{run_dir}: {state.describe()}"
+    if state.is_file:
+        plan.problems.append(f"output.dir {run_dir}: exists and is not a folder")
+    elif state.locked_by:
+        plan.problems.append(f"output.dir {run_dir}: another training run (pid {state.locked_by}) is writing "
+                             "into it")
+    elif resume not in (None, "latest"):
+        if not (Path(resume) / CHECKPOINT_COMPLETE).is_file():
+            plan.problems.append(f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_COMPLETE})")
+        return f"{line}; resumes from {resume}, LoRA as {name}.safetensors"
+    elif resume == "latest" and state.checkpoints:
+        return f"{line}; resumes from step {state.checkpoints[-1]}, LoRA as {name}.safetensors"
+    elif state.files and not overwrite:
+        plan.problems.append(f"output.dir {run_dir}: holds another run; continue it with --resume latest, "
+                             "set a new output.dir, or pass --overwrite")
+    elif state.files:
+        return f"{line}; --overwrite moves its files into a replaced-* subfolder"
+    return f"{line}; a fresh run, LoRA as {name}.safetensors"
+
+
+def cache_plan(model: ModelConfig, dataset: str, *, scale: float, flip: bool) -> Plan:
+    """What `animagine-lora cache` would encode."""
+    plan = Plan()
+    described, problem = describe_model(model)
+    plan.add("model", described)
+    if problem:
+        plan.problems.append(problem)
+    try:
+        summary = read_dataset_summary(dataset)
+    except (OSError, ValueError) as err:
+        plan.problems.append(str(err))
+        return plan
+    rows = sum(summary.rows.values())
+    splits = ", ".join(f"{count} {split}" for split, count in sorted(summary.rows.items()))
+    plan.add("dataset", f"{dataset}: {rows} rows ({splits})")
+    plan.add("latents", f"{rows * (2 if flip else 1)} at resolution scale {scale:g}" + (" (and flipped)" if flip else ""))
+    cached = sorted(p for p in (Path(dataset) / "latents").glob("*") if p.is_dir())
+    plan.add("cache", ", ".join(f"{p.name}: {sum(1 for _ in p.glob('*.safetensors'))} files" for p in cached)
+             or "empty (nothing encoded yet)")
+    return plan
