@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import run, train_command, write_config
+from train_helpers import train_in_process, write_config
 
 from captioning.outputs import normal_mode
 from train.runtime import checkpoint
@@ -46,7 +46,7 @@ def test_a_finished_run_trains_longer_and_exports_again(trained_run, tiny_model,
     run_dir = _copy(trained_run, tmp_path)
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset,
                           run_dir=run_dir, train={"max_steps": 8}, **TRAINED_RUN)
-    result = run(train_command(config, "--resume", "latest"))
+    result = train_in_process(config, "--resume", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoint-000006'} at step 6" in result.stderr
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["checkpoint-000006", "checkpoint-000008"]
@@ -73,7 +73,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_of_a_finished_run(trained_run,
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset,
                           run_dir=run_dir, **TRAINED_RUN)
-    result = run(train_command(config, "--resume", "latest"))
+    result = train_in_process(config, "--resume", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{damaged}" in result.stderr and "falling back to the previous checkpoint" in result.stderr
     assert f"resumed from {run_dir / 'checkpoint-000004'} at step 4" in result.stderr

@@ -16,7 +16,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_helpers import make_dataset, popen, run, train_command, write_config
+from train_helpers import (
+    make_dataset,
+    popen,
+    run,
+    run_in_process,
+    train_command,
+    train_in_process,
+    write_config,
+)
 
 from train.runtime import checkpoint
 
@@ -80,7 +88,7 @@ def test_resume_after_sigkill_is_bitwise_exact(uninterrupted, tiny_model, datase
     assert not (tmp_path / "run" / "test_lora.safetensors").exists()
     killed_at = checkpoint.list_checkpoints(tmp_path / "run")[-1].name
 
-    result = run(train_command(config, "--resume", "latest"))
+    result = train_in_process(config, "--resume", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {tmp_path / 'run' / killed_at}" in result.stderr
     expected, resumed = _lora(uninterrupted), _lora(tmp_path / "run")
@@ -95,7 +103,7 @@ def test_prefetching_changes_nothing(uninterrupted, tiny_model, dataset, tmp_pat
     """data.prefetch_batches = 0 builds each micro-batch in the loop: the same run, bit for bit."""
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
                           run_dir=tmp_path / "run", data={"prefetch_batches": 0})
-    result = run(train_command(config))
+    result = train_in_process(config)
     assert result.returncode == 0, result.stderr[-3000:]
     expected, plain = _lora(uninterrupted), _lora(tmp_path / "run")
     assert expected.keys() == plain.keys()
@@ -116,7 +124,7 @@ def test_cached_text_outputs_train_the_same_lora(tiny_model, dataset, tmp_path):
         config = write_config(root / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
                               run_dir=root / "run", data={**fixed, "cache_text_outputs": cached},
                               train={"max_steps": 3}, output={"save_every_n_steps": 3})
-        result = run(train_command(config))
+        result = train_in_process(config)
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("captions encoded" in result.stderr) is cached
         runs.append(_lora(root / "run"))
@@ -149,14 +157,14 @@ def test_nan_loss_stops_with_step_images_and_checkpoint(tiny_model, tmp_path):
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=prep,
                           run_dir=tmp_path / "run", data={"flip": False},
                           train={"max_steps": 20, "gradient_accumulation_steps": 1}, output={"save_every_n_steps": 50})
-    result = run([sys.executable, "-m", "train.cli", "cache", str(config)])
+    result = run_in_process(["cache", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     poisoned = sorted((prep / "latents").rglob(f"{_sha(prep, 'd.png')}_*.safetensors"))
     assert len(poisoned) == 1
     latents = load_file(str(poisoned[0]))["latents"]
     save_file({"latents": torch.full_like(latents, float("nan"))}, str(poisoned[0]))
 
-    result = run(train_command(config))
+    result = train_in_process(config)
     assert result.returncode == 1, result.stderr[-3000:]
     message = next(line for line in result.stderr.splitlines() if "loss is nan" in line)
     assert "images: d.png" in message and "at step " in message and "last checkpoint:" in message
@@ -209,7 +217,7 @@ def test_bf16_weights_autocast_and_gradient_checkpointing(tiny_model, dataset, t
                           run_dir=tmp_path / "run", model={"weight_dtype": "bf16"},
                           train={"max_steps": 2, "gradient_accumulation_steps": 1, "mixed_precision": "bf16",
                                  "gradient_checkpointing": True}, output={"save_every_n_steps": 2})
-    result = run(train_command(config))
+    result = train_in_process(config)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
@@ -226,7 +234,7 @@ def test_quantized_base_trains_and_exports(tiny_model, dataset, tmp_path, mode):
                           run_dir=tmp_path / "run", model={"weight_dtype": "bf16", "quantize": mode},
                           train={"max_steps": 2, "gradient_accumulation_steps": 1, "mixed_precision": "bf16",
                                  "gradient_checkpointing": True}, output={"save_every_n_steps": 2})
-    result = run(train_command(config))
+    result = train_in_process(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"model.quantize = {mode}: frozen UNet weights" in result.stderr
     weights = _lora(tmp_path / "run")
@@ -243,7 +251,7 @@ def test_dora_run_exports_the_diffusers_folder_only(tiny_model, dataset, tmp_pat
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=dataset,
                           run_dir=tmp_path / "run", lora={"dora": True},
                           train={"max_steps": 1, "gradient_accumulation_steps": 1}, output={"save_every_n_steps": 1})
-    result = run(train_command(config))
+    result = train_in_process(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only the diffusers-format LoRA is exported" in result.stderr
     assert not (tmp_path / "run" / "test_lora.safetensors").exists()
@@ -262,7 +270,7 @@ def test_regularization_masks_validation_and_ema_run_and_resume_exactly(tiny_mod
     runs = {name: tmp_path / name for name in ("full", "resumed")}
     configs = {name: write_config(tmp_path / f"{name}.toml", model_dir=tiny_model.diffusers_dir, dataset=prep,
                                   run_dir=folder, **sections) for name, folder in runs.items()}
-    result = run(train_command(configs["full"]))
+    result = train_in_process(configs["full"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data.regularization: 5 class images" in result.stderr
     assert "train.masked_loss: 4 of 10 images have a mask" in result.stderr
@@ -283,7 +291,7 @@ def test_regularization_masks_validation_and_ema_run_and_resume_exactly(tiny_mod
     assert (runs["full"] / "diffusers-raw" / "pytorch_lora_weights.safetensors").is_file()
 
     shutil.copytree(runs["full"] / "checkpoint-000002", runs["resumed"] / "checkpoint-000002")
-    result = run(train_command(configs["resumed"], "--resume", "latest"))
+    result = train_in_process(configs["resumed"], "--resume", "latest")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("ranks/lora_rank0.safetensors", "checkpoint-000004/ema.safetensors", "test_lora.safetensors"):
         expected, resumed = (load_file(str(folder / name)) for folder in runs.values())
@@ -300,7 +308,7 @@ def test_lokr_with_schedule_free_trains_samples_and_exports_lycoris(tiny_model, 
                           train={"max_steps": 1, "gradient_accumulation_steps": 1},
                           sample={"every_n_steps": 1, "sample_model": "opt", "opt_model": str(tiny_model.diffusers_dir),
                                   "size": "64x64", "steps": 2, "seeds": [0]})
-    result = run(train_command(config))
+    result = train_in_process(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "samples" / "step-000001.png").is_file()
     with safe_open(str(tmp_path / "run" / "test_lora.safetensors"), "pt") as f:

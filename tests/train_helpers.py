@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 import datasets
+from train.names import DATASET_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +32,7 @@ ROWS = [
 
 
 def make_dataset(out: Path, seed: int = 0, masks: bool = False) -> Path:
-    """A prepped dataset (contract columns) of small generated images at `out/dataset`.
+    """A prepped dataset (the columns of `train.names.DATASET_COLUMNS`) of small generated images at `out/dataset`.
 
     `masks`: a `mask_path` column as prep writes it: a.png gets an alpha channel (its left half
     transparent), b.png a `b.mask.png` beside it, the others none.
@@ -36,10 +40,7 @@ def make_dataset(out: Path, seed: int = 0, masks: bool = False) -> Path:
     rng = np.random.default_rng(seed)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    columns: dict[str, list] = {name: [] for name in (
-        "id", "image_path", "sha256", "width", "height", "bucket_width", "bucket_height", "resize_width",
-        "resize_height", "crop_left", "crop_top", "caption_head", "caption_body", "caption_tail", "repeats",
-        "rating", "score", "year", "source", "split", "metadata", *(("mask_path",) if masks else ()))}
+    columns: dict[str, list] = {name: [] for name in DATASET_COLUMNS if masks or name != "mask_path"}
     for i, (name, (bw, bh), repeats, split) in enumerate(ROWS):
         # Originals a bit larger than the bucket, so resize and crop are exercised.
         width, height = bw + 16, bh + 8 * (i % 2)
@@ -110,3 +111,44 @@ def run(command: list[str], timeout: float = 180, env: dict | None = None) -> su
 def popen(command: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@dataclass
+class InProcessResult:
+    returncode: int
+    stderr: str  # the log lines, as the command line prints them
+
+
+def run_in_process(argv: list[str]) -> InProcessResult:
+    """`animagine-lora ARGV` in this process, like `run` but without a new interpreter's start-up
+    and imports (most of a tiny training run's time).
+
+    One torch thread, as the subprocesses run (OMP_NUM_THREADS=1), so a run gives the same bits here
+    as there; accelerate's process-wide state is reset afterwards. An exception propagates.
+    """
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from train.cli import main
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level, threads = root.level, torch.get_num_threads()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    torch.set_num_threads(1)
+    try:
+        code = main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        root.removeHandler(handler)
+        root.setLevel(level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return InProcessResult(code, stream.getvalue())
+
+
+def train_in_process(config: Path, *extra: str) -> InProcessResult:
+    """`animagine-lora train CONFIG EXTRA...` in this process (see `run_in_process`)."""
+    return run_in_process(["train", str(config), *extra])
