@@ -6,10 +6,10 @@ Danbooru JSON-lines file, then captioned by `animagine-lora caption` (1 worker, 
 the shipped tag database, the real CLIP tokenizer and the 225-token budget, start-up included
 (a fresh process per run: imports, loading the database and the tokenizer). The parts (parsing, the
 captioner, a whole chunk) are timed in this process on the first 50,000 posts.
-Target (issue 2): 8.4M posts in 5 minutes on 2 cores, about 28,000 posts/s.
+Target: 8.4M posts (a Danbooru-sized dump) in 5 minutes on 2 cores, about 28,000 posts/s.
 
     python bench/caption_speed.py                          # 1,000,000 posts, workers 1 and N
-    python bench/caption_speed.py --cli-workers 2          # the issue-11 figure: 1M posts, --workers 2
+    python bench/caption_speed.py --cli-workers 2          # 1M posts, --workers 2 only
     python bench/caption_speed.py --posts 8400000 --cli-workers 2 --keep /tmp/posts.jsonl
                                                            # the full target, as one run
     python bench/caption_speed.py --posts 2000             # tiny mode (tests)

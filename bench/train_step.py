@@ -1,7 +1,7 @@
 """LoRA training-step speed: the project's path against the naive reference, in one process.
 
 The UNet is the exact SDXL architecture (train/model/sdxl_configs/unet) with random weights, built on
-the GPU (random weights run at the same speed as the real checkpoint, docs/performance.md); with
+the GPU (random weights run at the same speed as the real checkpoint); with
 `--tiny`, or without CUDA, it is the tiny UNet of train/model/tiny.py on a small latent, so the bench
 runs (and is tested) on CPU.
 

@@ -4,7 +4,7 @@ The rules (the `animagine-xl-4.0` profile in captioning/profiles/, after the mod
 structure and the publisher's 3.x caption notebooks) live in the Profile;
 this module only applies them.
 
-Speed (whole booru dumps, issue 2): every distinct input tag is classified once and cached by
+Speed (whole booru dumps): every distinct input tag is classified once and cached by
 its raw text as a `TagInfo` that carries its canonical name, display form, a sort key (slot
 position in the caption, then rank inside ordered slots) and its CLIP token costs. Captioning a
 post is then one dict lookup per tag, a stable sort by key (input order is kept inside a slot),

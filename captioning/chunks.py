@@ -6,7 +6,7 @@ object, the ids and origins of its records, its problems and its summary.
 
 Why byte ranges and one bytes object per chunk: at booru-dump scale (Animagine 4.0 was trained
 on 8.4M posts) passing each post's input line to a worker and a per-record object back cost as
-much CPU as captioning itself (issue 2, bench/README.md). A worker reads its range from the file
+much CPU as captioning itself (bench/RESULTS.md, "Captioning"). A worker reads its range from the file
 (`os.pread` on a descriptor opened before the fork) and sends back a few large objects, so the
 parent only checks ids for duplicates and writes.
 """

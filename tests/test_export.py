@@ -1,4 +1,4 @@
-"""LoRA export (train.lora.export): every rule of docs/lora_formats.md, checked statically and by reloading."""
+"""LoRA export (train.lora.export): every rule of docs/lora-formats.md, checked statically and by reloading."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def _sdxl_unet_on_meta():
     "preset, expected", [("attn", 560), ("attn-mlp", 722), ("attn-mlp-conv", 760)]
 )
 def test_preset_layer_counts_on_real_sdxl(preset, expected):
-    """Counts from docs/lora_formats.md; +conv adds 17 ResNets x 2 convs and 4 resamplers."""
+    """Counts from docs/lora-formats.md; +conv adds 17 ResNets x 2 convs and 4 resamplers."""
     unet = _sdxl_unet_on_meta()
     with init_empty_weights():
         add_unet_lora(unet, preset=preset, rank=4, alpha=4)

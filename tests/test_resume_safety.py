@@ -1,4 +1,4 @@
-"""Training with bad input, faults and untrusted checkpoints (issue 12, training side).
+"""Training with bad input, faults and untrusted checkpoints.
 
 Each case asserts a non-zero exit from the `python -m train` entry point, a message naming the
 file or key, no traceback, and that the inputs (config, earlier run, checkpoints) are byte for

@@ -260,7 +260,7 @@ def test_dora_run_exports_the_diffusers_folder_only(tiny_model, dataset, tmp_pat
 
 
 def test_regularization_masks_validation_and_ema_run_and_resume_exactly(tiny_model, tmp_path):
-    """All of issue 13's switches at once (the dataset is its own class set): the validation loss
+    """Regularization, masked loss, validation and EMA at once (the dataset is its own class set): the validation loss
     is logged and the best step kept, the EMA is the run's LoRA with the raw weights beside it,
     and a run resumed from its step-2 checkpoint ends bit for bit where the full run ended."""
     prep = make_dataset(tmp_path / "prep", masks=True)

@@ -1,4 +1,4 @@
-"""Issue 13's training methods, unit by unit: masked loss, loss masks from prep, regularization
+"""Training methods, unit by unit: masked loss, loss masks from prep, regularization
 balancing in the sampler and per-sample weights, the LoRA EMA, and their config keys."""
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ The flow, one subpackage per stage (the README draws it the same way)::
 On top sit the command line (`cli/`, one module per subcommand; `python -m train` is `train`), the
 recipe (`loop.py`, with the loss of a micro-batch in `loss.py`), the `--check` preflight
 (`preflight.py`) and what the loop runs with (`runtime/`: optimizers, checkpoints, tracking, speed
-switches, memory presets). Imports point down only: the top, then `generate/` and `evaluate/`,
-then `lora/` and `data/`, then `model/`. Below everything, importable from every layer: `names.py`
-(the contracts every layer shares: repository ids, sampler names, dataset columns, checkpoint
-names; no imports), `config.py` (the config schema; pydantic and `names` only), `diffusion.py`
-(pure math) and `tensor_files.py` (safetensors written atomically). `prep/` uses only
-`captioning`, those and libraries.
+switches, memory presets). Imports point down only (tests/test_layout.py): the top, then
+`runtime/`, then `evaluate/`, then `generate/`, then `lora/` and `data/`, then `model/`. Below
+everything, importable from every layer: `names.py` (the contracts every layer shares: repository
+ids, sampler names, dataset columns, checkpoint names; no imports), `config.py` (the config schema;
+pydantic and `names` only), `diffusion.py` (pure math) and `tensor_files.py` (safetensors written
+atomically). `prep/` uses only `captioning`, those and libraries.
 """

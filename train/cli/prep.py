@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validation worker processes",
     )
     parser.add_argument(
-        "--shard-index", type=int, default=0, help="this machine's shard (see README)"
+        "--shard-index", type=int, default=0, help="this machine's shard (see docs/prep.md)"
     )
     parser.add_argument("--num-shards", type=int, default=1, help="number of shards")
     parser.add_argument(

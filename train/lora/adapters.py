@@ -25,7 +25,7 @@ Evaluation"):
   et al. 2022, FedPara), with w2_b = 0 at first (PEFT's init) so step 0 is the base model;
   `tucker` gives 3x3 convolutions the Tucker form (`hada_t1`/`hada_t2`).
 
-Which UNet modules to adapt (the target presets) is described in docs/lora_formats.md:
+Which UNet modules to adapt (the target presets) is described in docs/lora-formats.md:
 `attn` (560 layers on SDXL), `attn-mlp` (722, sd-scripts' default), `attn-mlp-conv` (+ LoCon).
 """
 

@@ -1,4 +1,4 @@
-"""Write trained LoRAs in the formats generation tools load (rules: docs/lora_formats.md).
+"""Write trained LoRAs in the formats generation tools load (rules: docs/lora-formats.md).
 
 - `save_webui_lora`: the kohya ("WebUI") single file that A1111, Forge, ComfyUI and diffusers all
   load: `lora_unet_` / `lora_te1_` / `lora_te2_` + module path with `.` -> `_`, then

@@ -7,8 +7,8 @@ PEFT's `peft.tuners.lora.layer.Linear.forward` (peft 0.21) computes, per adapted
 
 which is three GEMMs plus an elementwise multiply and an elementwise add, each its own kernel
 launch (and with a bf16 base and fp32 adapters, casts around them). On the SDXL UNet with the
-`attn-mlp` preset that is 722 layers, and these small kernels make a training step about 50 %
-slower than `attn` at nearly the same FLOPs (docs/performance.md). Here the last three steps
+`attn-mlp` preset that is 722 layers, and these small kernels make a training step much
+slower than `attn` at nearly the same FLOPs (bench/RESULTS.md, "The work and the ceiling"). Here the last three steps
 become one BLAS call, `addmm(result, h, B^T, beta=1, alpha=scaling)` with `h = x A^T`:
 
     y = base_layer(x) + scaling * (x A^T) B^T            # (..., out_features)

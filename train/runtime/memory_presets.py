@@ -5,12 +5,12 @@ hand: `[train] batch_size`, `gradient_accumulation_steps`, `gradient_checkpointi
 `[optimizer] name`, `[model] quantize`, `[data] cache_text_outputs`. Every preset keeps an
 effective batch of 8 through accumulation, so switching cards does not change the recipe.
 
-What uses memory at 1024², SDXL UNet, attn-mlp r32 (bench/RESULTS.md and the README's Training section):
+What uses memory at 1024², SDXL UNet, attn-mlp r32 (bench/RESULTS.md, "The work and the ceiling"):
 - the frozen weights: 4.88 GiB in bf16, about 2.5 in fp8, 1.8 with NF4 linears and fp8 convs;
 - activations: about 1 GiB per image with gradient checkpointing, many times that without;
 - the LoRA: fp32 weights, gradients and AdamW's two moments (8-bit moments with adamw8bit);
-- outside the UNet step: the CUDA context (about 0.5-0.8 GiB) and the text encoders (1.6 GiB in
-  bf16) unless `data.cache_text_outputs` sends them to the CPU.
+- outside the UNet step: the CUDA context (about 0.5-0.8 GiB) and the text encoders (1.52 GiB in
+  bf16, counted as 1.6) unless `data.cache_text_outputs` sends them to the CPU.
 
 `python bench/train_step.py --presets` measures each preset's peak UNet training memory
 (`torch.cuda.max_memory_allocated`) on the exact SDXL UNet and checks it against `unet_budget_gib`.
@@ -47,7 +47,7 @@ def _preset(name: str, card_gib: int, budget: float, *, batch: int, quantize: st
 
 
 # Budgets: the card less ~0.8 GiB of CUDA context and, where they stay on the GPU, the bf16 text
-# encoders (1.6 GiB). The 4 and 8 GB presets cache text outputs (no caption shuffle), which sends
+# encoders (1.52 GiB, counted as 1.6). The 4 and 8 GB presets cache text outputs (no caption shuffle), which sends
 # the encoders to the CPU once every caption is encoded; the VAE leaves the GPU after caching.
 MEMORY_PRESETS: dict[str, MemoryPreset] = {p.name: p for p in (
     _preset("4gb", 4, 3.2, batch=1, quantize="nf4", optimizer="adamw8bit", cache_text=True),

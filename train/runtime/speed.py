@@ -1,8 +1,8 @@
 """Speed switches for the training UNet, applied once in setup by `apply_speed_settings`.
 
 Each switch leaves the maths unchanged (tests/test_speed.py checks loss and LoRA gradients against
-the untouched model); what it changes is how the work reaches the hardware. The measured effect
-of each on an H100 is in docs/performance.md; bench/train_step.py measures them here.
+the untouched model); what it changes is how the work reaches the hardware. bench/train_step.py
+measures each against a naive reference; bench/RESULTS.md has the figures and the H100 ceiling.
 
 - `sdpa`: every attention layer uses diffusers' `AttnProcessor2_0`, i.e.
   `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
