@@ -21,6 +21,19 @@ from captioning.tags import normalize_tag
 PROFILE_DIR = Path(__file__).with_name("profiles")
 DEFAULT_PROFILE = "animagine-xl-4.0"
 
+# What the default profile takes from the publisher and what it infers (the closing text of the
+# --help of `caption`, `tag` and `prep`).
+PROFILE_SOURCES = """\
+The default profile (animagine-xl-4.0) and what it rests on:
+  published (Animagine XL 4.0 model card): the prompt order - people count, character, series,
+    rating, the other tags, quality tags - and the tag vocabularies (quality, score, `year NNNN`,
+    rating words);
+  published (3.x caption notebooks): tag text, the people-count list, the meta-tag filter and the
+    Danbooru score percentiles p5..p95 per rating (p90: g 24, s 41, q 93, e 148);
+  our inference (not published for 4.0): the score and quality thresholds on those percentiles,
+    the year in the fixed tail, `explicit` without `nsfw`, artists in the shuffled body.
+Every rule is a key of captioning/profiles/animagine-xl-4.0.toml (copy it, `extends` it)."""
+
 # Where each kind of tag goes. A slot not listed in [order] is left out of the caption.
 SLOTS = ("people", "character", "copyright", "artist", "rating", "general", "unknown", "meta",
          "year", "quality", "score", "resolution")
@@ -255,7 +268,9 @@ def _build(data: dict, source: str) -> Profile:
         row.done()
         missing = [p for p in needed if p not in cuts]
         if missing and percentile_source == "table":
-            row.fail("", f"missing cut point(s) {', '.join(f'p{p}' for p in missing)} used by the bands")
+            row.fail("", f"missing cut point(s) {', '.join(f'p{p}' for p in missing)} used by the bands "
+                         f"(the table has {', '.join(f'p{p}' for p in sorted(cuts)) or 'none'}; add them "
+                         "to [percentiles.table] or use percentiles.source = \"dataset\")")
         ordered = [cuts[p] for p in sorted(cuts)]
         if ordered != sorted(ordered):
             row.fail("", "cut points must not decrease as the percentile rises")
