@@ -27,6 +27,7 @@ class Post:
     score: int | None
     created_at: datetime | None  # media_asset.created_at, else created_at
     metadata: dict = field(default_factory=dict)  # every source field that was used
+    aesthetic: float | None = None  # an image classifier's aesthetic score in [0, 1] (captioning.aesthetic)
 
 
 @dataclass(frozen=True)

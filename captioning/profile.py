@@ -36,7 +36,7 @@ Every rule is a key of captioning/profiles/animagine-xl-4.0.toml (copy it, `exte
 
 # Where each kind of tag goes. A slot not listed in [order] is left out of the caption.
 SLOTS = ("people", "character", "copyright", "artist", "rating", "general", "unknown", "meta",
-         "year", "quality", "score", "resolution")
+         "year", "quality", "score", "aesthetic", "resolution")
 
 
 class ProfileError(ValueError):
@@ -49,6 +49,14 @@ class Band:
 
     above: int | None
     tag: str  # display form; "" means no tag in this band
+
+
+@dataclass(frozen=True)
+class AestheticBand:
+    """An aesthetic band: the tag applies when the classifier's score > `above` (None: any score)."""
+
+    above: float | None
+    tag: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class Profile:
     percentile_source: str  # "table" | "dataset"
     percentile_table: dict[str, dict[int, float]]  # rating -> percentile -> score
     unrated_table: str  # rating whose cut points apply to unrated posts; "" = no score tags
+    aesthetic_bands: tuple[AestheticBand, ...] = ()  # empty: the profile has no aesthetic tags
+    aesthetic_label: str = "hq"  # the classifier label whose probability is the aesthetic score
 
     @property
     def percentiles_used(self) -> tuple[int, ...]:
@@ -247,6 +257,7 @@ def _build(data: dict, source: str) -> Profile:
 
     score_bands, score_missing = _bands(top.sub("score"))
     quality_bands, quality_missing = _bands(top.sub("quality"))
+    aesthetic_bands, aesthetic_label = _aesthetic_bands(top.sub("aesthetic"))
 
     pct = top.sub("percentiles")
     percentile_source = pct.get("source", str, "table")
@@ -287,7 +298,8 @@ def _build(data: dict, source: str) -> Profile:
         resolution_tags=resolution_tags, drop_backslash_tags=drop_backslash,
         score_bands=score_bands, score_missing=score_missing, quality_bands=quality_bands,
         quality_missing=quality_missing, percentile_source=percentile_source,
-        percentile_table=table, unrated_table=unrated,
+        percentile_table=table, unrated_table=unrated, aesthetic_bands=aesthetic_bands,
+        aesthetic_label=aesthetic_label,
     )
 
 
@@ -306,3 +318,21 @@ def _bands(reader: _Reader) -> tuple[tuple[Band, ...], str]:
     missing = reader.get("missing", str, "")
     reader.done()
     return tuple(bands), missing
+
+
+def _aesthetic_bands(reader: _Reader) -> tuple[tuple[AestheticBand, ...], str]:
+    """[aesthetic] bands (score thresholds in 0..1, from the highest down) and the scored label."""
+    bands = []
+    for i, item in enumerate(reader.get("bands", list, [])):
+        band = _Reader(item, f"{reader.where}bands[{i}].", reader.source)
+        above = band.get("above", (int, float), None)
+        if above is not None and not 0 <= above < 1:
+            band.fail("above", f"expected a classifier score in [0, 1), got {above}")
+        bands.append(AestheticBand(None if above is None else float(above), band.get("tag", str)))
+        band.done()
+    for previous, band in itertools.pairwise(bands):
+        if previous.above is None or (band.above is not None and band.above >= previous.above):
+            reader.fail("bands", "list bands from the highest score down; only the last may omit `above`")
+    label = reader.get("label", str, "hq")
+    reader.done()
+    return tuple(bands), label
