@@ -53,6 +53,7 @@ from train.data.rows import (
     make_caption,
 )
 from train.generate.hook import should_sample
+from train.prep.manifest import trigger_features as prep_trigger_features
 from train.runtime import checkpoint
 from train.runtime.checkpoint import ResumePoint, TrainState
 from train.runtime.ema import LoraEma
@@ -311,9 +312,11 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
 
 
 def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: OutputConfig, rows: list[dict],
-                  *, source: str, resolution: tuple[int, int], num_reg_images: int, ema: LoraEma | None):
+                  *, source: str, resolution: tuple[int, int], num_reg_images: int, ema: LoraEma | None,
+                  trigger_features: dict[str, list[str]] | None = None):
     """`export(folder, step)`: the WebUI file (LyCORIS format for LoKr / LoHa) and the diffusers folder
-    of the current adapter.
+    of the current adapter. `trigger_features` (the prep output's folded tags) go into the WebUI
+    file's metadata (train.lora.trigger).
 
     With an EMA the averaged weights are the run's LoRA (`NAME.safetensors`, `diffusers/`) and the
     raw weights go beside them (`NAME-raw.safetensors`, `diffusers-raw/`).
@@ -324,6 +327,7 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
         save_webui_lora,
         webui_metadata,
     )
+    from train.lora.trigger import trigger_metadata
 
     tag_frequency: dict[str, Counter] = {}
     for row in rows:
@@ -345,7 +349,8 @@ def build_exporter(accelerator: Accelerator, base, lora: LoraConfig, output: Out
             comment=f"animagine-lora, preset {lora.preset}", base_model=source,
             prediction_type=base.prediction_type, conv=lora.preset == "attn-mlp-conv",
             extra={"ss_steps": step, "ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
-                   **({"ss_ema_decay": ema.decay} if ema is not None and not suffix else {})},
+                   **({"ss_ema_decay": ema.decay} if ema is not None and not suffix else {}),
+                   **trigger_metadata(trigger_features or {})},
             network_args=network_args)
         # The WebUI loaders disagree on DoRA's magnitude axis and diffusers drops it on load, so
         # a DoRA run gets the diffusers folder only (train.lora.export refuses a WebUI DoRA file).
@@ -447,7 +452,8 @@ def setup(config: Config, accelerator: Accelerator) -> Components:
     if ema is not None:
         resumable["ema"] = ema
     export = build_exporter(accelerator, base, config.lora, config.output, data.rows, source=config.model.source,
-                            resolution=(geometry.width, geometry.height), num_reg_images=len(data.reg_rows), ema=ema)
+                            resolution=(geometry.width, geometry.height), num_reg_images=len(data.reg_rows), ema=ema,
+                            trigger_features=prep_trigger_features(config.data.dataset))
     params = [p for g in param_groups for p in g["params"]]
     export = _exporting_eval_weights(export, optimizer, params)
     model_dtype = TORCH_DTYPES[config.model.weight_dtype]

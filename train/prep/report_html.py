@@ -1,0 +1,343 @@
+"""`report.html`: the page where a user checks a prepped dataset before spending GPU hours on it.
+
+One self-contained file beside `thumbs/` and `plots/`: inline CSS and plain JavaScript, no
+remote resource (it works offline, from the output folder, in any browser). Sections: counts,
+the curation decisions per character and the edit rules' counts, a gallery of every kept image
+(thumbnail with the trained crop drawn on it, the final caption with head, body and tail told
+apart and the folded, removed, replaced or cut tags struck through, bucket, repeats, mask,
+source file) with filters by tag, character and problem, the tag frequencies as a sortable
+table, rejected files with their reasons, duplicates beside the copy that was kept, and the plots.
+Cards use `content-visibility: auto` and lazy images, so a 10,000-image report opens quickly.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from captioning.tags import display_tag
+from train.prep.gallery import GALLERY_MAX, PROBLEMS, THUMBS, GalleryItem, thumb_name
+
+THUMB_BOX = 200  # px: the longest side of a thumbnail as shown
+TAG_TABLE_MAX = 5000  # rows of the tag table (most frequent first)
+STRUCK_TITLES = {"folded": "folded into {}", "removed": "removed by the rule {}", "replaced": "replaced by {}",
+                 "cut": "cut by the {}"}
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+header{background:#20232a;color:#fff;padding:.8em 1.5em}header h1{margin:0;font-size:1.4em}
+nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid #ddd;padding:.5em 1.5em}
+nav a{margin-right:1.2em;color:#0b57d0;text-decoration:none}
+main{padding:0 1.5em 3em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:.2em .8em;text-align:left;border-bottom:1px solid #eee}
+th{background:#f0f0f0}td.n,th.n{text-align:right}
+table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{content:" \\2195";color:#999}
+.muted{color:#777}.why{color:#a33}
+.filters{display:flex;flex-wrap:wrap;gap:.8em;align-items:center;background:#fff;border:1px solid #ddd;
+ padding:.6em;border-radius:6px;margin:.6em 0}
+.filters input,.filters select{padding:.25em}
+.legend span{margin-right:1em}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+.card{width:220px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;box-sizing:border-box;
+ content-visibility:auto;contain-intrinsic-size:220px 420px;font-size:12px}
+.thumb{position:relative;overflow:hidden;margin:0 auto 6px;background:#eee}
+.thumb img{display:block;width:100%;height:100%}
+.crop{position:absolute;border:2px solid #ffcc00;box-sizing:border-box;box-shadow:0 0 0 999px rgba(0,0,0,.45)}
+.nothumb{display:flex;align-items:center;justify-content:center;color:#999;width:200px;height:120px}
+.cap{line-height:1.5;margin:4px 0;word-wrap:break-word}
+.t{cursor:pointer}.h{background:#dbe8ff;border-radius:3px;padding:0 2px}.tl{background:#dcf3dc;border-radius:3px;padding:0 2px}
+s.t{color:#b00}s.folded{color:#c56a00}s.replaced{color:#7a3db8}s.cut{color:#888}
+.meta{color:#555;margin:2px 0}.meta b{color:#1d1d1f}
+.id{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.prob{display:inline-block;background:#fde2e1;color:#900;border-radius:3px;padding:0 4px;margin:1px 2px 0 0}
+.pair{display:flex;gap:12px;align-items:center;margin:8px 0}
+.pair .card{content-visibility:visible}
+.charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+"""
+
+SCRIPT = """
+(function(){
+  var cards = Array.prototype.slice.call(document.querySelectorAll('#gallery .card'));
+  var tag = document.getElementById('f-tag'), chr = document.getElementById('f-char'),
+      prob = document.getElementById('f-prob'), shown = document.getElementById('f-shown');
+  // As captioning.tags.display_tag: underscores become spaces, except in short emoticons (^_^).
+  function norm(s){ s = s.trim().toLowerCase(); return s.length > 3 ? s.replace(/_/g, ' ') : s; }
+  function apply(){
+    var t = norm(tag.value), c = chr.value, p = prob.value, n = 0;
+    cards.forEach(function(card){
+      var ok = (!t || card.dataset.tags.indexOf('|' + t + '|') >= 0 || card.dataset.struck.indexOf('|' + t + '|') >= 0)
+        && (!c || card.dataset.chars.indexOf('|' + c + '|') >= 0)
+        && (!p || (p === 'any' ? card.dataset.problems.length > 2 : card.dataset.problems.indexOf('|' + p + '|') >= 0));
+      card.hidden = !ok; if (ok) n++;
+    });
+    shown.textContent = n + ' of ' + cards.length + ' shown';
+  }
+  [tag, chr, prob].forEach(function(el){ el.addEventListener('input', apply); });
+  // report.html?tag=blue%20hair&character=...&problem=cut opens with those filters set.
+  var query = new URLSearchParams(location.search);
+  tag.value = query.get('tag') || ''; chr.value = query.get('character') || ''; prob.value = query.get('problem') || '';
+  document.getElementById('f-clear').addEventListener('click', function(){ tag.value = ''; chr.value = ''; prob.value = ''; apply(); });
+  document.getElementById('gallery').addEventListener('click', function(e){
+    var el = e.target;
+    if (el.classList && el.classList.contains('t')) { tag.value = el.textContent; apply(); }
+  });
+  document.querySelectorAll('table.sortable').forEach(function(table){
+    table.querySelectorAll('th').forEach(function(th, col){
+      th.addEventListener('click', function(){
+        var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+        var numeric = th.classList.contains('n'), down = th.dataset.dir !== 'down';
+        th.dataset.dir = down ? 'down' : 'up';
+        rows.sort(function(a, b){
+          var x = a.cells[col].dataset.v !== undefined ? a.cells[col].dataset.v : a.cells[col].textContent;
+          var y = b.cells[col].dataset.v !== undefined ? b.cells[col].dataset.v : b.cells[col].textContent;
+          var r = numeric ? (parseFloat(x) - parseFloat(y)) : x.localeCompare(y);
+          return down ? -r : r;
+        });
+        rows.forEach(function(row){ body.appendChild(row); });
+      });
+    });
+  });
+  apply();
+})();
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render_report(stats, data: dict[str, Any], plots: list[tuple[str, str]], out: Path) -> str:
+    """The whole page for a `PrepStats` (`stats`), its JSON form (`data`) and the plot files."""
+    thumbs = out / THUMBS
+    sections = [
+        ("summary", "Summary", _summary(stats, data)),
+        ("curation", "Curation", _curation(stats)),
+        ("gallery", f"Gallery ({len(stats.gallery)})", _gallery(stats, thumbs)),
+        ("tags", "Tag frequencies", _tag_table(stats)),
+    ]
+    if stats.rejected:
+        sections.append(("rejected", f"Rejected ({len(stats.rejected)})", _rejected(stats, thumbs)))
+    if stats.duplicates:
+        sections.append(("duplicates", f"Duplicates ({len(stats.duplicates)})", _duplicates(stats, thumbs)))
+    if plots:
+        sections.append(("charts", "Charts", "<div class=charts>" + "".join(
+            f"<img src='plots/{esc(name)}' alt='{esc(title)}' title='{esc(title)}'>" for title, name in plots)
+            + "</div>"))
+    nav = "".join(f"<a href='#{key}-section'>{esc(title)}</a>" for key, title, _ in sections)
+    body = "".join(f"<section id='{key}-section'><h2>{esc(title)}</h2>{content}</section>"
+                   for key, title, content in sections)
+    counts = data["counts"]
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<title>animagine-lora prep report</title><style>{STYLE}</style></head><body>"
+        f"<header><h1>Dataset prep report</h1><div>{counts['kept']} images kept of {counts['read']} read, "
+        f"{counts['rejected']} rejected, {counts['duplicates']} duplicates</div></header>"
+        f"<nav>{nav}</nav><main>{body}</main><script>{SCRIPT}</script></body></html>"
+    )
+
+
+def _rows_table(rows: list[tuple], header: tuple[str, ...] = (), numeric: tuple[int, ...] = ()) -> str:
+    head = "".join(f"<th{' class=n' if i in numeric else ''}>{esc(h)}</th>" for i, h in enumerate(header))
+    cells = "".join(
+        "<tr>" + "".join(f"<td{' class=n' if i in numeric else ''}>{esc(v)}</td>" for i, v in enumerate(row)) + "</tr>"
+        for row in rows)
+    return f"<table>{'<tr>' + head + '</tr>' if head else ''}{cells}</table>"
+
+
+def _summary(stats, data: dict[str, Any]) -> str:
+    parts = [_rows_table([(k.replace("_", " "), v) for k, v in data["counts"].items()], numeric=(1,))]
+    if data["rejected_by_reason"]:
+        parts.append("<h3>Rejected by reason</h3>" + _rows_table(list(data["rejected_by_reason"].items()),
+                                                                   ("reason", "files"), (1,)))
+    if stats.warnings:
+        items = "".join(f"<li>{esc(w)}</li>" for w in stats.warnings[:500])
+        more = f"<p class=muted>{len(stats.warnings) - 500} more in report.json</p>" if len(stats.warnings) > 500 else ""
+        parts.append(f"<details><summary>{len(stats.warnings)} warnings</summary><ul>{items}</ul>{more}</details>")
+    return "".join(parts)
+
+
+def _share(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def _curation(stats) -> str:
+    parts = []
+    fold = stats.fold
+    if fold is None or not fold.characters:
+        parts.append("<p class=muted>No character or trigger tags: nothing to fold.</p>")
+    else:
+        settings = fold.settings
+        exempt = ", ".join(settings.exempt) or "none"
+        parts.append(
+            f"<p>A general tag in at least <b>{_share(settings.threshold)}</b> of a character's images is folded "
+            f"into it (left out of those captions, so the character's tag alone brings it back). "
+            f"Characters with fewer than {settings.min_images} images fold nothing. Exempt: {esc(exempt)}."
+            + (" <b>--keep-features</b>: nothing is folded." if settings.keep_features else "") + "</p>")
+        rows = []
+        for name, decision in fold.characters.items():
+            def tags(shares: dict[str, float]) -> str:
+                return ", ".join(f"{esc(display_tag(t))} <span class=muted>{_share(s)}</span>"
+                                 for t, s in shares.items()) or "<span class=muted>none</span>"
+            note = f"<div class=why>{esc(decision.note)}</div>" if decision.note else ""
+            rows.append(f"<tr><td><b>{esc(display_tag(name))}</b>{note}</td><td class=n>{decision.images}</td>"
+                        f"<td>{tags(decision.folded)}</td><td>{tags(decision.kept)}</td><td>{tags(decision.below)}</td></tr>")
+        parts.append("<table><tr><th>character / trigger</th><th class=n>images</th><th>folded (share)</th>"
+                     "<th>kept at or above the threshold</th><th>most frequent below it</th></tr>"
+                     + "".join(rows) + "</table>")
+    edits = stats.edits.to_json()
+    labels = {"removed": "removed tags", "removed_by_category": "removed by category", "replaced": "replaced",
+              "added": "added"}
+    # Folded tags are listed per character above; this table counts the edit rules.
+    rows = [(labels[kind], tag, count) for kind, counts in edits.items() if kind != "folded"
+            for tag, count in counts.items()]
+    if rows:
+        parts.append("<h3>Tag changes</h3>" + _rows_table(
+            [(kind, display_tag(tag) if "->" not in tag else " -> ".join(map(display_tag, tag.split(" -> "))), n)
+             for kind, tag, n in rows], ("change", "tag", "captions"), (2,)))
+    else:
+        parts.append("<p class=muted>No edit rules ([edit] remove_tags, replace_tags, remove_categories, "
+                     "add_tags) changed any caption.</p>")
+    return "".join(parts)
+
+
+def _thumb(name: str, width: int, height: int, thumbs: Path, crop: tuple | None = None) -> str:
+    """The thumbnail box (sized to fit THUMB_BOX, the image's aspect) with the crop drawn on it."""
+    if not (thumbs / name).is_file():
+        return "<div class=nothumb>no thumbnail</div>"
+    scale = THUMB_BOX / max(width, height)
+    box = f"width:{max(1, round(width * scale))}px;height:{max(1, round(height * scale))}px"
+    overlay = ""
+    if crop is not None:
+        left, top, w, h = crop
+        overlay = f"<div class=crop style='left:{left:.2f}%;top:{top:.2f}%;width:{w:.2f}%;height:{h:.2f}%'></div>"
+    return (f"<div class=thumb style='{box}'><img src='{THUMBS}/{esc(name)}' loading=lazy alt=''>"
+            f"{overlay}</div>")
+
+
+def _caption(item: GalleryItem) -> str:
+    head = [f"<span class='t h'>{esc(t)}</span>" for t in item.head]
+    body = [f"<span class=t>{esc(t)}</span>" for t in item.body]
+    struck = []
+    for s in item.struck:
+        title = STRUCK_TITLES.get(s.kind, "{}").format(s.detail)
+        struck.append(f"<s class='t {esc(s.kind)}' title='{esc(title)}'>{esc(s.tag)}</s>")
+    tail = [f"<span class='t tl'>{esc(t)}</span>" for t in item.tail]
+    return ", ".join(head + body + struck + tail)
+
+
+def _card(item: GalleryItem, thumbs: Path) -> str:
+    tags = "|" + "|".join(t.lower() for t in item.head + item.body + item.tail) + "|"
+    struck = "|" + "|".join(s.tag.lower() for s in item.struck) + "|"
+    chars = "|" + "|".join(item.characters) + "|"
+    flags = list(item.problems) + (["masked"] if item.mask else []) + (["val"] if item.split == "val" else []) \
+        + (["curated"] if any(s.kind != "cut" for s in item.struck) else [])
+    problems = "".join(f"<span class=prob>{esc(PROBLEMS[p])}</span>" for p in item.problems)
+    mask = f" · mask <b title='{esc(item.mask)}'>{esc(Path(item.mask).name)}</b>" if item.mask else ""
+    return (
+        f"<article class=card data-tags='{esc(tags)}' data-struck='{esc(struck)}' data-chars='{esc(chars)}' "
+        f"data-problems='{esc('|' + '|'.join(flags) + '|')}'>"
+        + _thumb(item.thumb, item.width, item.height, thumbs, item.crop_box)
+        + f"<p class=cap>{_caption(item)}</p>"
+        f"<p class=meta>bucket <b>{item.bucket_width}×{item.bucket_height}</b> from {item.width}×{item.height}"
+        f" · <b>×{item.repeats}</b> repeats · {esc(item.split)} · {item.tokens} tokens{mask}</p>"
+        f"<p class='meta id' title='{esc(item.path)}'>{esc(item.id)}</p>{problems}</article>"
+    )
+
+
+def _gallery(stats, thumbs: Path) -> str:
+    items: list[GalleryItem] = stats.gallery
+    characters = sorted({c for item in items for c in item.characters})
+    tags = sorted({t for item in items for t in item.head + item.body + item.tail})
+    problem_counts = Counter(p for item in items for p in item.problems)
+    options = "".join(f"<option value='{esc(key)}'>{esc(label)} ({problem_counts[key]})</option>"
+                      for key, label in PROBLEMS.items() if problem_counts[key])
+    extra = {"masked": "with a loss mask", "val": "validation split", "curated": "tags removed or folded"}
+    options += "".join(f"<option value='{key}'>{label}</option>" for key, label in extra.items())
+    filters = (
+        "<div class=filters>"
+        "<label>tag <input id=f-tag list=f-tags placeholder='e.g. blue hair' size=18></label>"
+        "<datalist id=f-tags>" + "".join("<option value='" + esc(t) + "'>" for t in tags) + "</datalist>"
+        "<label>character <select id=f-char><option value=''>all</option>"
+        + "".join(f"<option value='{esc(c)}'>{esc(c)}</option>" for c in characters)
+        + "</select></label><label>problem <select id=f-prob><option value=''>all images</option>"
+        "<option value=any>any problem</option>" + options + "</select></label>"
+        "<button id=f-clear type=button>clear</button><span id=f-shown class=muted></span></div>"
+        "<p class='legend muted'><span class='h'>head</span><span>body (shuffled in training)</span>"
+        "<span class='tl'>tail</span><s class='t folded'>folded</s> <s class=t>removed</s> "
+        "<s class='t replaced'>replaced</s> <s class='t cut'>cut by the token budget</s>"
+        "<span>· the yellow box is the crop that is trained · click a tag to filter</span></p>"
+    )
+    more = ""
+    if stats.kept > len(items):
+        more = (f"<p class=why>The gallery shows the first {len(items)} of {stats.kept} kept images "
+                f"(at most {GALLERY_MAX}); report.json and the dataset hold them all.</p>")
+    return filters + more + "<div id=gallery class=grid>" + "".join(_card(i, thumbs) for i in items) + "</div>"
+
+
+def _tag_table(stats) -> str:
+    category_of: dict[str, str] = {}
+    inputs: Counter = Counter()
+    for category, counter in stats.tags_in_order():
+        for name, count in counter.items():
+            display = display_tag(name)
+            inputs[display] += count
+            category_of.setdefault(display, category)
+    folded_into: dict[str, list[str]] = {}
+    if stats.fold is not None:
+        for character, decision in stats.fold.characters.items():
+            for tag in decision.folded:
+                folded_into.setdefault(display_tag(tag), []).append(display_tag(character))
+    edits = stats.edits
+    removed = Counter({display_tag(t): n for t, n in edits.removed.items()})
+    kept = max(stats.kept, 1)
+    names = sorted(set(stats.caption_tags) | set(inputs), key=lambda t: (-stats.caption_tags[t], -inputs[t], t))
+    rows = []
+    for name in names[:TAG_TABLE_MAX]:
+        notes = []
+        if name in folded_into:
+            notes.append("folded into " + ", ".join(folded_into[name]))
+        if removed[name]:
+            notes.append(f"removed from {removed[name]}")
+        if stats.cut_tags[name]:
+            notes.append(f"cut from {stats.cut_tags[name]}")
+        count = stats.caption_tags[name]
+        rows.append(
+            f"<tr><td>{esc(name)}</td><td>{esc(category_of.get(name, 'added by the profile'))}</td>"
+            f"<td>{esc(stats.tag_parts.get(name, '-'))}</td><td class=n data-v={count}>{count}</td>"
+            f"<td class=n data-v={count / kept:.6f}>{_share(count / kept)}</td>"
+            f"<td class=n data-v={inputs[name]}>{inputs[name]}</td><td>{esc('; '.join(notes))}</td></tr>")
+    more = f"<p class=muted>The {TAG_TABLE_MAX} most frequent of {len(names)} tags.</p>" if len(names) > TAG_TABLE_MAX else ""
+    return (
+        "<p class=muted>Click a column to sort; click a tag in the gallery to filter by it. <i>captions</i>: kept images whose final caption has the tag; "
+        "<i>input</i>: images whose tags had it before curation.</p>" + more
+        + "<table class=sortable id=tag-table><thead><tr><th>tag</th><th>category</th><th>part</th>"
+        "<th class=n>captions</th><th class=n>share</th><th class=n>input</th><th>curation</th></tr></thead>"
+        "<tbody>" + "".join(rows) + "</tbody></table>"
+    )
+
+
+def _rejected(stats, thumbs: Path) -> str:
+    rows = []
+    for index, (path, reason) in enumerate(stats.rejected[:5000]):
+        name = stats.rejected_thumbs.get(index)
+        image = ""
+        if name and (thumbs / name).is_file():
+            image = f"<img src='{THUMBS}/{esc(name)}' loading=lazy alt='' style='max-width:96px;max-height:96px'>"
+        rows.append(f"<tr><td>{image}</td><td>{esc(path)}</td><td class=why>{esc(reason)}</td></tr>")
+    return "<table><tr><th></th><th>file</th><th>reason</th></tr>" + "".join(rows) + "</table>"
+
+
+def _duplicates(stats, thumbs: Path) -> str:
+    pairs = []
+    for dropped, kind, kept in stats.duplicates[:2000]:
+        def side(record_id: str, label: str) -> str:
+            name = thumb_name(record_id)
+            image = (f"<img src='{THUMBS}/{esc(name)}' loading=lazy alt='' style='max-width:200px;max-height:200px'>"
+                     if (thumbs / name).is_file() else "<div class=nothumb>no thumbnail</div>")
+            return f"<div class=card><b>{label}</b>{image}<p class=meta>{esc(record_id)}</p></div>"
+        pairs.append(f"<div class=pair>{side(dropped, 'dropped')}<div class=why>{esc(kind)} of →</div>"
+                     f"{side(kept, 'kept')}</div>")
+    return "".join(pairs)
