@@ -123,46 +123,38 @@ def test_the_lora_metadata_carries_the_fold_and_sample_says_it(prepped, tmp_path
 
 
 class PageParser(HTMLParser):
-    """Cards of the gallery (thumbnail, caption tags, struck tags), every src/href, and the headings."""
+    """Every src/href of the page, its headings, and the JSON of its script data blocks."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.cards: list[dict] = []
         self.links: list[str] = []
         self.headings: list[str] = []
-        self._in_cap = False
-        self._tag: list | None = None  # [text, class] of the caption tag being read
+        self.data: dict[str, object] = {}
         self._heading: list[str] | None = None
+        self._script: str | None = None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.links += [attrs[k] for k in ("src", "href") if k in attrs]
-        if tag == "article":
-            self.cards.append({"img": None, "tags": [], "struck": []})
-        elif tag == "img" and self.cards and self.cards[-1]["img"] is None:
-            self.cards[-1]["img"] = attrs.get("src")
-        elif tag == "p" and attrs.get("class") == "cap":
-            self._in_cap = True
-        elif tag in ("span", "s") and self._in_cap:
-            self._tag = ["", attrs.get("class", "")]
-            self.cards[-1]["struck" if tag == "s" else "tags"].append(self._tag)
-        elif tag in ("h2", "h3"):
+        if tag in ("h2", "h3"):
             self._heading = []
+        elif tag == "script" and attrs.get("type") == "application/json":
+            self._script = attrs["id"]
+            self.data[self._script] = ""
 
     def handle_endtag(self, tag):
-        if tag == "p":
-            self._in_cap = False
-        elif tag in ("span", "s"):
-            self._tag = None
-        elif tag in ("h2", "h3") and self._heading is not None:
+        if tag in ("h2", "h3") and self._heading is not None:
             self.headings.append("".join(self._heading))
             self._heading = None
+        elif tag == "script" and self._script is not None:
+            self.data[self._script] = json.loads(self.data[self._script])
+            self._script = None
 
     def handle_data(self, data):
-        if self._tag is not None:
-            self._tag[0] += data
         if self._heading is not None:
             self._heading.append(data)
+        if self._script is not None:
+            self.data[self._script] += data
 
 
 def parse_page(out: Path) -> tuple[PageParser, str]:
@@ -175,27 +167,33 @@ def parse_page(out: Path) -> tuple[PageParser, str]:
 def test_report_gallery_has_a_thumbnail_and_the_caption_of_every_kept_row(prepped):
     _, out, _ = prepped
     parser, text = parse_page(out)
+    gallery = parser.data["gallery-data"]
+    vocabulary = gallery["tags"]
+    items = {item["id"]: item for item in gallery["items"]}
     rows = rows_by_id(out)
-    cards = {tuple(t for t, _ in card["tags"]): card for card in parser.cards if card["tags"]}
-    for row in rows.values():
-        caption = tuple(row["caption_head"] + row["caption_body"] + row["caption_tail"])
-        assert caption in cards, row["id"]
-        thumb = out / cards[caption]["img"]
-        with Image.open(thumb) as image:
+    assert set(items) == set(rows)
+    for row_id, row in rows.items():
+        item = items[row_id]
+        caption = [vocabulary[i] for i in item["h"] + item["b"] + item["t"]]
+        assert caption == row["caption_head"] + row["caption_body"] + row["caption_tail"], row_id
+        with Image.open(out / item["thumb"]) as image:
             assert image.format == "WEBP" and max(image.size) <= 256
-    alice = cards[tuple(rows["booru/a0.png"]["caption_head"] + rows["booru/a0.png"]["caption_body"]
-                        + rows["booru/a0.png"]["caption_tail"])]
-    assert sorted((t, kind) for t, kind in alice["struck"]) == [
-        ("blonde hair", "t removed"), ("blue eyes", "t folded"), ("school uniform", "t replaced"), ("wlop", "t removed")]
+    struck = sorted((vocabulary[i], kind) for i, kind, _ in items["booru/a0.png"]["s"])
+    assert struck == [("blonde hair", "removed"), ("blue eyes", "folded"), ("school uniform", "replaced"),
+                      ("wlop", "removed")]
+    assert items["kohya/3_zeta/z2.png"]["mask"].endswith("z2.png")  # transparency: the image is its own mask
     assert "Rejected by reason" in parser.headings
     assert "too small: 20x20" in text and "corrupt image" in text
     assert "booru/copy_of_a0.png" in text and "exact duplicate" in text
+    tag_rows = {r[0]: r for r in parser.data["tag-data"]}
+    assert tag_rows["blue eyes"][3:] == [0, 0, 10, "folded into alice (curation test)"]
 
 
 def test_report_loads_no_remote_resource(prepped):
     _, out, _ = prepped
     parser, text = parse_page(out)
-    for link in parser.links:
+    thumbs = [item["thumb"] for item in parser.data["gallery-data"]["items"]]
+    for link in parser.links + thumbs:
         assert "://" not in link and not link.startswith("//"), link
         if not link.startswith("#"):
             assert (out / link).is_file(), link
@@ -209,14 +207,16 @@ def test_report_filters_in_a_real_browser(prepped):
     """The page's JavaScript, run by headless Chromium from the output folder (file://, offline)."""
     _, out, _ = prepped
 
-    def shown(query: str) -> str:  # one browser start costs ~2 s: one query
-        dom = subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-             f"file://{out / 'report.html'}?{query}"], check=False, capture_output=True, text=True, timeout=120).stdout
-        return dom.split('id="f-shown"', 1)[1].split(">", 1)[1].split("<", 1)[0]
-
-    # blue eyes is struck through (folded) in alice's 10 captions; zeta's 3 have no such tag.
-    assert shown("tag=blue_eyes&problem=curated") == "10 of 13 shown"
+    # One browser start costs ~2 s: one query. blue eyes is struck through (folded) in alice's 10
+    # captions; zeta's 3 have no such tag.
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+         f"file://{out / 'report.html'}?tag=blue_eyes&problem=curated"],
+        check=False, capture_output=True, text=True, timeout=120).stdout
+    assert dom.split('id="f-shown"', 1)[1].split(">", 1)[1].split("<", 1)[0] == "10 of 13 shown"
+    cards = dom.split('<article class="card">')[1:]
+    assert len(cards) == 10 and all('<img src="thumbs/' in card and '<s class="t folded"' in card for card in cards)
+    assert dom.count("<tr><td>") >= 20  # the tag table, drawn from its JSON
 
 
 def test_dry_run_writes_nothing_and_previews_what_prep_writes(prepped, tmp_path, capsys):
@@ -276,3 +276,11 @@ def test_aesthetic_tags_in_prep(tmp_path):
     rows = rows_by_id(result.out)
     assert all(row["caption_body"][-1] == "displeasing" for row in rows.values())  # 0.27 < 0.3 <= 0.45
     assert json.loads(rows["s/0.png"]["metadata"])["aesthetic_score"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_tags_cannot_break_out_of_the_pages_script_data():
+    from train.prep.report_html import script_json
+
+    hostile = ["<3", "</script><script>alert(1)</script>", "<!--"]
+    text = script_json({"tags": hostile})
+    assert "<" not in text and json.loads(text) == {"tags": hostile}

@@ -7,12 +7,14 @@ the curation decisions per character and the edit rules' counts, a gallery of ev
 apart and the folded, removed, replaced or cut tags struck through, bucket, repeats, mask,
 source file) with filters by tag, character and problem, the tag frequencies as a sortable
 table, rejected files with their reasons, duplicates beside the copy that was kept, and the plots.
-Cards use `content-visibility: auto` and lazy images, so a 10,000-image report opens quickly.
+The gallery is JSON rendered a page at a time by the script, with lazy images, so a 10,000-image
+report opens in about a second.
 """
 
 from __future__ import annotations
 
 import html
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,8 @@ from captioning.tags import display_tag
 from train.prep.gallery import GALLERY_MAX, PROBLEMS, THUMBS, GalleryItem, thumb_name
 
 THUMB_BOX = 200  # px: the longest side of a thumbnail as shown
-TAG_TABLE_MAX = 5000  # rows of the tag table (most frequent first)
-STRUCK_TITLES = {"folded": "folded into {}", "removed": "removed by the rule {}", "replaced": "replaced by {}",
-                 "cut": "cut by the {}"}
+TAG_TABLE_MAX = 20_000  # rows of the tag table (most frequent first)
+TAG_ROWS_SHOWN = 300  # rows drawn until the user asks for all
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
@@ -41,7 +42,7 @@ table.sortable th{cursor:pointer;user-select:none}table.sortable th:after{conten
 .legend span{margin-right:1em}
 .grid{display:flex;flex-wrap:wrap;gap:12px}
 .card{width:220px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;box-sizing:border-box;
- content-visibility:auto;contain-intrinsic-size:220px 420px;font-size:12px}
+ font-size:12px}
 .thumb{position:relative;overflow:hidden;margin:0 auto 6px;background:#eee}
 .thumb img{display:block;width:100%;height:100%}
 .crop{position:absolute;border:2px solid #ffcc00;box-sizing:border-box;box-shadow:0 0 0 999px rgba(0,0,0,.45)}
@@ -53,52 +54,101 @@ s.t{color:#b00}s.folded{color:#c56a00}s.replaced{color:#7a3db8}s.cut{color:#888}
 .id{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .prob{display:inline-block;background:#fde2e1;color:#900;border-radius:3px;padding:0 4px;margin:1px 2px 0 0}
 .pair{display:flex;gap:12px;align-items:center;margin:8px 0}
-.pair .card{content-visibility:visible}
 .charts{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
 """
 
 SCRIPT = """
 (function(){
-  var cards = Array.prototype.slice.call(document.querySelectorAll('#gallery .card'));
+  var data = JSON.parse(document.getElementById('gallery-data').textContent);
+  var PAGE = 120, page = 0, matches = [];
+  var grid = document.getElementById('gallery'), pager = document.getElementById('f-pager');
   var tag = document.getElementById('f-tag'), chr = document.getElementById('f-char'),
       prob = document.getElementById('f-prob'), shown = document.getElementById('f-shown');
+  var tagIndex = new Map(data.tags.map(function(t, i){ return [t.toLowerCase(), i]; }));
+  var TITLES = {folded: 'folded into ', removed: 'removed by the rule ', replaced: 'replaced by ', cut: 'cut by the '};
+  function esc(s){ return String(s).replace(/[&<>"']/g, function(c){
+    return {'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'}[c]; }); }
   // As captioning.tags.display_tag: underscores become spaces, except in short emoticons (^_^).
   function norm(s){ s = s.trim().toLowerCase(); return s.length > 3 ? s.replace(/_/g, ' ') : s; }
+  function flags(item){
+    var f = item.p.slice();
+    if (item.mask) f.push('masked');
+    if (item.split === 'val') f.push('val');
+    if (item.s.some(function(s){ return s[1] !== 'cut'; })) f.push('curated');
+    return f;
+  }
+  function card(item){
+    var box = item.box, thumb = item.thumb
+      ? '<div class=thumb style="width:' + box[0] + 'px;height:' + box[1] + 'px"><img src="' + esc(item.thumb) +
+        '" loading=lazy alt=""><div class=crop style="left:' + item.crop[0] + '%;top:' + item.crop[1] +
+        '%;width:' + item.crop[2] + '%;height:' + item.crop[3] + '%"></div></div>'
+      : '<div class=nothumb>no thumbnail</div>';
+    var tags = function(list, cls){ return list.map(function(i){
+      return '<span class="t' + cls + '">' + esc(data.tags[i]) + '</span>'; }); };
+    var struck = item.s.map(function(s){
+      return '<s class="t ' + esc(s[1]) + '" title="' + esc((TITLES[s[1]] || '') + s[2]) + '">' + esc(data.tags[s[0]]) + '</s>'; });
+    var caption = tags(item.h, ' h').concat(tags(item.b, ''), struck, tags(item.t, ' tl')).join(', ');
+    var mask = item.mask ? ' · mask <b title="' + esc(item.mask) + '">' + esc(item.mask.split('/').pop()) + '</b>' : '';
+    var problems = item.p.map(function(p){ return '<span class=prob>' + esc(data.problems[p]) + '</span>'; }).join('');
+    return '<article class=card><div>' + thumb + '</div><p class=cap>' + caption + '</p>' +
+      '<p class=meta>bucket <b>' + esc(item.bucket) + '</b> from ' + esc(item.size) + ' · <b>×' + item.rep +
+      '</b> repeats · ' + esc(item.split) + ' · ' + item.tok + ' tokens' + mask + '</p>' +
+      '<p class="meta id" title="' + esc(item.path) + '">' + esc(item.id) + '</p>' + problems + '</article>';
+  }
+  function render(){
+    var pages = Math.max(1, Math.ceil(matches.length / PAGE));
+    page = Math.min(page, pages - 1);
+    grid.innerHTML = matches.slice(page * PAGE, (page + 1) * PAGE).map(function(i){ return card(data.items[i]); }).join('');
+    shown.textContent = matches.length + ' of ' + data.items.length + ' shown';
+    pager.textContent = 'page ' + (page + 1) + ' of ' + pages;
+  }
   function apply(){
-    var t = norm(tag.value), c = chr.value, p = prob.value, n = 0;
-    cards.forEach(function(card){
-      var ok = (!t || card.dataset.tags.indexOf('|' + t + '|') >= 0 || card.dataset.struck.indexOf('|' + t + '|') >= 0)
-        && (!c || card.dataset.chars.indexOf('|' + c + '|') >= 0)
-        && (!p || (p === 'any' ? card.dataset.problems.length > 2 : card.dataset.problems.indexOf('|' + p + '|') >= 0));
-      card.hidden = !ok; if (ok) n++;
+    var t = norm(tag.value), ti = tagIndex.has(t) ? tagIndex.get(t) : -1, c = chr.value, p = prob.value;
+    var ci = c ? data.chars.indexOf(c) : -1;
+    matches = [];
+    data.items.forEach(function(item, i){
+      var ok = (!t || item.h.indexOf(ti) >= 0 || item.b.indexOf(ti) >= 0 || item.t.indexOf(ti) >= 0
+                || item.s.some(function(s){ return s[0] === ti; }))
+        && (!c || item.c.indexOf(ci) >= 0)
+        && (!p || (p === 'any' ? item.p.length > 0 : flags(item).indexOf(p) >= 0));
+      if (ok) matches.push(i);
     });
-    shown.textContent = n + ' of ' + cards.length + ' shown';
+    page = 0; render();
   }
   [tag, chr, prob].forEach(function(el){ el.addEventListener('input', apply); });
-  // report.html?tag=blue%20hair&character=...&problem=cut opens with those filters set.
-  var query = new URLSearchParams(location.search);
-  tag.value = query.get('tag') || ''; chr.value = query.get('character') || ''; prob.value = query.get('problem') || '';
+  document.getElementById('f-prev').addEventListener('click', function(){ if (page > 0) { page--; render(); } });
+  document.getElementById('f-next').addEventListener('click', function(){ page++; render(); });
   document.getElementById('f-clear').addEventListener('click', function(){ tag.value = ''; chr.value = ''; prob.value = ''; apply(); });
-  document.getElementById('gallery').addEventListener('click', function(e){
+  grid.addEventListener('click', function(e){
     var el = e.target;
     if (el.classList && el.classList.contains('t')) { tag.value = el.textContent; apply(); }
   });
-  document.querySelectorAll('table.sortable').forEach(function(table){
-    table.querySelectorAll('th').forEach(function(th, col){
-      th.addEventListener('click', function(){
-        var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
-        var numeric = th.classList.contains('n'), down = th.dataset.dir !== 'down';
-        th.dataset.dir = down ? 'down' : 'up';
-        rows.sort(function(a, b){
-          var x = a.cells[col].dataset.v !== undefined ? a.cells[col].dataset.v : a.cells[col].textContent;
-          var y = b.cells[col].dataset.v !== undefined ? b.cells[col].dataset.v : b.cells[col].textContent;
-          var r = numeric ? (parseFloat(x) - parseFloat(y)) : x.localeCompare(y);
-          return down ? -r : r;
-        });
-        rows.forEach(function(row){ body.appendChild(row); });
+  // report.html?tag=blue%20hair&character=...&problem=cut opens with those filters set.
+  var query = new URLSearchParams(location.search);
+  tag.value = query.get('tag') || ''; chr.value = query.get('character') || ''; prob.value = query.get('problem') || '';
+  // The tag table: rows [tag, category, part, captions, share, input, curation], sortable by column.
+  var tagRows = JSON.parse(document.getElementById('tag-data').textContent), tagTable = document.getElementById('tag-table');
+  var allTags = document.getElementById('tags-all'), tagLimit = TAG_ROWS_SHOWN;
+  function drawTags(){
+    tagTable.tBodies[0].innerHTML = tagRows.slice(0, tagLimit).map(function(r){
+      return '<tr><td>' + esc(r[0]) + '</td><td>' + esc(r[1]) + '</td><td>' + esc(r[2]) + '</td><td class=n>' + r[3] +
+        '</td><td class=n>' + Math.round(100 * r[4]) + '%</td><td class=n>' + r[5] + '</td><td>' + esc(r[6]) + '</td></tr>';
+    }).join('');
+    allTags.hidden = tagRows.length <= tagLimit;
+  }
+  allTags.addEventListener('click', function(){ tagLimit = tagRows.length; drawTags(); });
+  tagTable.querySelectorAll('th').forEach(function(th, col){
+    th.addEventListener('click', function(){
+      var numeric = th.classList.contains('n'), down = th.dataset.dir !== 'down';
+      th.dataset.dir = down ? 'down' : 'up';
+      tagRows.sort(function(a, b){
+        var r = numeric ? a[col] - b[col] : String(a[col]).localeCompare(String(b[col]));
+        return down ? -r : r;
       });
+      drawTags();
     });
   });
+  drawTags();
   apply();
 })();
 """
@@ -135,7 +185,8 @@ def render_report(stats, data: dict[str, Any], plots: list[tuple[str, str]], out
         f"<title>animagine-lora prep report</title><style>{STYLE}</style></head><body>"
         f"<header><h1>Dataset prep report</h1><div>{counts['kept']} images kept of {counts['read']} read, "
         f"{counts['rejected']} rejected, {counts['duplicates']} duplicates</div></header>"
-        f"<nav>{nav}</nav><main>{body}</main><script>{SCRIPT}</script></body></html>"
+        f"<nav>{nav}</nav><main>{body}</main><script>var TAG_ROWS_SHOWN = {TAG_ROWS_SHOWN};{SCRIPT}</script>"
+        "</body></html>"
     )
 
 
@@ -203,54 +254,41 @@ def _curation(stats) -> str:
     return "".join(parts)
 
 
-def _thumb(name: str, width: int, height: int, thumbs: Path, crop: tuple | None = None) -> str:
-    """The thumbnail box (sized to fit THUMB_BOX, the image's aspect) with the crop drawn on it."""
-    if not (thumbs / name).is_file():
-        return "<div class=nothumb>no thumbnail</div>"
-    scale = THUMB_BOX / max(width, height)
-    box = f"width:{max(1, round(width * scale))}px;height:{max(1, round(height * scale))}px"
-    overlay = ""
-    if crop is not None:
-        left, top, w, h = crop
-        overlay = f"<div class=crop style='left:{left:.2f}%;top:{top:.2f}%;width:{w:.2f}%;height:{h:.2f}%'></div>"
-    return (f"<div class=thumb style='{box}'><img src='{THUMBS}/{esc(name)}' loading=lazy alt=''>"
-            f"{overlay}</div>")
+def gallery_data(items: list[GalleryItem], thumbs: Path) -> dict[str, Any]:
+    """The gallery as compact JSON for the page's script: tags and characters as indices into
+    vocabularies, thumbnail boxes and crops precomputed (a 10,000-image gallery is a few MB)."""
+    vocabulary: dict[str, int] = {}
+    characters: dict[str, int] = {}
+
+    def index(tag: str, table: dict[str, int]) -> int:
+        return table.setdefault(tag, len(table))
+
+    rows = []
+    for item in items:
+        scale = THUMB_BOX / max(item.width, item.height)
+        has_thumb = (thumbs / item.thumb).is_file()
+        rows.append({
+            "id": item.id, "path": item.path, "thumb": f"{THUMBS}/{item.thumb}" if has_thumb else None,
+            "box": [max(1, round(item.width * scale)), max(1, round(item.height * scale))],
+            "crop": [round(v, 2) for v in item.crop_box], "bucket": f"{item.bucket_width}×{item.bucket_height}",
+            "size": f"{item.width}×{item.height}", "rep": item.repeats, "split": item.split, "mask": item.mask,
+            "tok": item.tokens, "h": [index(t, vocabulary) for t in item.head],
+            "b": [index(t, vocabulary) for t in item.body], "t": [index(t, vocabulary) for t in item.tail],
+            "s": [[index(s.tag, vocabulary), s.kind, s.detail] for s in item.struck],
+            "c": [index(c, characters) for c in item.characters], "p": item.problems,
+        })
+    return {"tags": list(vocabulary), "chars": list(characters), "problems": PROBLEMS, "items": rows}
 
 
-def _caption(item: GalleryItem) -> str:
-    head = [f"<span class='t h'>{esc(t)}</span>" for t in item.head]
-    body = [f"<span class=t>{esc(t)}</span>" for t in item.body]
-    struck = []
-    for s in item.struck:
-        title = STRUCK_TITLES.get(s.kind, "{}").format(s.detail)
-        struck.append(f"<s class='t {esc(s.kind)}' title='{esc(title)}'>{esc(s.tag)}</s>")
-    tail = [f"<span class='t tl'>{esc(t)}</span>" for t in item.tail]
-    return ", ".join(head + body + struck + tail)
-
-
-def _card(item: GalleryItem, thumbs: Path) -> str:
-    tags = "|" + "|".join(t.lower() for t in item.head + item.body + item.tail) + "|"
-    struck = "|" + "|".join(s.tag.lower() for s in item.struck) + "|"
-    chars = "|" + "|".join(item.characters) + "|"
-    flags = list(item.problems) + (["masked"] if item.mask else []) + (["val"] if item.split == "val" else []) \
-        + (["curated"] if any(s.kind != "cut" for s in item.struck) else [])
-    problems = "".join(f"<span class=prob>{esc(PROBLEMS[p])}</span>" for p in item.problems)
-    mask = f" · mask <b title='{esc(item.mask)}'>{esc(Path(item.mask).name)}</b>" if item.mask else ""
-    return (
-        f"<article class=card data-tags='{esc(tags)}' data-struck='{esc(struck)}' data-chars='{esc(chars)}' "
-        f"data-problems='{esc('|' + '|'.join(flags) + '|')}'>"
-        + _thumb(item.thumb, item.width, item.height, thumbs, item.crop_box)
-        + f"<p class=cap>{_caption(item)}</p>"
-        f"<p class=meta>bucket <b>{item.bucket_width}×{item.bucket_height}</b> from {item.width}×{item.height}"
-        f" · <b>×{item.repeats}</b> repeats · {esc(item.split)} · {item.tokens} tokens{mask}</p>"
-        f"<p class='meta id' title='{esc(item.path)}'>{esc(item.id)}</p>{problems}</article>"
-    )
+def script_json(value: Any) -> str:
+    """JSON that is safe inside a <script> element: no `<` at all, so no tag or file text from a
+    dataset can close the element (`</script>`) or open a comment."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
 
 
 def _gallery(stats, thumbs: Path) -> str:
     items: list[GalleryItem] = stats.gallery
-    characters = sorted({c for item in items for c in item.characters})
-    tags = sorted({t for item in items for t in item.head + item.body + item.tail})
+    data = gallery_data(items, thumbs)
     problem_counts = Counter(p for item in items for p in item.problems)
     options = "".join(f"<option value='{esc(key)}'>{esc(label)} ({problem_counts[key]})</option>"
                       for key, label in PROBLEMS.items() if problem_counts[key])
@@ -259,12 +297,14 @@ def _gallery(stats, thumbs: Path) -> str:
     filters = (
         "<div class=filters>"
         "<label>tag <input id=f-tag list=f-tags placeholder='e.g. blue hair' size=18></label>"
-        "<datalist id=f-tags>" + "".join("<option value='" + esc(t) + "'>" for t in tags) + "</datalist>"
-        "<label>character <select id=f-char><option value=''>all</option>"
-        + "".join(f"<option value='{esc(c)}'>{esc(c)}</option>" for c in characters)
+        "<datalist id=f-tags>" + "".join("<option value='" + esc(t) + "'>" for t in sorted(data["tags"]))
+        + "</datalist><label>character <select id=f-char><option value=''>all</option>"
+        + "".join(f"<option value='{esc(c)}'>{esc(c)}</option>" for c in sorted(data["chars"]))
         + "</select></label><label>problem <select id=f-prob><option value=''>all images</option>"
         "<option value=any>any problem</option>" + options + "</select></label>"
-        "<button id=f-clear type=button>clear</button><span id=f-shown class=muted></span></div>"
+        "<button id=f-clear type=button>clear</button><span id=f-shown class=muted></span>"
+        "<button id=f-prev type=button>&lt;</button><span id=f-pager class=muted></span>"
+        "<button id=f-next type=button>&gt;</button></div>"
         "<p class='legend muted'><span class='h'>head</span><span>body (shuffled in training)</span>"
         "<span class='tl'>tail</span><s class='t folded'>folded</s> <s class=t>removed</s> "
         "<s class='t replaced'>replaced</s> <s class='t cut'>cut by the token budget</s>"
@@ -274,7 +314,9 @@ def _gallery(stats, thumbs: Path) -> str:
     if stats.kept > len(items):
         more = (f"<p class=why>The gallery shows the first {len(items)} of {stats.kept} kept images "
                 f"(at most {GALLERY_MAX}); report.json and the dataset hold them all.</p>")
-    return filters + more + "<div id=gallery class=grid>" + "".join(_card(i, thumbs) for i in items) + "</div>"
+    return (filters + more + "<noscript><p class=why>The gallery needs JavaScript.</p></noscript>"
+            "<div id=gallery class=grid></div>"
+            f"<script id=gallery-data type='application/json'>{script_json(data)}</script>")
 
 
 def _tag_table(stats) -> str:
@@ -304,18 +346,19 @@ def _tag_table(stats) -> str:
         if stats.cut_tags[name]:
             notes.append(f"cut from {stats.cut_tags[name]}")
         count = stats.caption_tags[name]
-        rows.append(
-            f"<tr><td>{esc(name)}</td><td>{esc(category_of.get(name, 'added by the profile'))}</td>"
-            f"<td>{esc(stats.tag_parts.get(name, '-'))}</td><td class=n data-v={count}>{count}</td>"
-            f"<td class=n data-v={count / kept:.6f}>{_share(count / kept)}</td>"
-            f"<td class=n data-v={inputs[name]}>{inputs[name]}</td><td>{esc('; '.join(notes))}</td></tr>")
+        rows.append([name, category_of.get(name, "added by the profile"), stats.tag_parts.get(name, "-"), count,
+                     round(count / kept, 4), inputs[name], "; ".join(notes)])
     more = f"<p class=muted>The {TAG_TABLE_MAX} most frequent of {len(names)} tags.</p>" if len(names) > TAG_TABLE_MAX else ""
+    # Rows come from JSON and are drawn by the script (the first TAG_ROWS_SHOWN until "show all"):
+    # thousands of static rows cost more to lay out than the whole gallery page.
     return (
-        "<p class=muted>Click a column to sort; click a tag in the gallery to filter by it. <i>captions</i>: kept images whose final caption has the tag; "
+        "<p class=muted>Click a column to sort. <i>captions</i>: kept images whose final caption has the tag; "
         "<i>input</i>: images whose tags had it before curation.</p>" + more
         + "<table class=sortable id=tag-table><thead><tr><th>tag</th><th>category</th><th>part</th>"
         "<th class=n>captions</th><th class=n>share</th><th class=n>input</th><th>curation</th></tr></thead>"
-        "<tbody>" + "".join(rows) + "</tbody></table>"
+        "<tbody></tbody></table>"
+        f"<button id=tags-all type=button hidden>show all {len(rows)} tags</button>"
+        f"<script id=tag-data type='application/json'>{script_json(rows)}</script>"
     )
 
 
