@@ -160,3 +160,16 @@ def test_published_cut_points_on_danbooru_posts(tmp_path, db):
     assert [(r.score_tag, r.quality_tag) for r in results] == [(s, q) for _, s, q in REAL_POSTS]
     assert results[0].caption.training() == (
         "1girl, hatsune miku, vocaloid, sensitive, long hair, smile, wlop, year 2023, best quality, high score, highres")
+
+
+@pytest.mark.parametrize("module", ["captioning.cli", "captioning.tagger_cli", "train.prep.cli"])
+def test_help_says_what_is_published_and_what_is_inferred(module):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    text = parser.format_help()
+    assert "published (Animagine XL 4.0 model card): the prompt order" in text
+    assert "our inference (not published for 4.0): the score and quality thresholds" in text
+    assert "p90: g 24, s 41, q 93, e 148" in text

