@@ -84,3 +84,14 @@ def test_tag_command_writes_aesthetic_tags_only_when_asked(tmp_path):
     assert "aesthetic" not in (tmp_path / "without" / "a.txt").read_text()
     four = [str(images), "--model", str(tagger), "-o", str(tmp_path / "x"), "--aesthetic-model", str(classifier)]
     assert tagger_cli.run(parser.parse_args(four)) == 2
+
+
+@pytest.mark.gpu
+def test_the_scorer_runs_on_the_gpu_in_fp16(tiny_classifier):
+    images = [Image.new("RGB", (40 + 8 * i, 32), (30 * i, 200 - 20 * i, 90)) for i in range(5)]
+    import torch
+
+    on_gpu = AestheticScorer.load(str(tiny_classifier), batch_size=4)
+    assert on_gpu.pipe.device.type == "cuda" and next(on_gpu.pipe.model.parameters()).dtype == torch.float16
+    on_cpu = AestheticScorer.load(str(tiny_classifier), batch_size=4, device="cpu")
+    assert on_gpu.score(images) == pytest.approx(on_cpu.score(images), abs=5e-3)

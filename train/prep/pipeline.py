@@ -111,6 +111,14 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source], models: b
         except Exception as error:  # noqa: BLE001 - any failure here means an unusable setting
             raise RecipeError(f"caption.{field_name}: cannot load {value!r}: {error}") from None
 
+    for index, profile in enumerate([options.profile] + [s.caption.profile for s in sources]):
+        if profile is not None:
+            where = "caption.profile" if index == 0 else f"sources.{index - 1}.caption.profile"
+            try:
+                load_profile(profile)
+            except Exception as error:  # noqa: BLE001 - reported as an unusable setting
+                raise RecipeError(f"{where}: cannot load profile {profile!r}: {error}") from None
+
     # Default: the database and vocabulary shipped with `captioning` (a WD tag list adds to it).
     tag_db = checked("tags_db", load_tag_database, options.tags_db)
     if options.tokenizer:
@@ -121,6 +129,7 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source], models: b
     if options.aesthetic_model and models:
         from captioning.aesthetic import scorer_for_profile
 
+        # The recipe's profile gives the bands and the scored label (it is checked above).
         aesthetic = checked("aesthetic_model", lambda v: scorer_for_profile(v, load_profile(options.profile)),
                             options.aesthetic_model)
     if options.tagger and models:
@@ -136,13 +145,6 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source], models: b
             options.tagger,
         )
     tools = CaptionTools(options, tag_db, counter, tagger, aesthetic)
-    for index, profile in enumerate([options.profile] + [s.caption.profile for s in sources]):
-        if profile is not None:
-            where = "caption.profile" if index == 0 else f"sources.{index - 1}.caption.profile"
-            try:
-                load_profile(profile)
-            except Exception as error:  # noqa: BLE001 - reported as an unusable setting
-                raise RecipeError(f"{where}: cannot load profile {profile!r}: {error}") from None
     return tools
 
 
@@ -201,7 +203,8 @@ def fingerprint(recipe: Recipe, run: RunOptions) -> str:
     profiles = [caption.profile] + [s.caption.profile for s in recipe.sources if s.caption.profile]
     paths = (
         [s.path for s in recipe.sources]
-        + [p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger) if p]
+        + [p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger,
+                       caption.aesthetic_model) if p]
         + [p for p in profiles if Path(p).exists()]
     )  # profile TOML files; built-in names are code
     for line in src.listing_fingerprint(paths):
