@@ -187,6 +187,8 @@ def test_report_gallery_has_a_thumbnail_and_the_caption_of_every_kept_row(preppe
     assert "booru/copy_of_a0.png" in text and "exact duplicate" in text
     tag_rows = {r[0]: r for r in parser.data["tag-data"]}
     assert tag_rows["blue eyes"][3:] == [0, 0, 10, "folded into alice (curation test)"]
+    assert tag_rows["blonde hair"][5:] == [11, "removed from 11"]  # zeta's `blonde` is the same tag
+    assert tag_rows["serafuku"][1] == "added by an edit rule" and "wlop" in tag_rows
 
 
 def test_report_loads_no_remote_resource(prepped):

@@ -390,11 +390,13 @@ class RowBuilder:
         return path
 
     def _count_input(self, post: Post) -> None:
-        """The input tags by category, as the sources (and tagger) gave them, before curation."""
+        """The input tags by category, as the sources (and tagger) gave them, before curation;
+        flat tags under their canonical name (aliases followed), so `blonde` counts as `blonde_hair`."""
         for category, tags in post.tags.items():
             self.stats.add_tags(category.name.lower(), tags)
+        resolver = self.curator.resolver
         for tag in post.uncategorised:
-            self.stats.add_tags(self.tools.category_name(tag), [normalize_tag(tag)])
+            self.stats.add_tags(self.tools.category_name(tag), [resolver.canonical(tag)])
 
     def _count(self, row: dict, result) -> None:
         stats = self.stats

@@ -334,6 +334,12 @@ def _tag_table(stats) -> str:
                 folded_into.setdefault(display_tag(tag), []).append(display_tag(character))
     edits = stats.edits
     removed = Counter({display_tag(t): n for t, n in edits.removed.items()})
+    added = Counter({display_tag(t): n for t, n in edits.added.items()})
+    replaced: dict[str, list[str]] = {}
+    for pair, n in edits.replaced.items():
+        old, new = pair.split(" -> ")
+        replaced.setdefault(display_tag(new), []).append(f"replaces {display_tag(old)} in {n}")
+        replaced.setdefault(display_tag(old), []).append(f"replaced by {display_tag(new)} in {n}")
     kept = max(stats.kept, 1)
     names = sorted(set(stats.caption_tags) | set(inputs), key=lambda t: (-stats.caption_tags[t], -inputs[t], t))
     rows = []
@@ -345,8 +351,12 @@ def _tag_table(stats) -> str:
             notes.append(f"removed from {removed[name]}")
         if stats.cut_tags[name]:
             notes.append(f"cut from {stats.cut_tags[name]}")
+        notes += replaced.get(name, []) + ([f"added to {added[name]}"] if added[name] else [])
+        if category_of.get(name) in edits.removed_by_category:
+            notes.append(f"removed with every {category_of[name]} tag")
+        source = "added by an edit rule" if name in replaced or added[name] else "added by the profile"
         count = stats.caption_tags[name]
-        rows.append([name, category_of.get(name, "added by the profile"), stats.tag_parts.get(name, "-"), count,
+        rows.append([name, category_of.get(name, source), stats.tag_parts.get(name, "-"), count,
                      round(count / kept, 4), inputs[name], "; ".join(notes)])
     more = f"<p class=muted>The {TAG_TABLE_MAX} most frequent of {len(names)} tags.</p>" if len(names) > TAG_TABLE_MAX else ""
     # Rows come from JSON and are drawn by the script (the first TAG_ROWS_SHOWN until "show all"):
@@ -380,7 +390,7 @@ def _duplicates(stats, thumbs: Path) -> str:
             name = thumb_name(record_id)
             image = (f"<img src='{THUMBS}/{esc(name)}' loading=lazy alt='' style='max-width:200px;max-height:200px'>"
                      if (thumbs / name).is_file() else "<div class=nothumb>no thumbnail</div>")
-            return f"<div class=card><b>{label}</b>{image}<p class=meta>{esc(record_id)}</p></div>"
+            return f"<div class=card><div><b>{label}</b></div>{image}<p class=meta>{esc(record_id)}</p></div>"
         pairs.append(f"<div class=pair>{side(dropped, 'dropped')}<div class=why>{esc(kind)} of →</div>"
                      f"{side(kept, 'kept')}</div>")
     return "".join(pairs)
