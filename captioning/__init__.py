@@ -8,6 +8,10 @@ Public API:
 - `Caption`, `CaptionResult`; `Profile`, `load_profile`; `Captioner`
 - `TokenCounter` (`from_bpe()`: the shipped CLIP vocabulary), `build_clip_tokenizer_files`
 - `captioning.hub`: is the Hugging Face Hub reachable (asked once, fast)
+- `captioning.curation`: edit rules (`EditRules`, `TagEditor`) and folding a character's constant
+  features into its tag (`FeatureCounter`, `FoldSettings`), used by prep
+- `captioning.aesthetic`: `AestheticScorer`, an image classifier for the 3.1 profile's aesthetic
+  tags (imports torch and transformers only when a model is loaded)
 """
 
 from captioning.caption import Caption, CaptionResult

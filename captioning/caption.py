@@ -70,3 +70,4 @@ class CaptionResult:
     year: int | None = None
     score_tag: str | None = None
     quality_tag: str | None = None
+    aesthetic_tag: str | None = None

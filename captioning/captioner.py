@@ -39,7 +39,7 @@ _CATEGORY_SLOT = {Category.GENERAL: "general", Category.ARTIST: "artist",
                   Category.META: "meta"}
 # WD tagger rating labels (category 9) -> Danbooru rating letters.
 WD_RATING_LABELS = {"general": "g", "sensitive": "s", "questionable": "q", "explicit": "e"}
-SPECIAL_SLOTS = ("rating", "year", "quality", "score")
+SPECIAL_SLOTS = ("rating", "year", "quality", "score", "aesthetic")
 SEPARATOR_DROP = "a comma or the keep-tokens separator |||"
 CONTROL_DROP = "control characters"
 _COUNTED_DROPS = (SEPARATOR_DROP, CONTROL_DROP)  # reported per post, so the summary counts them
@@ -77,12 +77,13 @@ class TagInfo:
 class _Added(NamedTuple):
     """What the captioner adds to a post from its metadata, and what it has to say about it."""
 
-    infos: tuple[TagInfo, ...]  # rating, year, quality and score tags, in their profile slots
+    infos: tuple[TagInfo, ...]  # rating, year, quality, score and aesthetic tags, in their profile slots
     warnings: tuple[str, ...]
     rating: str | None
     year: int | None  # the year a year tag was made from
     score_tag: str | None
     quality_tag: str | None
+    aesthetic_tag: str | None
 
 
 class Captioner:
@@ -101,7 +102,7 @@ class Captioner:
         self._tail_start = (len(profile.head) + len(profile.body)) * _SLOT_STRIDE
         self._caches: dict[Category | None, dict[str, TagInfo]] = defaultdict(dict)
         self._specials: dict[tuple[str, str], TagInfo] = {}
-        self._added_cache: dict[tuple, _Added] = {}  # (rating, year, score) -> what caption() adds
+        self._added_cache: dict[tuple, _Added] = {}  # (rating, year, score, aesthetic) -> what caption() adds
         self._uncosted: list[TagInfo] = []
         self._people = {t: i for i, t in enumerate(profile.people_tags)}
         self._resolution = {t: i for i, t in enumerate(profile.resolution_tags)}
@@ -112,6 +113,7 @@ class Captioner:
         self._quality_words = {b.tag for b in profile.quality_bands if b.tag} | {profile.quality_missing} - {""}
         self._score_words = {b.tag for b in profile.score_bands if b.tag} | {profile.score_missing} - {""}
         self._bucket_words = {b.name for b in profile.year_buckets}
+        self._aesthetic_words = {b.tag for b in profile.aesthetic_bands if b.tag}
 
     # ---- classification -------------------------------------------------------------------
 
@@ -176,6 +178,8 @@ class Captioner:
             return info("quality")
         if display in self._score_words:
             return info("score")
+        if display in self._aesthetic_words:
+            return info("aesthetic")
         if _YEAR_TAG.match(display) or display in self._bucket_words:
             return info("year")
         if unknown:
@@ -264,15 +268,15 @@ class Captioner:
         unsafe: list[TagInfo] = []
         if len(placed) == len(infos):
             # The usual post: nothing given among its tags, so what the captioner adds depends on
-            # (rating, year, score) only, a few thousand combinations in a whole dump.
-            key = (post.rating, year, post.score)
+            # (rating, year, score, aesthetic) only, a few thousand combinations in a whole dump.
+            key = (post.rating, year, post.score, post.aesthetic)
             added = self._added_cache.get(key)
             if added is None:
                 if len(self._added_cache) >= _ADDED_CACHE_SIZE:
                     self._added_cache.clear()
-                added = self._added_cache[key] = self._added(post.rating, year, post.score, {})
+                added = self._added_cache[key] = self._added(post.rating, year, post.score, post.aesthetic, {})
         else:
-            added = self._added(post.rating, year, post.score, self._set_aside(infos))
+            added = self._added(post.rating, year, post.score, post.aesthetic, self._set_aside(infos))
             unsafe = [i for i in infos if i.key == DROPPED and i.value in _COUNTED_DROPS]
         names = set(map(_name, placed))
         if len(names) != len(placed):
@@ -305,13 +309,13 @@ class Captioner:
             caption=Caption(tuple(shown[:body_start]), tuple(shown[body_start:tail_start]), tuple(shown[tail_start:])),
             tokens=tokens, cut=cut, unknown_tags=[i.name for i in placed if i.unknown],
             warnings=warnings, dropped=dropped, rating=added.rating, year=added.year,
-            score_tag=added.score_tag, quality_tag=added.quality_tag,
+            score_tag=added.score_tag, quality_tag=added.quality_tag, aesthetic_tag=added.aesthetic_tag,
         )
 
-    def _added(self, rating: str | None, year: int | None, score: int | None,
+    def _added(self, rating: str | None, year: int | None, score: int | None, aesthetic: float | None,
                given: dict[str, list[TagInfo]]) -> _Added:
-        """The rating, year, quality and score tags for a post's metadata and the special
-        words among its tags (`given`, by slot)."""
+        """The rating, year, quality, score and aesthetic tags for a post's metadata and the
+        special words among its tags (`given`, by slot)."""
         warnings: list[str] = []
         rating = self._rating(rating, given.get("rating", ()), warnings)
         profile = self.profile
@@ -322,12 +326,14 @@ class Captioner:
                                        profile.quality_bands, profile.quality_missing, warnings),
             "score": self._band_tags("score", score, rating, given.get("score", ()),
                                      profile.score_bands, profile.score_missing, warnings),
+            "aesthetic": self._aesthetic_tags(aesthetic, given.get("aesthetic", ()), warnings),
         }
         words = {slot: ws for slot, ws in words.items() if slot in self._position and ws}
         infos = tuple(self._special(slot, word, rank) for slot, ws in words.items() for rank, word in enumerate(ws))
         return _Added(infos, tuple(warnings), rating, year if "year" in words else None,
                       words["score"][0] if "score" in words else None,
-                      words["quality"][0] if "quality" in words else None)
+                      words["quality"][0] if "quality" in words else None,
+                      words["aesthetic"][0] if "aesthetic" in words else None)
 
     def _set_aside(self, infos: list[TagInfo]) -> dict[str, list[TagInfo]]:
         """Special words (rating, year, quality, score) among the input tags, by slot."""
@@ -381,6 +387,19 @@ class Captioner:
         dropped = [i.display for i in given if i.display != tag]
         if dropped:
             warnings.append(f"score {score} overrides {what} tag(s) {', '.join(dropped)}")
+        return [tag] if tag else []
+
+    def _aesthetic_tags(self, aesthetic: float | None, given, warnings: list[str]) -> list[str]:
+        """The aesthetic tag of the classifier's score (the first band it exceeds, strictly).
+
+        Without a score, only aesthetic words already among the tags are kept: none is guessed.
+        """
+        if aesthetic is None or not self.profile.aesthetic_bands:
+            return list(dict.fromkeys(i.display for i in given))
+        tag = next((b.tag for b in self.profile.aesthetic_bands if b.above is None or aesthetic > b.above), "")
+        dropped = [i.display for i in given if i.display != tag]
+        if dropped:
+            warnings.append(f"aesthetic score {aesthetic:.3f} overrides aesthetic tag(s) {', '.join(dropped)}")
         return [tag] if tag else []
 
     def _fit_budget(self, placed: list[TagInfo], body_start: int,

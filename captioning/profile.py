@@ -21,9 +21,22 @@ from captioning.tags import normalize_tag
 PROFILE_DIR = Path(__file__).with_name("profiles")
 DEFAULT_PROFILE = "animagine-xl-4.0"
 
+# What the default profile takes from the publisher and what it infers (the closing text of the
+# --help of `caption`, `tag` and `prep`).
+PROFILE_SOURCES = """\
+The default profile (animagine-xl-4.0) and what it rests on:
+  published (Animagine XL 4.0 model card): the prompt order - people count, character, series,
+    rating, the other tags, quality tags - and the tag vocabularies (quality, score, `year NNNN`,
+    rating words);
+  published (3.x caption notebooks): tag text, the people-count list, the meta-tag filter and the
+    Danbooru score percentiles p5..p95 per rating (p90: g 24, s 41, q 93, e 148);
+  our inference (not published for 4.0): the score and quality thresholds on those percentiles,
+    the year in the fixed tail, `explicit` without `nsfw`, artists in the shuffled body.
+Every rule is a key of captioning/profiles/animagine-xl-4.0.toml (copy it, `extends` it)."""
+
 # Where each kind of tag goes. A slot not listed in [order] is left out of the caption.
 SLOTS = ("people", "character", "copyright", "artist", "rating", "general", "unknown", "meta",
-         "year", "quality", "score", "resolution")
+         "year", "quality", "score", "aesthetic", "resolution")
 
 
 class ProfileError(ValueError):
@@ -36,6 +49,14 @@ class Band:
 
     above: int | None
     tag: str  # display form; "" means no tag in this band
+
+
+@dataclass(frozen=True)
+class AestheticBand:
+    """An aesthetic band: the tag applies when the classifier's score > `above` (None: any score)."""
+
+    above: float | None
+    tag: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,8 @@ class Profile:
     percentile_source: str  # "table" | "dataset"
     percentile_table: dict[str, dict[int, float]]  # rating -> percentile -> score
     unrated_table: str  # rating whose cut points apply to unrated posts; "" = no score tags
+    aesthetic_bands: tuple[AestheticBand, ...] = ()  # empty: the profile has no aesthetic tags
+    aesthetic_label: str = "hq"  # the classifier label whose probability is the aesthetic score
 
     @property
     def percentiles_used(self) -> tuple[int, ...]:
@@ -234,6 +257,7 @@ def _build(data: dict, source: str) -> Profile:
 
     score_bands, score_missing = _bands(top.sub("score"))
     quality_bands, quality_missing = _bands(top.sub("quality"))
+    aesthetic_bands, aesthetic_label = _aesthetic_bands(top.sub("aesthetic"))
 
     pct = top.sub("percentiles")
     percentile_source = pct.get("source", str, "table")
@@ -255,7 +279,9 @@ def _build(data: dict, source: str) -> Profile:
         row.done()
         missing = [p for p in needed if p not in cuts]
         if missing and percentile_source == "table":
-            row.fail("", f"missing cut point(s) {', '.join(f'p{p}' for p in missing)} used by the bands")
+            row.fail("", f"missing cut point(s) {', '.join(f'p{p}' for p in missing)} used by the bands "
+                         f"(the table has {', '.join(f'p{p}' for p in sorted(cuts)) or 'none'}; add them "
+                         "to [percentiles.table] or use percentiles.source = \"dataset\")")
         ordered = [cuts[p] for p in sorted(cuts)]
         if ordered != sorted(ordered):
             row.fail("", "cut points must not decrease as the percentile rises")
@@ -272,7 +298,8 @@ def _build(data: dict, source: str) -> Profile:
         resolution_tags=resolution_tags, drop_backslash_tags=drop_backslash,
         score_bands=score_bands, score_missing=score_missing, quality_bands=quality_bands,
         quality_missing=quality_missing, percentile_source=percentile_source,
-        percentile_table=table, unrated_table=unrated,
+        percentile_table=table, unrated_table=unrated, aesthetic_bands=aesthetic_bands,
+        aesthetic_label=aesthetic_label,
     )
 
 
@@ -291,3 +318,21 @@ def _bands(reader: _Reader) -> tuple[tuple[Band, ...], str]:
     missing = reader.get("missing", str, "")
     reader.done()
     return tuple(bands), missing
+
+
+def _aesthetic_bands(reader: _Reader) -> tuple[tuple[AestheticBand, ...], str]:
+    """[aesthetic] bands (score thresholds in 0..1, from the highest down) and the scored label."""
+    bands = []
+    for i, item in enumerate(reader.get("bands", list, [])):
+        band = _Reader(item, f"{reader.where}bands[{i}].", reader.source)
+        above = band.get("above", (int, float), None)
+        if above is not None and not 0 <= above < 1:
+            band.fail("above", f"expected a classifier score in [0, 1), got {above}")
+        bands.append(AestheticBand(None if above is None else float(above), band.get("tag", str)))
+        band.done()
+    for previous, band in itertools.pairwise(bands):
+        if previous.above is None or (band.above is not None and band.above >= previous.above):
+            reader.fail("bands", "list bands from the highest score down; only the last may omit `above`")
+    label = reader.get("label", str, "hq")
+    reader.done()
+    return tuple(bands), label

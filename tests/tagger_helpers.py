@@ -49,3 +49,30 @@ def build_tiny_tagger(folder: Path, labels: list[tuple], *, sigmoid: bool = True
     rows = ["tag_id,name,category,count"] + [f"{i},{n},{c},100" for i, (n, c, _, _) in enumerate(labels)]
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
+
+
+def build_tiny_aesthetic(folder: Path, hq_probability: float | None = None, labels=("hq", "lq")) -> Path:
+    """A randomly initialised tiny ViT image classifier (transformers format, safetensors) in `folder`.
+
+    The architecture and files of `shadowlilac/aesthetic-shadow-v2` at a toy size (32x32 input,
+    one layer). With `hq_probability`, the classifier head ignores the image and gives that
+    probability to the first label, so a test knows which aesthetic band every image lands in.
+    """
+    import math
+
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=37, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={name: i for i, name in enumerate(labels)})
+    model = ViTForImageClassification(config).eval()
+    if hq_probability is not None:
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+            model.classifier.bias.zero_()
+            model.classifier.bias[0] = math.log(hq_probability / (1 - hq_probability))
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

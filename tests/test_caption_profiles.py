@@ -36,12 +36,33 @@ def test_every_shipped_profile_validates(name):
     assert set(profile.rating_words) == {"g", "s", "q", "e"}
 
 
-def test_default_profile_is_4_0_with_interpolated_p90():
+# The 3.1 downloader notebook's `score_percentile_full`, every fifth percentile p5..p95 per rating
+# (docs: animagine_captions.md), copied here so the test does not read the profile it checks.
+PUBLISHED_PERCENTILES = {
+    "g": (0, 1, 2, 3, 3, 4, 5, 5, 6, 7, 8, 9, 11, 12, 14, 16, 19, 24, 33),
+    "s": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 15, 17, 20, 25, 31, 41, 62),
+    "q": (2, 4, 5, 7, 9, 11, 14, 16, 19, 23, 26, 31, 36, 42, 49, 59, 73, 93, 134),
+    "e": (2, 4, 7, 10, 13, 17, 20, 25, 29, 35, 41, 48, 56, 66, 78, 94, 115, 148, 211),
+}
+
+
+def test_default_profile_is_4_0_with_the_published_percentiles():
     profile = load_profile()
     assert profile.name == "animagine-xl-4.0"
-    assert {r: profile.percentile_table[r][90] for r in "gsqe"} == {"g": 26, "s": 46, "q": 103, "e": 163}
-    for rating, cuts in profile.percentile_table.items():
-        assert cuts[85] < cuts[90] < cuts[95], rating
+    assert {r: profile.percentile_table[r][90] for r in "gsqe"} == {"g": 24, "s": 41, "q": 93, "e": 148}
+    for rating, values in PUBLISHED_PERCENTILES.items():
+        assert profile.percentile_table[rating] == dict(zip(range(5, 100, 5), values)), rating
+
+
+def test_a_user_profile_cuts_at_any_published_percentile(tmp_path, db):
+    path = tmp_path / "p80.toml"
+    path.write_text('extends = "animagine-xl-4.0"\n[score]\nbands = [{ above = 80, tag = "top fifth" }, { tag = "" }]\n')
+    captioner = Captioner(load_profile(str(path)), db, None)
+    assert captioner.caption(post(rating="q", score=60)).score_tag == "top fifth"  # q p80 = 59
+    assert captioner.caption(post(rating="q", score=59)).score_tag is None
+    path.write_text('extends = "animagine-xl-4.0"\n[score]\nbands = [{ above = 88, tag = "x" }]\n')
+    with pytest.raises(ProfileError, match=r"missing cut point\(s\) p88 .*the table has p5, p10, .*p95"):
+        load_profile(str(path))
 
 
 def test_3_1_profile_vocabulary(db):
@@ -101,3 +122,54 @@ def test_bad_profiles_name_the_key(tmp_path, text, message):
 def test_unknown_profile_name_suggests():
     with pytest.raises(ProfileError, match=r"did you mean 'animagine-xl-3.1'"):
         load_profile("animagine-xl-3")
+
+
+# Danbooru API posts (the fields `read_danbooru_jsonl` reads, as the API and gallery-dl write them)
+# whose scores lie between the published p90 and the p90 the profile used to interpolate
+# (g 26, s 46, q 103, e 163): they are `high score` now, and the published p90 itself is not.
+REAL_POSTS = [
+    ({"id": 7, "rating": "s", "score": 42, "tag_string_general": "1girl long_hair smile",
+      "tag_string_character": "hatsune_miku", "tag_string_copyright": "vocaloid", "tag_string_artist": "wlop",
+      "tag_string_meta": "highres", "media_asset": {"created_at": "2023-12-31T23:00:00.000-05:00"}},
+     "high score", "best quality"),
+    ({"id": 8, "rating": "g", "score": 25, "tag_string_general": "1girl solo", "tag_string_meta": "absurdres",
+      "created_at": "2021-02-03T04:05:06.000-05:00"}, "high score", "best quality"),
+    ({"id": 9, "rating": "g", "score": 24, "tag_string_general": "1girl solo",
+      "created_at": "2021-02-03T04:05:06.000-05:00"}, "great score", "best quality"),
+    ({"id": 10, "rating": "q", "score": 94, "tag_string_general": "1girl", "created_at": "2019-01-01T00:00:00.000Z"},
+     "high score", "best quality"),
+    ({"id": 11, "rating": "e", "score": 149, "tag_string_general": "1girl", "created_at": "2024-07-01T00:00:00.000Z"},
+     "high score", "best quality"),
+    ({"id": 12, "rating": "e", "score": 148, "tag_string_general": "1girl", "created_at": "2024-07-01T00:00:00.000Z"},
+     "great score", "best quality"),
+    ({"id": 13, "rating": "e", "score": 212, "tag_string_general": "1girl", "created_at": "2024-07-01T00:00:00.000Z"},
+     "high score", "masterpiece"),
+]
+
+
+def test_published_cut_points_on_danbooru_posts(tmp_path, db):
+    import json
+
+    from captioning.readers import read_danbooru_jsonl
+
+    source = tmp_path / "posts.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record, _, _ in REAL_POSTS))
+    posts = [p for p in read_danbooru_jsonl(source) if isinstance(p, Post)]
+    captioner = Captioner(load_profile(), db, None)
+    results = [captioner.caption(p) for p in posts]
+    assert [(r.score_tag, r.quality_tag) for r in results] == [(s, q) for _, s, q in REAL_POSTS]
+    assert results[0].caption.training() == (
+        "1girl, hatsune miku, vocaloid, sensitive, long hair, smile, wlop, year 2023, best quality, high score, highres")
+
+
+@pytest.mark.parametrize("module", ["train.cli.caption", "train.cli.tag", "train.cli.prep"])
+def test_help_says_what_is_published_and_what_is_inferred(module):
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(module).add_arguments(parser)
+    text = parser.format_help()
+    assert "published (Animagine XL 4.0 model card): the prompt order" in text
+    assert "our inference (not published for 4.0): the score and quality thresholds" in text
+    assert "p90: g 24, s 41, q 93, e 148" in text

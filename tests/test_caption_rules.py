@@ -63,15 +63,15 @@ def test_no_rating_no_rating_word(captioner):
 
 
 # (score, expected score tag, expected quality tag or None) at and around every cut point of g:
-# p10=1 p25=3 p50=7 p75=14 p85=19 p90=26 p95=33 ("above" is strict; "at or below p10" is low).
+# p10=1 p25=3 p50=7 p75=14 p85=19 p90=24 p95=33 ("above" is strict; "at or below p10" is low).
 G_BANDS = [
     (-5, "low score", "worst quality"), (1, "low score", "worst quality"),
     (2, "bad score", "low quality"), (3, "bad score", "low quality"),
     (4, "average score", None), (7, "average score", None),
     (8, "good score", None), (14, "good score", None),
     (15, "great score", None), (19, "great score", None),
-    (20, "great score", "best quality"), (26, "great score", "best quality"),
-    (27, "high score", "best quality"), (33, "high score", "best quality"),
+    (20, "great score", "best quality"), (24, "great score", "best quality"),
+    (25, "high score", "best quality"), (33, "high score", "best quality"),
     (34, "high score", "masterpiece"), (5000, "high score", "masterpiece"),
 ]
 

@@ -103,6 +103,9 @@ def test_sample_dataset_end_to_end(tmp_path, tag_db_path, clip_bpe_path):
     assert "buckets.png" in plots and "token_lengths.png" in plots
     for name in plots:
         assert f"plots/{name}" in html
+    # Nothing was rejected: no empty "Rejected by reason" heading, no rejected or duplicates section.
+    assert "Rejected" not in html and "Duplicates" not in html
+    assert len(list((tmp_path / "out" / "thumbs").glob("*.webp"))) == 14
     assert load_recipe(tmp_path / "out" / "recipe.toml").sources[0].repeats == 10
 
 

@@ -43,6 +43,7 @@ from train.lora.export import RunExporter
 from train.loss import LossSettings, loss_step
 from train.model.loading import TORCH_DTYPES, load_model, modules_on
 from train.model.quantize import quantize_unet
+from train.prep.manifest import trigger_features
 from train.runtime import checkpoint
 from train.runtime.checkpoint import ResumePoint, TrainState
 from train.runtime.ema import LoraEma, build_ema
@@ -309,7 +310,8 @@ def setup(config: Config, accelerator: Accelerator) -> Components:
     export = RunExporter(functools.partial(unwrapped, accelerator, trained), config.lora, name=config.output.name,
                          rows=data.rows, base_model=config.model.source, prediction_type=base.prediction_type,
                          resolution=(largest.width, largest.height), num_reg_images=len(data.reg_rows), ema=ema,
-                         weights=functools.partial(eval_weights, optimizer, params))
+                         weights=functools.partial(eval_weights, optimizer, params),
+                         trigger_features=trigger_features(data_config.dataset))
     return Components(
         accelerator=accelerator, run_dir=Path(config.output.dir), base=base, trained=trained, params=params,
         data=data, sampler=sampler, text=text, optimizer=optimizer, lr_scheduler=lr_scheduler,

@@ -15,10 +15,12 @@ from pathlib import Path
 from captioning.batch import CaptionJob, run_job
 from captioning.captioner import DEFAULT_MAX_TOKENS
 from captioning.chunks import FIELDS
-from captioning.profile import DEFAULT_PROFILE
+from captioning.profile import DEFAULT_PROFILE, PROFILE_SOURCES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = PROFILE_SOURCES
     parser.add_argument("input", type=Path, help="JSON-lines file of Danbooru posts, or a folder of images with sidecars")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="output .jsonl file, or a folder for .txt captions (--format txt)")
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="CLIP token budget per caption; body tags are dropped to fit (0: no budget)")
     parser.add_argument("--percentiles", choices=("table", "dataset"),
-                        help="score cut points: the profile's table, or computed from INPUT per rating")
+                        help="score cut points: the profile's table (default: the published Danbooru "
+                             "percentiles p5..p95 per rating), or computed from INPUT per rating")
     parser.add_argument("--workers", type=int, default=1, help="processes for JSON-lines input (order is kept)")
     parser.add_argument("--max-messages", type=int, default=100,
                         help="problems logged one per line before the rest are only counted (0: all)")

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source", help="image folder, dataset folder/parquet/Hub id, or recipe .toml"
     )
-    parser.add_argument("-o", "--out", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("-o", "--out", help="output folder (replaced atomically); not needed with --dry-run")
     parser.add_argument(
         "--tags-db", help="tag database: tagcomplete CSV (replaces the shipped one) or WD selected_tags.csv (added to it)"
     )
@@ -68,6 +68,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="rebuild even if the output is up to date"
     )
+    add_curation_arguments(parser)
+
+
+# ---- tag curation, aesthetic tags and the dry run (recipe keys [edit], [curation]) ----------------
+
+
+def tag_list(text: str) -> list[str]:
+    """`a, b c, d` -> ["a", "b c", "d"] (tags never contain commas: captions are comma-separated)."""
+    return [tag.strip() for tag in text.split(",") if tag.strip()]
+
+
+def replacement(text: str) -> tuple[str, str]:
+    """`OLD=NEW` -> (OLD, NEW), split at the last `=` (so `=_==smile` replaces the tag `=_=`)."""
+    old, sep, new = text.rpartition("=")
+    if not sep or not old.strip() or not new.strip():
+        raise argparse.ArgumentTypeError(f"expected OLD=NEW, got {text!r}")
+    return old.strip(), new.strip()
+
+
+def add_curation_arguments(parser: argparse.ArgumentParser) -> None:
+    from captioning.profile import PROFILE_SOURCES
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = PROFILE_SOURCES
+    group = parser.add_argument_group(
+        "tag curation (added to the recipe's [edit] and [curation] tables; see docs/prep.md)"
+    )
+    group.add_argument(
+        "--dry-run", type=int, nargs="?", const=5, metavar="N",
+        help="print the tag changes and the first N captions (default 5) before and after curation; "
+        "reads tags only, writes nothing",
+    )
+    group.add_argument(
+        "--trigger", help="trigger tag for a SOURCE that is not a recipe: put in the head as a "
+        "character tag, and what constant features are folded into",
+    )
+    group.add_argument(
+        "--fold-threshold", type=float,
+        help="fold a general tag into a character when at least this share of its images carry it (default 0.8)",
+    )
+    group.add_argument(
+        "--keep-features", action="store_true", default=None,
+        help="keep frequent features in the captions (decisions are still reported)",
+    )
+    group.add_argument(
+        "--fold-exempt", type=tag_list, action="extend", metavar="TAGS", help="tags never folded (comma-separated)"
+    )
+    group.add_argument(
+        "--fold-min-images", type=int, help="characters with fewer images fold nothing (default 10)"
+    )
+    group.add_argument(
+        "--remove-tags", type=tag_list, action="extend", metavar="TAGS", help="tags to remove (comma-separated)"
+    )
+    group.add_argument(
+        "--replace-tags", type=replacement, action="append", metavar="OLD=NEW", help="replace a tag (repeatable)"
+    )
+    group.add_argument(
+        "--remove-categories", type=tag_list, action="extend", metavar="CATEGORIES",
+        help="remove every tag of these categories: general, artist, copyright, character, meta",
+    )
+    group.add_argument(
+        "--add-tags", type=tag_list, action="extend", metavar="TAGS", help="tags added to every image"
+    )
+    group.add_argument(
+        "--aesthetic-model", metavar="ID_OR_DIR",
+        help="image classifier for the profile's aesthetic tags (animagine-xl-3.1: "
+        "shadowlilac/aesthetic-shadow-v2); without it no aesthetic tag is written",
+    )
+
+
+def apply_curation_args(base: dict, args: argparse.Namespace) -> None:
+    """Command-line curation options over the recipe data: scalars replace the recipe's values,
+    tag lists and replacements are added to its [edit] rules and exempt list."""
+    curation = base.setdefault("curation", {})
+    for key in ("fold_threshold", "keep_features", "fold_min_images"):
+        if getattr(args, key, None) is not None:
+            curation[key] = getattr(args, key)
+    if args.fold_exempt:
+        curation["fold_exempt"] = [*curation.get("fold_exempt", []), *args.fold_exempt]
+    edit = base.setdefault("edit", {})
+    for key in ("remove_tags", "remove_categories", "add_tags"):
+        if getattr(args, key, None):
+            edit[key] = [*edit.get(key, []), *getattr(args, key)]
+    if args.replace_tags:
+        edit["replace_tags"] = {**edit.get("replace_tags", {}), **dict(args.replace_tags)}
+    if args.aesthetic_model:
+        base.setdefault("caption", {})["aesthetic_model"] = args.aesthetic_model
 
 
 DATASET_OPTIONS = (
@@ -88,8 +175,14 @@ def recipe_from_args(args: argparse.Namespace):
         origin = args.source
     else:
         name = Path(args.source.rstrip("/")).name or "source"
-        base = {"sources": [{"name": name, "path": args.source, "repeats": args.repeats}]}
+        source = {"name": name, "path": args.source, "repeats": args.repeats}
+        if args.trigger:
+            source["caption"] = {"trigger": args.trigger}
+        base = {"sources": [source]}
         origin = "command line"
+    if args.source.endswith(".toml") and args.trigger:
+        raise RecipeError(f"--trigger: {args.source} is a recipe; set `trigger` in its [sources.caption] tables")
+    apply_curation_args(base, args)
     for group, keys in (("dataset", DATASET_OPTIONS), ("caption", CAPTION_OPTIONS)):
         for key in keys:
             value = getattr(args, key)
@@ -104,6 +197,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         recipe = recipe_from_args(args)
+        if args.dry_run is not None:
+            from train.prep.dry_run import dry_run
+
+            dry_run(recipe, captions=args.dry_run, shard_index=args.shard_index, num_shards=args.num_shards)
+            return 0
+        if not args.out:
+            raise RecipeError("-o/--out: the output folder is required (or --dry-run to preview)")
         result = prepare(
             recipe,
             Path(args.out),

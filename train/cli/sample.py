@@ -72,6 +72,21 @@ def _head_order(dataset: Path | None) -> tuple[str, ...]:
     return heads.most_common(1)[0][0] if heads else ()
 
 
+def _trigger_lines(lora: str | None) -> list[str]:
+    """What the LoRA's trigger tags already mean (the tags prep folded into them), from its header;
+    nothing for a file without that record (an unreadable file is reported when it is loaded)."""
+    if not lora or not Path(lora).is_file():
+        return []
+    from train.lora.files import LoraFileError, read_header
+    from train.lora.trigger import folded_tags, trigger_lines
+
+    try:
+        _, metadata = read_header(lora)
+    except LoraFileError:
+        return []
+    return trigger_lines(folded_tags(metadata))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -102,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s; or --no-reorder to encode the prompts as given", err)
         return 2
     texts = [prepare_prompt(p, orderer) for p in args.prompts]
+    for line in _trigger_lines(args.lora):
+        print(line)
     claim_dir(args.out)  # before the minutes of loading: a FIFO, device or file is refused now
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

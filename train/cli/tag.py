@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from captioning import outputs
+from captioning.profile import PROFILE_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", default="animagine-xl-4.0", help="caption profile for tag order"
     )
+    parser.add_argument(
+        "--aesthetic-model",
+        metavar="ID_OR_DIR",
+        help="image classifier for the profile's aesthetic tags (animagine-xl-3.1: "
+        "shadowlilac/aesthetic-shadow-v2); without it no aesthetic tag is written",
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = PROFILE_SOURCES
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -47,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from captioning import Captioner, load_profile
+    from captioning.aesthetic import AestheticModelError, scorer_for_profile
     from captioning.images import load_rgb
     from captioning.tagger import WDTagger
 
@@ -73,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         logger.error("--model %s: %s", args.model, error)
         return 2
+    try:
+        scorer = scorer_for_profile(args.aesthetic_model, captioner.profile, args.batch_size)
+    except AestheticModelError as error:
+        logger.error("--aesthetic-model %s", error)
+        return 2
     images = find_images(folder)
     if not images:
         logger.error("%s: no images found", folder)
@@ -89,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
             except Exception as error:  # noqa: BLE001 - a bad file is reported, never fatal
                 logger.warning("%s: skipped: %s", path, error)
                 failed += 1
-        for path, post in zip(batch, tagger.tag_images(pictures, [str(p) for p in batch])):
+        scores = scorer.score(pictures) if scorer is not None else [None] * len(pictures)
+        for path, post, score in zip(batch, tagger.tag_images(pictures, [str(p) for p in batch]), scores):
+            post.aesthetic = score
             target = (out / path.relative_to(folder)).with_suffix(".txt")
             outputs.write_text(target, captioner.caption(post).caption.training() + "\n")
     print(
@@ -97,3 +114,4 @@ def run(args: argparse.Namespace) -> int:
         + (f"; {failed} skipped" if failed else "")
     )
     return 0 if not failed else 1
+

@@ -38,6 +38,7 @@ from train.lora.adapters import (
     lora_modules,
     lora_state_dict,
 )
+from train.lora.trigger import trigger_metadata
 from train.model import sgm_keys
 from train.tensor_files import save_tensors
 
@@ -358,12 +359,15 @@ class RunExporter:
             modules carrying the adapters (text encoders only when trained).
         lora: the `[lora]` table.
         rows: the training rows (tag frequencies, image count).
+        trigger_features: {trigger tag: [tags prep folded into it]} (the prep output's manifest),
+            written as `ss_folded_tags` / `modelspec.trigger_phrase` (train.lora.trigger).
         weights: a context in which the weights to export are in place (schedule-free AdamW's average).
     """
 
     def __init__(self, modules: Callable[[], dict], lora: AdapterSettings, *, name: str, rows: Sequence[dict],
                  base_model: str, prediction_type: str, resolution: tuple[int, int], num_reg_images: int = 0,
-                 ema=None, weights: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                 ema=None, weights: Callable[[], AbstractContextManager] = nullcontext,
+                 trigger_features: dict[str, list[str]] | None = None) -> None:
         self.modules, self.lora, self.name, self.ema, self.weights = modules, lora, name, ema, weights
         self.metadata = {
             "rank": lora.rank, "alpha": lora.alpha, "output_name": name, "resolution": resolution,
@@ -372,7 +376,8 @@ class RunExporter:
             "network_args": None if lora.type == "lora" else lycoris_network_args(
                 algo=lora.type, rank=lora.rank, alpha=lora.alpha, conv=lora.preset == "attn-mlp-conv",
                 factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker)}
-        self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images}
+        self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
+                       **trigger_metadata(trigger_features or {})}
         if lora.dora:
             logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
 

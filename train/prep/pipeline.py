@@ -1,8 +1,13 @@
-"""The prep pipeline: sources -> validation -> dedupe -> captions -> buckets -> dataset + report.
+"""The prep pipeline: sources -> validation -> dedupe -> curation -> captions -> buckets -> dataset + report.
 
 `prepare()` is the whole stage as a chain of named steps. Everything that can be checked without
-touching images (recipe, source paths, tag database, tokenizer, tagger) is checked first, so an
-unusable configuration stops before any work.
+touching images (recipe, source paths, tag database, tokenizer, tagger, aesthetic model) is
+checked first, so an unusable configuration stops before any work.
+
+Rows are built in two passes, because folding a character's features into its tag needs the
+share of each tag over all of the character's images: the first pass validates, dedupes,
+auto-tags, scores aesthetics and applies the edit rules, spooling each image's tags to disk
+while counting features; the second folds, captions and writes the rows (train.prep.curate).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tqdm import tqdm
 
 from captioning import (
     Captioner,
+    Category,
     Post,
     TagDatabase,
     TokenCounter,
@@ -27,24 +33,26 @@ from captioning import (
     normalize_tag,
     outputs,
 )
+from captioning.curation import Change
 from captioning.images import load_mask
 from captioning.tag_db import load_tag_database
+from captioning.tags import display_tag
 from captioning.tokens import SHIPPED_CLIP_BPE
 from train.names import DATASET_DIR, PREP_MANIFEST
 from train.prep import sources as src
 from train.prep.buckets import bucket_set, closest_bucket, place
+from train.prep.curate import Curator
 from train.prep.dedupe import Deduplicator
+from train.prep.gallery import GALLERY_MAX, THUMBS, GalleryItem, struck_tags, thumb_name
+from train.prep.manifest import is_prep_output, write_manifest
 from train.prep.recipe import CaptionOptions, Recipe, RecipeError, Source, recipe_to_toml
 from train.prep.report import PrepStats, print_summary, write_reports
 from train.prep.validate import ImageInfo, ValidateOptions, validate_many
-from train.prep.writer import RowSpool, make_temp_dir, publish, write_dataset
+from train.prep.writer import RowSpool, Spool, make_temp_dir, publish, write_dataset
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the row schema or the meaning of a column changes
-# Written into every OUT: the marker by which prep recognises a folder it may replace. Nothing
-# else is taken as ours (a folder that merely holds a `report.json` may be the user's).
-MANIFEST_FORMAT = "animagine-lora prep"
 IMAGE_CACHE = "image_cache"  # under OUT: images that were embedded as bytes in a dataset
 
 
@@ -74,6 +82,7 @@ class CaptionTools:
     tag_db: TagDatabase | None
     token_counter: TokenCounter | None
     tagger: object | None  # captioning.tagger.WDTagger
+    aesthetic: object | None = None  # captioning.aesthetic.AestheticScorer
     _captioners: dict = dataclasses.field(default_factory=dict)
 
     def captioner(self, profile: str, max_tokens: int) -> Captioner:
@@ -91,8 +100,9 @@ class CaptionTools:
         return category.name.lower() if category is not None else "unknown"
 
 
-def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> CaptionTools:
-    """Tag database, token counter, tagger and every profile named; RecipeError naming the field."""
+def load_caption_tools(options: CaptionOptions, sources: list[Source], models: bool = True) -> CaptionTools:
+    """Tag database, token counter, tagger, aesthetic model and every profile named; RecipeError
+    naming the field. `models=False` leaves the tagger and the aesthetic model out (dry run)."""
 
     def checked(field_name: str, loader, value):
         try:
@@ -100,14 +110,28 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
         except Exception as error:  # noqa: BLE001 - any failure here means an unusable setting
             raise RecipeError(f"caption.{field_name}: cannot load {value!r}: {error}") from None
 
+    for index, profile in enumerate([options.profile] + [s.caption.profile for s in sources]):
+        if profile is not None:
+            where = "caption.profile" if index == 0 else f"sources.{index - 1}.caption.profile"
+            try:
+                load_profile(profile)
+            except Exception as error:  # noqa: BLE001 - reported as an unusable setting
+                raise RecipeError(f"{where}: cannot load profile {profile!r}: {error}") from None
+
     # Default: the database and vocabulary shipped with `captioning` (a WD tag list adds to it).
     tag_db = checked("tags_db", load_tag_database, options.tags_db)
     if options.tokenizer:
         counter = checked("tokenizer", TokenCounter.from_pretrained, options.tokenizer)
     else:
         counter = checked("clip_bpe", TokenCounter.from_bpe, options.clip_bpe or SHIPPED_CLIP_BPE)
-    tagger = None
-    if options.tagger:
+    tagger = aesthetic = None
+    if options.aesthetic_model and models:
+        from captioning.aesthetic import scorer_for_profile
+
+        # The recipe's profile gives the bands and the scored label (it is checked above).
+        aesthetic = checked("aesthetic_model", lambda v: scorer_for_profile(v, load_profile(options.profile)),
+                            options.aesthetic_model)
+    if options.tagger and models:
         from captioning.tagger import WDTagger
 
         tagger = checked(
@@ -119,14 +143,7 @@ def load_caption_tools(options: CaptionOptions, sources: list[Source]) -> Captio
             ),
             options.tagger,
         )
-    tools = CaptionTools(options, tag_db, counter, tagger)
-    for index, profile in enumerate([options.profile] + [s.caption.profile for s in sources]):
-        if profile is not None:
-            where = "caption.profile" if index == 0 else f"sources.{index - 1}.caption.profile"
-            try:
-                load_profile(profile)
-            except Exception as error:  # noqa: BLE001 - reported as an unusable setting
-                raise RecipeError(f"{where}: cannot load profile {profile!r}: {error}") from None
+    tools = CaptionTools(options, tag_db, counter, tagger, aesthetic)
     return tools
 
 
@@ -175,20 +192,6 @@ def check_output(out: Path, recipe: Recipe) -> None:
         )
 
 
-def is_prep_output(out: Path) -> bool:
-    """Whether `out` holds the manifest prep writes (any format version: a re-prep upgrades it)."""
-    try:
-        manifest = json.loads((out / PREP_MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
-
-
-def write_manifest(folder: Path) -> None:
-    manifest = {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION}
-    outputs.write_text(folder / PREP_MANIFEST, json.dumps(manifest, indent=2) + "\n")
-
-
 def fingerprint(recipe: Recipe, run: RunOptions) -> str:
     """Hash of everything the result depends on: input files (path, size, mtime), options, code."""
     digest = hashlib.sha256()
@@ -199,7 +202,8 @@ def fingerprint(recipe: Recipe, run: RunOptions) -> str:
     profiles = [caption.profile] + [s.caption.profile for s in recipe.sources if s.caption.profile]
     paths = (
         [s.path for s in recipe.sources]
-        + [p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger) if p]
+        + [p for p in (caption.tags_db, caption.clip_bpe, caption.tokenizer, caption.tagger,
+                       caption.aesthetic_model) if p]
         + [p for p in profiles if Path(p).exists()]
     )  # profile TOML files; built-in names are code
     for line in src.listing_fingerprint(paths):
@@ -223,9 +227,10 @@ def unit_hash(text: str) -> float:
 
 
 def _records(
-    recipe: Recipe, kinds: list[str], out: Path, temp: Path, run: RunOptions, stats: PrepStats
+    recipe: Recipe, kinds: list[str], out: Path, temp: Path | None, run: RunOptions, stats: PrepStats
 ) -> Iterator[tuple[src.Record, str]]:
-    """(record, path to read it from now) for this shard; listing problems go to `stats`."""
+    """(record, path to read it from now) for this shard; listing problems go to `stats`.
+    Embedded image bytes are written under `temp` (none when `temp` is None: the dry run)."""
     for source, kind in zip(recipe.sources, kinds):
         if kind == "folder":
             listing = src.walk_folder(Path(source.path), source.name, source.repeats)
@@ -243,7 +248,7 @@ def _records(
             found += 1
             stats.warnings.extend(item.warnings)
             read_path = item.image_path
-            if item.image_bytes is not None:
+            if item.image_bytes is not None and temp is not None:
                 # Embedded bytes: written into the output's cache, never inside the input.
                 read_path = str(temp / IMAGE_CACHE / Path(item.image_path).name)
                 Path(read_path).parent.mkdir(exist_ok=True)
@@ -271,7 +276,11 @@ def _untagged_post(record: src.Record, tags: list[str]) -> Post:
 
 @dataclass
 class RowBuilder:
-    """Caption, bucket and split for each kept image -> one dataset row; fills `stats`."""
+    """Curation, caption, bucket and split for each kept image -> one dataset row; fills `stats`.
+
+    `stage` is the first pass (edit rules, feature counts; the image's tags spooled as JSON),
+    `row` the second (fold, caption, count); `Curator.decide` runs between them.
+    """
 
     recipe: Recipe
     tools: CaptionTools
@@ -280,49 +289,84 @@ class RowBuilder:
     def __post_init__(self) -> None:
         self.sources = {s.name: s for s in self.recipe.sources}
         self.buckets = bucket_set(self.recipe.dataset.buckets)
+        self.curator = Curator(self.recipe, self.tools.tag_db)
 
     def post_of(self, record: src.Record) -> Post:
-        """The record's tags plus the source's extra tags and (untagged) folder class tokens."""
-        extras = list(self.sources[record.source].caption.extra_tags) + record.extra_tags
+        """The record's tags plus the source's extra tags, trigger and (untagged) folder class tokens."""
+        caption = self.sources[record.source].caption
+        extras = list(caption.extra_tags) + record.extra_tags
         if record.post is None:
-            self.stats.untagged += not extras
-            return _untagged_post(record, extras)
-        return dataclasses.replace(
-            record.post, uncategorised=list(record.post.uncategorised) + extras
-        )
+            self.stats.untagged += not extras and not caption.trigger
+            post = _untagged_post(record, extras)
+        else:
+            post = dataclasses.replace(record.post, uncategorised=list(record.post.uncategorised) + extras)
+        if caption.trigger:
+            # The trigger is a character tag: it goes to the head and features fold into it.
+            tags = dict(post.tags)
+            tags[Category.CHARACTER] = [normalize_tag(caption.trigger), *tags.get(Category.CHARACTER, [])]
+            post = dataclasses.replace(post, tags=tags)
+        return post
 
-    def row(self, record: src.Record, info: ImageInfo) -> dict:
+    def stage(self, record: src.Record, info: ImageInfo, aesthetic: float | None) -> dict:
+        """The first pass for one image: everything but the caption, and its edited tags."""
         post = self.post_of(record)
-        source = self.sources[record.source]
-        captioner = self.tools.captioner(
-            source.caption.profile or self.recipe.caption.profile,
-            source.caption.max_tokens or self.recipe.caption.max_tokens,
-        )
-        result = captioner.caption(post)
+        self._count_input(post)
+        post, changes = self.curator.edit(record.source, post)
+        if aesthetic is not None:
+            post = dataclasses.replace(post, aesthetic=aesthetic,
+                                       metadata={**post.metadata, "aesthetic_score": round(aesthetic, 4)})
+        self.curator.observe(post)
         bucket = closest_bucket(info.width, info.height, self.buckets)
-        placement = place(info.width, info.height, bucket)
         year = post.created_at.year if post.created_at is not None else None
-        split = "val" if unit_hash(record.id) < self.recipe.dataset.val_fraction else "train"
-        self._count(record, post, result, f"{bucket[0]}x{bucket[1]}", year, split)
-        return {
+        row = {
             "id": record.id,
             "image_path": record.image_path,
             "sha256": info.sha256,
             "width": info.width,
             "height": info.height,
-            **dataclasses.asdict(placement),
-            "caption_head": list(result.caption.head),
-            "caption_body": list(result.caption.body),
-            "caption_tail": list(result.caption.tail),
+            **dataclasses.asdict(place(info.width, info.height, bucket)),
             "repeats": record.repeats,
             "rating": post.rating,
             "score": post.score,
             "year": year,
             "source": record.source,
-            "split": split,
+            "split": "val" if unit_hash(record.id) < self.recipe.dataset.val_fraction else "train",
             "metadata": json.dumps(post.metadata, ensure_ascii=False, default=str, sort_keys=True),
             "mask_path": self.mask_path(record, info),
         }
+        notes = ["auto-tagged"] if "tagger" in post.metadata else []  # captioning.tagger's record
+        notes += ["untagged"] if record.post is None else []
+        return {"row": row, "post": post.to_json(), "changes": [list(c) for c in changes], "notes": notes}
+
+    def row(self, staged: dict) -> tuple[dict, GalleryItem]:
+        """The second pass for one image: the folded, captioned dataset row and its gallery card."""
+        row = staged["row"]
+        post, folded = self.curator.fold(Post.from_json(staged["post"]))
+        source = self.sources[row["source"]]
+        captioner = self.tools.captioner(
+            source.caption.profile or self.recipe.caption.profile,
+            source.caption.max_tokens or self.recipe.caption.max_tokens,
+        )
+        result = captioner.caption(post)
+        row = {**row, "caption_head": list(result.caption.head), "caption_body": list(result.caption.body),
+               "caption_tail": list(result.caption.tail)}
+        self._count(row, result)
+        changes = [Change(*c) for c in staged["changes"]] + folded
+        problems = list(staged["notes"])
+        problems += ["cut"] if result.cut else []
+        problems += ["unknown"] if result.unknown_tags else []
+        problems += ["warnings"] if result.warnings else []
+        item = GalleryItem(
+            id=row["id"], thumb=thumb_name(row["id"]), source=row["source"], path=src.display_path(row["image_path"]),
+            width=row["width"], height=row["height"], bucket_width=row["bucket_width"],
+            bucket_height=row["bucket_height"], resize_width=row["resize_width"], resize_height=row["resize_height"],
+            crop_left=row["crop_left"], crop_top=row["crop_top"], repeats=row["repeats"], split=row["split"],
+            mask=src.display_path(row["mask_path"]) if row["mask_path"] else None,
+            head=row["caption_head"], body=row["caption_body"], tail=row["caption_tail"], tokens=result.tokens,
+            characters=[display_tag(c) for c in self.curator.characters(post)],
+            struck=struck_tags(changes, result.dropped), problems=problems,
+        )
+        return row, item
 
     def mask_path(self, record: src.Record, info: ImageInfo) -> str | None:
         """The file holding the image's loss mask: its `name.mask.png` (which must be readable and
@@ -344,25 +388,63 @@ class RowBuilder:
         self.stats.masked += path is not None
         return path
 
-    def _count(self, record, post: Post, result, bucket: str, year: int | None, split: str) -> None:
+    def _count_input(self, post: Post) -> None:
+        """The input tags by category, as the sources (and tagger) gave them, before curation;
+        flat tags under their canonical name (aliases followed), so `blonde` counts as `blonde_hair`."""
+        for category, tags in post.tags.items():
+            self.stats.add_tags(category.name.lower(), tags)
+        resolver = self.curator.resolver
+        for tag in post.uncategorised:
+            self.stats.add_tags(self.tools.category_name(tag), [resolver.canonical(tag)])
+
+    def _count(self, row: dict, result) -> None:
         stats = self.stats
         stats.token_lengths.append(result.tokens)
         stats.captions_cut += bool(result.cut)
         stats.unknown_tags.update(result.unknown_tags)
-        stats.warnings.extend(f"{record.id}: {w}" for w in result.warnings[:5])
+        stats.warnings.extend(f"{row['id']}: {w}" for w in result.warnings[:5])
         stats.head_tags.update(result.caption.head)
-        for category, tags in post.tags.items():
-            stats.add_tags(category.name.lower(), tags)
-        for tag in post.uncategorised:
-            stats.add_tags(self.tools.category_name(tag), [normalize_tag(tag)])
-        stats.buckets[bucket] += 1
-        stats.splits[split] += 1
-        if post.rating:
-            stats.ratings[post.rating] += 1
-        if year is not None:
-            stats.years[year] += 1
-        if post.score is not None:
-            stats.scores.append(post.score)
+        stats.caption_tags.update(result.caption.tags)
+        for part in ("head", "body", "tail"):
+            for tag in getattr(result.caption, part):
+                stats.tag_parts.setdefault(tag, part)
+        stats.cut_tags.update(result.dropped)
+        stats.buckets[f"{row['bucket_width']}x{row['bucket_height']}"] += 1
+        stats.splits[row["split"]] += 1
+        if row["rating"]:
+            stats.ratings[row["rating"]] += 1
+        if row["year"] is not None:
+            stats.years[row["year"]] += 1
+        if row["score"] is not None:
+            stats.scores.append(row["score"])
+
+
+class _Batch:
+    """Kept images waiting for the models that run in batches (WD tagger, aesthetic classifier)."""
+
+    def __init__(self, tools: CaptionTools, builder: RowBuilder, stage: Spool, size: int) -> None:
+        self.tools, self.builder, self.stage, self.size = tools, builder, stage, size
+        self.pending: list[tuple[src.Record, str, ImageInfo]] = []
+
+    def add(self, record: src.Record, read_path: str, info: ImageInfo) -> None:
+        self.pending.append((record, read_path, info))
+        if len(self.pending) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        untagged = [(record, path) for record, path, _ in pending if record.post is None]
+        if untagged and self.tools.tagger is not None:
+            for (record, _), tagged in zip(untagged, self.tools.tagger.tag_files([path for _, path in untagged])):
+                self.builder.stats.auto_tagged += 1
+                record.post = dataclasses.replace(tagged, id=record.id)
+        scores: list[float | None] = [None] * len(pending)
+        if self.tools.aesthetic is not None:
+            scores = self.tools.aesthetic.score_files([path for _, path, _ in pending])
+        for (record, _, info), score in zip(pending, scores):
+            self.stage.append(self.builder.stage(record, info, score))
 
 
 def _build(
@@ -374,28 +456,15 @@ def _build(
     tools: CaptionTools,
     stats: PrepStats,
 ) -> int:
-    """Listing -> validation -> dedupe -> (auto-tag) -> rows -> Arrow; returns the row count."""
+    """Listing -> validation -> dedupe -> (auto-tag, aesthetic) -> edits -> fold -> rows -> Arrow;
+    returns the row count."""
     builder = RowBuilder(recipe, tools, stats)
-    options = ValidateOptions(min_side=recipe.dataset.min_side, phash=recipe.dataset.near_dup)
+    (temp / THUMBS).mkdir()
+    options = ValidateOptions(min_side=recipe.dataset.min_side, phash=recipe.dataset.near_dup,
+                              thumb_dir=str(temp / THUMBS))
     dedupe = Deduplicator(recipe.dataset.near_dup, recipe.dataset.near_dup_distance)
-    spool = RowSpool(temp / "rows.jsonl")
-    untagged: list[tuple[src.Record, str, ImageInfo]] = []  # waiting for a tagger batch
-
-    def tag_pending() -> None:
-        posts = tools.tagger.tag_files([read_path for _, read_path, _ in untagged])
-        for (record, _, info), tagged in zip(untagged, posts):
-            stats.auto_tagged += 1
-            record.post = dataclasses.replace(tagged, id=record.id)
-            spool.append(builder.row(record, info))
-        untagged.clear()
-
-    def keep(record: src.Record, read_path: str, info: ImageInfo) -> None:
-        if record.post is None and tools.tagger is not None:
-            untagged.append((record, read_path, info))
-            if len(untagged) >= run.tagger_batch_size:
-                tag_pending()
-            return
-        spool.append(builder.row(record, info))
+    stage = Spool(temp / "staged.jsonl")
+    batch = _Batch(tools, builder, stage, run.tagger_batch_size)
 
     # Folder images (no bytes held) wait here until the end, so that a better exact copy found
     # later (captioned, more repeats) can still take their place; sha256 -> the copy kept so far.
@@ -407,10 +476,11 @@ def _build(
         options=options,
         workers=run.workers,
         max_image_pixels=recipe.dataset.max_image_pixels,
+        thumb_of=lambda pair: thumb_name(pair[0].id),
     )
     for (record, read_path), info in tqdm(results, desc="prep", unit="img", disable=None):
         if isinstance(info, str):
-            stats.reject(src.display_path(record.image_path), info)
+            stats.reject(src.display_path(record.image_path), info, thumb_name(record.id))
             continue
         replaceable = record.image_bytes is None
         rank = (record.post is not None, record.repeats) if replaceable else None
@@ -424,11 +494,21 @@ def _build(
         if replaceable:
             deferred[info.sha256] = (record, read_path, info)
         else:
-            keep(record, read_path, info)
+            batch.add(record, read_path, info)
     for kept in deferred.values():
-        keep(*kept)
-    if untagged:
-        tag_pending()
+        batch.add(*kept)
+    batch.flush()
+    stage.close()
+
+    stats.fold = builder.curator.decide()
+    stats.edits = builder.curator.counts
+    spool = RowSpool(temp / "rows.jsonl")
+    for staged in stage:
+        row, item = builder.row(staged)
+        spool.append(row)
+        if len(stats.gallery) < GALLERY_MAX:
+            stats.gallery.append(item)
+    stage.path.unlink()
     spool.close()
     with outputs.output_errors(out):  # a full disk: one line naming OUT, the old OUT intact
         rows = write_dataset(spool.path, temp / DATASET_DIR, temp / "arrow_cache")
@@ -464,7 +544,7 @@ def prepare(recipe: Recipe, out: Path, run: RunOptions = RunOptions()) -> PrepRe
                     "shard": {"index": run.shard_index, "num_shards": run.num_shards},
                 },
             )
-            write_manifest(temp)
+            write_manifest(temp, FORMAT_VERSION, stats.fold.trigger_features() if stats.fold else {})
             publish(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

@@ -42,6 +42,27 @@ class CaptionOptions(_Strict):
     tagger: str | None = None  # WD v3 tagger folder or Hub repo, for untagged images
     general_threshold: float = Field(0.35, gt=0, lt=1)
     character_threshold: float = Field(0.85, gt=0, lt=1)
+    # Image classifier for the profile's aesthetic tags (animagine-xl-3.1: shadowlilac/aesthetic-shadow-v2);
+    # None: no aesthetic tag is written.
+    aesthetic_model: str | None = None
+
+
+class EditOptions(_Strict):
+    """Tag edit rules (captioning.curation.EditRules); tags in any spelling, aliases followed."""
+
+    remove_tags: list[str] = []
+    replace_tags: dict[str, str] = {}  # old tag -> new tag
+    remove_categories: list[Literal["general", "artist", "copyright", "character", "meta"]] = []
+    add_tags: list[str] = []
+
+
+class CurationOptions(_Strict):
+    """Folding each character's constant features into its tag (captioning.curation)."""
+
+    fold_threshold: float = Field(0.8, gt=0, le=1)  # share of a character's images a tag must reach
+    keep_features: bool = False  # decide and report, but leave the captions as they are
+    fold_exempt: list[str] = []  # tags never folded (e.g. "solo", "looking at viewer")
+    fold_min_images: int = Field(10, ge=1)  # characters with fewer images fold nothing
 
 
 class SourceCaption(_Strict):
@@ -49,7 +70,10 @@ class SourceCaption(_Strict):
 
     profile: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    extra_tags: list[str] = []  # e.g. a trigger tag added to every image of this source
+    extra_tags: list[str] = []  # tags added to every image of this source (as `edit.add_tags`)
+    # A trigger tag for this source's images: placed in the head as a character tag, and the
+    # tag that frequent features are folded into (captioning.curation).
+    trigger: str | None = None
 
 
 class Source(_Strict):
@@ -59,6 +83,7 @@ class Source(_Strict):
     split: str = "train"  # split to read from a Hugging Face dataset
     repeats: int = Field(1, ge=1, le=MAX_REPEATS)  # times any `N_name` folder count (capped too)
     caption: SourceCaption = SourceCaption()
+    edit: EditOptions = EditOptions()  # applied after the recipe's own [edit] rules
 
 
 class PrepOptions(_Strict):
@@ -75,6 +100,8 @@ class PrepOptions(_Strict):
 class Recipe(_Strict):
     dataset: PrepOptions = PrepOptions()
     caption: CaptionOptions = CaptionOptions()
+    edit: EditOptions = EditOptions()  # for every source
+    curation: CurationOptions = CurationOptions()
     sources: list[Source] = Field(min_length=1)
 
 
@@ -151,7 +178,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     caption = recipe.caption.model_copy(
         update={
             k: absolute(getattr(recipe.caption, k))
-            for k in ("tags_db", "clip_bpe", "tokenizer", "tagger")
+            for k in ("tags_db", "clip_bpe", "tokenizer", "tagger", "aesthetic_model")
         }
     )
     return recipe.model_copy(update={"sources": sources, "caption": caption})
@@ -168,19 +195,22 @@ def recipe_to_toml(recipe: Recipe) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{value(k)} = {value(x)}" for k, x in v.items()) + " }" if v else "{}"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    def table(header: str, data: dict[str, Any]) -> None:
+    def table(header: str, data: dict[str, Any], sub_tables: tuple[str, ...] = ()) -> None:
         lines.append(header)
         for key, v in data.items():
-            if v is not None and not isinstance(v, dict):
+            if v is not None and key not in sub_tables:
                 lines.append(f"{key} = {value(v)}")
         lines.append("")
 
     dumped = recipe.model_dump()
-    table("[dataset]", dumped["dataset"])
-    table("[caption]", dumped["caption"])
+    for name in ("dataset", "caption", "edit", "curation"):
+        table(f"[{name}]", dumped[name])
     for source in dumped["sources"]:
-        table("[[sources]]", source)
+        table("[[sources]]", source, sub_tables=("caption", "edit"))
         table("[sources.caption]", source["caption"])
+        table("[sources.edit]", source["edit"])
     return "\n".join(lines)

@@ -1,12 +1,12 @@
-"""What is in the prepped dataset: counts, histograms, tag frequencies.
+"""What is in the prepped dataset: counts, histograms, tag frequencies, curation, the gallery.
 
 `PrepStats` is filled while rows are produced; it is written as `report.json`, as `report.html`
-with PNG plots (matplotlib, Agg backend: no display needed) and printed as rich tables.
+(train.prep.report_html: gallery, filters, curation decisions, tables) with PNG plots
+(matplotlib, Agg backend: no display needed) and printed as rich tables.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from collections import Counter
@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioning.curation import EditCounts, FoldDecisions
+from captioning.tags import display_tag
 from captioning.terminal import rich_safe
+from train.prep.gallery import GalleryItem
 
 TOP_TAGS = 25
 CATEGORY_ORDER = ("character", "copyright", "artist", "general", "meta")
@@ -29,6 +32,7 @@ class PrepStats:
     captions_cut: int = 0  # the token budget dropped tags
     masked: int = 0  # kept images with a loss mask (alpha channel or name.mask.png)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    rejected_thumbs: dict[int, str] = field(default_factory=dict)  # index in `rejected` -> thumbnail name
     duplicates: list[tuple[str, str, str]] = field(default_factory=list)  # (id, kind, kept id)
     warnings: list[str] = field(default_factory=list)
     unknown_tags: Counter = field(default_factory=Counter)
@@ -40,9 +44,17 @@ class PrepStats:
     years: Counter = field(default_factory=Counter)
     scores: list[int] = field(default_factory=list)
     token_lengths: list[int] = field(default_factory=list)
+    caption_tags: Counter = field(default_factory=Counter)  # display tag -> captions that keep it
+    tag_parts: dict[str, str] = field(default_factory=dict)  # display tag -> head, body or tail
+    cut_tags: Counter = field(default_factory=Counter)  # display tag -> captions the budget cut it from
+    edits: EditCounts = field(default_factory=EditCounts)
+    fold: FoldDecisions | None = None
+    gallery: list[GalleryItem] = field(default_factory=list)  # the first GALLERY_MAX kept images
 
-    def reject(self, path: str, reason: str) -> None:
+    def reject(self, path: str, reason: str, thumb: str | None = None) -> None:
         # Non-UTF-8 names arrive surrogate-escaped: shown as \xNN so the JSON/HTML can be written.
+        if thumb is not None:
+            self.rejected_thumbs[len(self.rejected)] = thumb
         self.rejected.append((os.fsencode(path).decode("utf-8", errors="backslashreplace"), reason))
 
     def rejected_by_reason(self) -> Counter:
@@ -83,6 +95,9 @@ class PrepStats:
             "score_histogram": _histogram(self.scores),
             "token_length_histogram": _histogram(self.token_lengths),
             "token_length_max": max(self.token_lengths, default=0),
+            "curation": {"fold": self.fold.to_json() if self.fold else None, "edits": self.edits.to_json()},
+            "caption_tags": dict(self.caption_tags.most_common()),
+            "cut_tags": dict(self.cut_tags.most_common()),
         }
 
 
@@ -156,42 +171,19 @@ def _plots(stats: PrepStats, plot_dir: Path) -> list[tuple[str, str]]:
     return written
 
 
-def _table(title: str, rows: dict) -> str:
-    cells = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-        for k, v in rows.items()
-    )
-    return f"<h2>{html.escape(title)}</h2><table>{cells}</table>"
-
-
 def write_reports(stats: PrepStats, out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """`report.json`, `report.html` and `plots/*.png` under `out`; returns the JSON data."""
+    """`report.json`, `report.html` and `plots/*.png` under `out`; returns the JSON data.
+
+    `out/thumbs/` (written by the validation workers) holds the thumbnails the HTML shows.
+    """
+    from train.prep.report_html import render_report
+
     data = {**extra, **stats.to_json()}
     (out / "report.json").write_text(
         json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"
     )
     plots = _plots(stats, out / "plots")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>animagine-lora prep report</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}td{padding:0 1em}</style>",
-        "</head><body><h1>Dataset prep report</h1>",
-        _table("Counts", data["counts"]),
-        _table("Rejected by reason", data["rejected_by_reason"]),
-    ]
-    parts += [
-        f"<h2>{html.escape(t)}</h2><img src='plots/{html.escape(f)}' alt='{html.escape(t)}'>"
-        for t, f in plots
-    ]
-    if stats.rejected:
-        parts.append(_table("Rejected files", {p: r for p, r in stats.rejected[:1000]}))
-    if stats.duplicates:
-        parts.append(
-            _table(
-                "Duplicates (kept id)", {i: f"{k} of {o}" for i, k, o in stats.duplicates[:1000]}
-            )
-        )
-    parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
+    (out / "report.html").write_text(render_report(stats, data, plots, out), encoding="utf-8")
     return data
 
 
@@ -222,4 +214,13 @@ def print_summary(stats: PrepStats, out: Path) -> None:
     for category, counter in stats.tags_in_order():
         tags.add_row(category, ", ".join(f"{rich_safe(t)} ({n})" for t, n in counter.most_common(8)))
     console.print(tags)
+    if stats.fold is not None and stats.fold.characters:
+        fold = Table(title=f"folded into characters (tags in at least {stats.fold.settings.threshold:.0%} of their images)")
+        fold.add_column("character / trigger")
+        fold.add_column("images", justify="right")
+        fold.add_column("folded")
+        for name, decision in stats.fold.characters.items():
+            folded = ", ".join(display_tag(t) for t in decision.folded) or decision.note or "nothing"
+            fold.add_row(rich_safe(display_tag(name)), str(decision.images), rich_safe(folded))
+        console.print(fold)
     console.print(f"report: {rich_safe(str(out / 'report.html'))}")

@@ -4,6 +4,8 @@ Truncated files fail here, not in epoch 3. Each image is opened from its bytes (
 sha256 on the way), loaded completely, oriented and converted to RGB exactly as the trainer will
 (`captioning.images.to_rgb`), checked against the minimum side and Pillow's decompression-bomb limit.
 Workers return small `ImageInfo` results or a reason string; no exception escapes a worker.
+With `thumb_dir` set they also write each decoded image's WebP thumbnail there (for the report's
+gallery), while the decoded picture is in hand: the report never decodes an image again.
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+THUMB_SIDE = 256  # longest side of a report thumbnail, in pixels
+THUMB_QUALITY = 75  # WebP quality of thumbnails (small files; the gallery is for reviewing, not pixels)
+
+
 @dataclass(frozen=True)
 class ValidateOptions:
     min_side: int = 512
     phash: bool = False  # compute the perceptual hash for near-duplicate detection
+    thumb_dir: str | None = None  # write `thumb_dir/NAME` WebP thumbnails (names given per image)
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,27 @@ def set_pixel_limit(max_image_pixels: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = max_image_pixels
 
 
-def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
+def write_thumbnail(rgb: Image.Image, path: str) -> None:
+    """A WebP copy of `rgb`, at most THUMB_SIDE on its longest side (best effort: the report
+    shows a placeholder for a thumbnail that could not be written)."""
+    scale = THUMB_SIDE / max(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    # reducing_gap=1: a box reduce by the whole factor first, then a tiny resize (~3x faster than
+    # Pillow's default thumbnail path; the box filter is what a thumbnail wants anyway).
+    thumb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=1.0) if scale < 1 else rgb
+    try:
+        thumb.save(path, "WEBP", quality=THUMB_QUALITY, method=0)
+    except OSError:
+        pass  # a full disk fails the dataset write itself, with one line naming OUT
+
+
+def validate_image(path: str, options: ValidateOptions, thumb_name: str | None = None) -> ImageInfo | str:
     """Decode `path` fully; an `ImageInfo`, or the reason it cannot be used.
 
     The signature and the size are checked before the file is read whole, and only the
-    accepted formats are decoded (`captioning.images`).
+    accepted formats are decoded (`captioning.images`). With `options.thumb_dir` and a
+    `thumb_name`, every decodable image gets a thumbnail (too small ones too: the report shows
+    them among the rejected).
     """
     try:
         with open(path, "rb") as handle:
@@ -93,6 +116,8 @@ def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
         # Truncated data raises OSError, bad PNG checksums SyntaxError.
         return f"corrupt image: {error}"
     width, height = rgb.size
+    if options.thumb_dir is not None and thumb_name is not None:
+        write_thumbnail(rgb, os.path.join(options.thumb_dir, thumb_name))
     if min(width, height) < options.min_side:
         return f"too small: {width}x{height}, shorter side below {options.min_side}"
     phash = None
@@ -103,8 +128,8 @@ def validate_image(path: str, options: ValidateOptions) -> ImageInfo | str:
     return ImageInfo(width, height, hashlib.sha256(data).hexdigest(), image_format, mode, phash, alpha)
 
 
-def _validate_chunk(paths: list[str], options: ValidateOptions) -> list[ImageInfo | str]:
-    return [validate_image(path, options) for path in paths]
+def _validate_chunk(paths: list[str], thumbs: list[str | None], options: ValidateOptions) -> list[ImageInfo | str]:
+    return [validate_image(path, options, thumb) for path, thumb in zip(paths, thumbs)]
 
 
 def ordered_chunked_map(
@@ -139,24 +164,28 @@ def validate_many(
     workers: int,
     max_image_pixels: int | None = None,
     chunk_size: int = 16,
+    thumb_of: Callable[[T], str] | None = None,
 ) -> Iterator[tuple[T, ImageInfo | str]]:
-    """(item, result) for every item, in input order; `workers` > 1 uses a process pool."""
+    """(item, result) for every item, in input order; `workers` > 1 uses a process pool.
+    `thumb_of` names each item's thumbnail in `options.thumb_dir`."""
     set_pixel_limit(max_image_pixels)
+    thumb_of = thumb_of or (lambda item: None)
     if workers <= 1:
         for item in items:
-            yield item, validate_image(path_of(item), options)
+            yield item, validate_image(path_of(item), options, thumb_of(item))
         return
     # The platform's default start method: fork on Linux starts workers in milliseconds and needs
     # no `if __name__ == "__main__"` guard in user scripts; workers only touch PIL and hashlib.
     with ProcessPoolExecutor(
         workers, initializer=set_pixel_limit, initargs=(max_image_pixels,)
     ) as pool:
-        yield from _pooled(pool, items, path_of, options, workers, chunk_size)
+        yield from _pooled(pool, items, path_of, thumb_of, options, workers, chunk_size)
 
 
-def _pooled(pool: Executor, items, path_of, options, workers, chunk_size):
+def _pooled(pool: Executor, items, path_of, thumb_of, options, workers, chunk_size):
     def submit(chunk):
-        return pool.submit(_validate_chunk, [path_of(item) for item in chunk], options)
+        return pool.submit(_validate_chunk, [path_of(item) for item in chunk], [thumb_of(item) for item in chunk],
+                           options)
 
     for chunk, results in ordered_chunked_map(submit, items, chunk_size, window=workers * 4):
         yield from zip(chunk, results)

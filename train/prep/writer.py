@@ -26,8 +26,8 @@ _ARROW_TYPES = {"string": datasets.Value("string"), "int32": datasets.Value("int
 FEATURES = datasets.Features({name: _ARROW_TYPES[kind] for name, kind in DATASET_COLUMNS.items()})
 
 
-class RowSpool:
-    """Append-only JSONL file of rows, read back by the Arrow writer."""
+class Spool:
+    """Append-only JSONL file in the temp folder: records written once, read back in order."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -35,16 +35,27 @@ class RowSpool:
         self._handle = open(path, "w", encoding="utf-8")  # noqa: SIM115
         self.count = 0
 
-    def append(self, row: dict[str, Any]) -> None:
-        missing = set(FEATURES) - set(row)
-        if missing:
-            raise ValueError(f"row {row.get('id')!r} lacks columns {sorted(missing)}")
+    def append(self, record: dict[str, Any]) -> None:
         with outputs.output_errors(self.path):  # ENOSPC while spooling: one line, not a traceback
-            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.count += 1
 
     def close(self) -> None:
         self._handle.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The records, once the spool is closed."""
+        return _rows(str(self.path))
+
+
+class RowSpool(Spool):
+    """Spool of dataset rows (every column of FEATURES), read back by the Arrow writer."""
+
+    def append(self, row: dict[str, Any]) -> None:
+        missing = set(FEATURES) - set(row)
+        if missing:
+            raise ValueError(f"row {row.get('id')!r} lacks columns {sorted(missing)}")
+        super().append(row)
 
 
 def _rows(spool: str) -> Iterator[dict[str, Any]]:
