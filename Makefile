@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 $(BIN)/animagine-lora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ $(BIN)/animagine-lora: pyproject.toml
 
 venv: $(BIN)/animagine-lora
 
+# One pytest worker per core (each with one torch thread); files stay whole on one worker.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
+
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
+
+# Everything but the tiny training runs and the slowest model tests: a minute or two while editing.
+test-fast: venv
+	$(PYTEST) -m "not training" tests
 
 demo: venv
 	$(BIN)/animagine-lora demo
