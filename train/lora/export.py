@@ -362,12 +362,15 @@ class RunExporter:
         trigger_features: {trigger tag: [tags prep folded into it]} (the prep output's manifest),
             written as `ss_folded_tags` / `modelspec.trigger_phrase` (train.lora.trigger).
         weights: a context in which the weights to export are in place (schedule-free AdamW's average).
+        training: more `ss_*` / `modelspec.*` keys recording how it was trained (the loss, the
+            noise, the prediction type and why: `train.loss.training_metadata`).
     """
 
     def __init__(self, modules: Callable[[], dict], lora: AdapterSettings, *, name: str, rows: Sequence[dict],
                  base_model: str, prediction_type: str, resolution: tuple[int, int], num_reg_images: int = 0,
                  ema=None, weights: Callable[[], AbstractContextManager] = nullcontext,
-                 trigger_features: dict[str, list[str]] | None = None) -> None:
+                 trigger_features: dict[str, list[str]] | None = None,
+                 training: dict[str, object] | None = None) -> None:
         self.modules, self.lora, self.name, self.ema, self.weights = modules, lora, name, ema, weights
         self.metadata = {
             "rank": lora.rank, "alpha": lora.alpha, "output_name": name, "resolution": resolution,
@@ -377,7 +380,7 @@ class RunExporter:
                 algo=lora.type, rank=lora.rank, alpha=lora.alpha, conv=lora.preset == "attn-mlp-conv",
                 factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker)}
         self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
-                       **trigger_metadata(trigger_features or {})}
+                       **trigger_metadata(trigger_features or {}), **(training or {})}
         if lora.dora:
             logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
 
