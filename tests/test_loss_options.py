@@ -4,12 +4,15 @@ debiased estimation, zero terminal SNR, and how `loss_step` composes them."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from safetensors import safe_open
+from train_helpers import train_in_process, write_config
 
 from train import diffusion
 from train.data.rows import TrainBatch
@@ -242,3 +245,29 @@ def test_training_metadata_records_loss_noise_and_prediction_reason():
     assert metadata["ss_loss_type"] == "smooth_l1" and metadata["ss_ip_noise_gamma"] == 0.1
     assert metadata["ss_v_parameterization"] is True and metadata["ss_zero_terminal_snr"] is True
     assert "v_pred" in metadata["ss_prediction_type_reason"]
+
+
+# ---------------------------------------------------------------- through the real loop
+
+
+RECIPE = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1, "debiased_estimation": True,
+          "min_snr_gamma": 5.0, "multires_noise_iterations": 6, "multires_noise_discount": 0.3,
+          "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True, "noise_offset": 0.05,
+          "noise_offset_random_strength": True}
+
+
+def test_tiny_run_with_a_recipes_loss_and_noise_options(tiny_model, train_dataset, tmp_path):
+    config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset,
+                          run_dir=tmp_path / "run", train={"max_steps": 2, "gradient_accumulation_steps": 1, **RECIPE},
+                          output={"save_every_n_steps": 2, "log_with": []})
+    result = train_in_process(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "prediction_type=epsilon, zero_terminal_snr=false" in result.stderr
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)
+    with safe_open(str(tmp_path / "run" / "test_lora.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_loss_type"] == "huber" and metadata["ss_huber_schedule"] == "snr"
+    assert metadata["ss_multires_noise_iterations"] == "6" and metadata["ss_ip_noise_gamma"] == "0.1"
+    assert metadata["ss_debiased_estimation"] == "True" and metadata["ss_v_parameterization"] == "False"
