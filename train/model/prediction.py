@@ -1,4 +1,5 @@
-"""What a base model predicts (ε or v) and on which noise schedule, and why we think so.
+"""What a base model predicts (ε or v) and on which noise schedule, and why we think so (torch-free:
+`train --check` uses it too).
 
 Training a v-prediction model as if it predicted ε "does not throw errors but results in empty
 images" (sd-scripts #1772), so the prediction type is read from the model unless the config says:
@@ -16,6 +17,7 @@ validation loss, the samplers), so they cannot disagree.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 from train.names import PREDICTION_TYPES, V_PRED_KEY, ZTSNR_KEY
 
 logger = logging.getLogger(__name__)
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,25 @@ class Prediction:
 
 
 def single_file_markers(path: str | Path) -> set[str]:
-    """The marker keys (`v_pred`, `ztsnr`) among a safetensors file's top-level keys (header only)."""
-    from safetensors import safe_open
+    """The marker keys (`v_pred`, `ztsnr`) among a safetensors file's tensor names.
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {key for key in handle.keys() if key in (V_PRED_KEY, ZTSNR_KEY)}  # noqa: SIM118 (not a dict)
+    Read from the header alone (8-byte little-endian length, then JSON), so `train --check` needs
+    no torch and no tensor is loaded.
+
+    Raises:
+        ValueError: not a safetensors file.
+    """
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors file (header of {size} bytes)")
+        try:
+            header = json.loads(handle.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a table)")  # noqa: TRY004 (bad input)
+    return {key for key in header if key in (V_PRED_KEY, ZTSNR_KEY)}
 
 
 def detect(scheduler_config: dict, *, origin: str, markers: set[str] | None = None) -> Prediction:
