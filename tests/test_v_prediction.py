@@ -128,3 +128,21 @@ def test_tiny_run_on_a_v_prediction_model_trains_validates_samples_and_records_w
     assert metadata["ss_v_parameterization"] == "True" and metadata["ss_zero_terminal_snr"] == "True"
     assert metadata["ss_prediction_type_reason"].startswith("the scheduler config of")
     assert metadata["ss_loss_type"] == "smooth_l1" and metadata["ss_debiased_estimation"] == "True"
+
+
+def test_sample_command_reads_the_prediction_type_from_the_model_or_the_options(vpred_folder, tmp_path, caplog):
+    from train.cli import main
+
+    common = ["sample", "--model", str(vpred_folder), "--size", "64x64", "--steps", "1", "--no-reorder",
+              "--device", "cpu", "1girl"]
+    with caplog.at_level(logging.INFO, logger="train.model.loading"):
+        assert main([*common, "-o", str(tmp_path / "auto")]) == 0
+    assert "prediction_type=v_prediction, zero_terminal_snr=true (the scheduler config of" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="train.model.loading"):
+        assert main([*common, "--prediction-type", "epsilon", "--zero-terminal-snr", "false",
+                     "-o", str(tmp_path / "eps")]) == 0
+    assert ("prediction_type=epsilon, zero_terminal_snr=false (model.prediction_type = 'epsilon'; "
+            "train.zero_terminal_snr = false)") in caplog.text
+    assert main([*common, "--prediction-type", "epsilon", "-o", str(tmp_path / "bad")]) == 2
+    assert "zero terminal SNR needs a v-prediction model" in caplog.text

@@ -23,9 +23,11 @@ from train.cli.options import (
     MAX_SEED,
     MAX_STEPS,
     MAX_STRENGTH,
+    add_prediction_arguments,
     add_sampler_arguments,
     bounded_float,
     bounded_int,
+    zero_terminal_snr_choice,
 )
 from train.names import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, DIFFUSERS_SAMPLER, parse_size
 
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     add_sampler_arguments(parser)
+    add_prediction_arguments(parser)
     parser.add_argument("--workflow", type=Path, metavar="FILE.json",
                         help="also write the ComfyUI workflow (API format) that reproduces these images")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
@@ -124,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
-                                tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
+                                tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32,
+                                prediction_type=args.prediction_type,
+                                zero_terminal_snr=zero_terminal_snr_choice(args.zero_terminal_snr))
     except (OSError, ValueError) as err:  # a missing folder or file, an unusable checkpoint
         logger.error("--model %s: %s", args.model, err)
         return 2
