@@ -146,3 +146,15 @@ def test_sample_command_reads_the_prediction_type_from_the_model_or_the_options(
             "train.zero_terminal_snr = false)") in caplog.text
     assert main([*common, "--prediction-type", "epsilon", "-o", str(tmp_path / "bad")]) == 2
     assert "zero terminal SNR needs a v-prediction model" in caplog.text
+
+
+def test_sample_grids_on_an_opt_model_of_another_prediction_type_warn(tiny_model, vpred_folder, tmp_path, caplog):
+    from train.config import SampleConfig
+    from train.generate.hook import SampleGrids
+
+    train_model = load_base_model(str(tiny_model.diffusers_dir), weight_dtype=torch.float32)
+    config = SampleConfig(every_n_steps=1, sample_model="opt", opt_model=str(vpred_folder), prompts=["1girl"])
+    with caplog.at_level(logging.WARNING, logger="train.generate.hook"):
+        SampleGrids(config, train_model=train_model, out_dir=tmp_path)
+    assert (f"sample.opt_model {vpred_folder} is v_prediction with zero terminal SNR, the model being trained "
+            "epsilon") in caplog.text

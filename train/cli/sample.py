@@ -150,14 +150,14 @@ def run(args: argparse.Namespace) -> int:
     save_png(make_grid(images, col_labels=[f"seed {s}" for s in settings.seeds]), args.out / "grid.png")
     save_text(args.out / "prompts.txt", "\n".join(texts) + "\n")
     if args.workflow:
-        _write_workflow(args, texts, settings)
+        _write_workflow(args, texts, settings, model.prediction)
     for p, text in enumerate(texts):
         print(f"p{p:02d}: {text}")
     print(f"{len(texts) * len(settings.seeds)} image(s) in {args.out}")
     return 0
 
 
-def _write_workflow(args: argparse.Namespace, texts: list[str], settings) -> None:
+def _write_workflow(args: argparse.Namespace, texts: list[str], settings, prediction) -> None:
     """The ComfyUI graph of this run at `args.workflow` (atomic write)."""
     from train.generate.sampling import save_text
     from train.generate.workflow import WorkflowSpec, checkpoint_name, workflow_json
@@ -170,6 +170,7 @@ def _write_workflow(args: argparse.Namespace, texts: list[str], settings) -> Non
     spec = WorkflowSpec(checkpoint=checkpoint_name(args.model), lora=Path(args.lora).name if args.lora else None,
                         strength=args.strength, prompts=texts, negative=settings.negative, seeds=settings.seeds,
                         sampler=sampler, scheduler=settings.scheduler if sampler == settings.sampler else "normal",
-                        steps=settings.steps, cfg=settings.cfg, width=settings.width, height=settings.height)
+                        steps=settings.steps, cfg=settings.cfg, width=settings.width, height=settings.height,
+                        prediction_type=prediction.prediction_type, zero_terminal_snr=prediction.zero_terminal_snr)
     save_text(args.workflow, workflow_json(spec))
     print(f"ComfyUI workflow (API format): {args.workflow}")
