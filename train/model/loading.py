@@ -149,9 +149,13 @@ def _scheduler_config(source: str, local_only: bool = True) -> dict:
     return dict(DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only))
 
 
-def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype):
+def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype, choose):
+    """The four models of a diffusers folder or Hub model, their scheduler config and
+    `choose(scheduler_config)` (the prediction), which runs first: a refusal costs no weights."""
     local_only = _local_only(source)
     try:
+        scheduler_config = _scheduler_config(source, local_only)
+        prediction = choose(scheduler_config)
         unet = UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=weight_dtype, local_files_only=local_only)
         vae = AutoencoderKL.from_pretrained(
@@ -160,15 +164,16 @@ def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dty
             source, subfolder="text_encoder", dtype=weight_dtype, local_files_only=local_only)
         te2 = CLIPTextModelWithProjection.from_pretrained(
             source, subfolder="text_encoder_2", dtype=weight_dtype, local_files_only=local_only)
-        return unet, vae, te1, te2, _scheduler_config(source, local_only)
+        return unet, vae, te1, te2, scheduler_config, prediction
     except OSError as err:
         if local_only and _is_hub_id(source):
             raise _offline_error(source, err) from None
         raise
 
 
-def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, vae_dtype):
-    """All four models from one SGM checkpoint, converted by diffusers against `config_dir`.
+def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, vae_dtype, choose):
+    """All four models from one SGM checkpoint, converted by diffusers against `config_dir`, the
+    scheduler config and `choose(scheduler_config)` (the prediction, decided before any weight is read).
 
     The checkpoint is read once; components come back in its stored dtype and are cast here so
     the VAE never passes through a lossy dtype on its way to fp32.
@@ -179,6 +184,7 @@ def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, va
                 f"{config_dir / component / 'config.json'}: component config missing"
             )
     scheduler_config = _scheduler_config(str(config_dir))
+    prediction = choose(scheduler_config)
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(path),
         config=str(config_dir),
@@ -193,6 +199,7 @@ def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, va
         pipe.text_encoder.to(weight_dtype),
         pipe.text_encoder_2.to(weight_dtype),
         scheduler_config,
+        prediction,
     )
 
 
@@ -243,21 +250,29 @@ def load_base_model(
         # from the shipped CLIP vocabulary (the same tokens as the Hub model's).
         tokenizers = _load_tokenizers([tokenizer_dir]) if tokenizer_dir else shipped_tokenizers()
         config = Path(config_dir) if config_dir else SDXL_CONFIG_DIR
-        unet, vae, te1, te2, scheduler_config = _load_single_file(
-            path, config, tokenizers, weight_dtype, vae_dtype
+        markers = predictions.single_file_markers(path)
+
+        def choose(scheduler_config: dict) -> predictions.Prediction:
+            detected = predictions.detect(scheduler_config, origin=f"{config / 'scheduler'} (the component configs)",
+                                          markers=markers)
+            return predictions.resolve(detected, prediction_type, zero_terminal_snr)
+
+        unet, vae, te1, te2, scheduler_config, prediction = _load_single_file(
+            path, config, tokenizers, weight_dtype, vae_dtype, choose
         )
-        detected = predictions.detect(scheduler_config, origin=f"{config / 'scheduler'} (the component configs)",
-                                      markers=predictions.single_file_markers(path))
     elif path.is_dir() or not looks_like_path(source):
         if path.is_dir() and not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers folder (no unet/ subfolder)")
         tokenizers = _load_tokenizers([tokenizer_dir] if tokenizer_dir else [source])
-        unet, vae, te1, te2, scheduler_config = _load_diffusers(source, weight_dtype, vae_dtype)
-        detected = predictions.detect(scheduler_config, origin=f"the scheduler config of {source}")
+
+        def choose(scheduler_config: dict) -> predictions.Prediction:
+            detected = predictions.detect(scheduler_config, origin=f"the scheduler config of {source}")
+            return predictions.resolve(detected, prediction_type, zero_terminal_snr)
+
+        unet, vae, te1, te2, scheduler_config, prediction = _load_diffusers(source, weight_dtype, vae_dtype, choose)
     else:
         raise FileNotFoundError(f"{source}: model file or folder not found")
     _freeze(unet, vae, te1, te2)
-    prediction = predictions.resolve(detected, prediction_type, zero_terminal_snr)
     noise_scheduler = DDPMScheduler.from_config(prediction.scheduler_config(scheduler_config))
     logger.info("loaded %s: prediction_type=%s, zero_terminal_snr=%s (%s)", source, prediction.prediction_type,
                 str(prediction.zero_terminal_snr).lower(), prediction.reason)
