@@ -132,4 +132,3 @@ def test_train_command_reports_config_errors_and_exits_2(tmp_path, caplog):
     bad.write_text('[data]\ndataset = "x"\n[train]\nmax_steps = 1\nseeed = 3\n[output]\ndir = "r"\n', encoding="utf-8")
     assert main(["train", str(bad)]) == 2
     assert f"{bad}: train.seeed: unknown key (did you mean 'seed'?)" in caplog.text
-
