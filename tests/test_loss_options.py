@@ -40,6 +40,21 @@ def test_noise_offset_random_strength_scales_the_offset_by_one_uniform_draw():
     assert 0 < strength.item() < 0.1
 
 
+def test_adaptive_noise_scale_adds_each_channels_absolute_mean_to_the_offset():
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8)) + 0.5
+    got = diffusion.sample_noise(latents, torch.Generator().manual_seed(5), 0.1, offset_random_strength=True,
+                                 adaptive_noise_scale=-0.3)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(latents.shape, generator=g)
+    strength = 0.1 * torch.rand(1, generator=g) - 0.3 * latents.mean(dim=(2, 3), keepdim=True).abs()
+    offset = torch.randn((2, 4, 1, 1), generator=g)
+    assert torch.allclose(got, base + strength.clamp(min=0) * offset)
+    assert (strength < 0).any()  # a negative scale can reach 0: clamped, as sd-scripts
+    # without a noise offset it does nothing (sd-scripts applies it inside the offset)
+    plain = diffusion.sample_noise(latents, torch.Generator().manual_seed(5), 0.0, adaptive_noise_scale=1.0)
+    assert torch.equal(plain, torch.randn(latents.shape, generator=torch.Generator().manual_seed(5)))
+
+
 def test_pyramid_noise_adds_discounted_upsampled_levels_and_renormalises():
     noise = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0))
     got = diffusion.pyramid_noise(noise, torch.Generator().manual_seed(1), iterations=3, discount=0.4)
@@ -158,6 +173,33 @@ def test_sample_weights_multiply_prior_min_snr_and_debiased():
     debiased = [1 / (s + 1) for s in snr]
     assert got.tolist() == pytest.approx([1.0 * min_snr[0] * debiased[0], 0.5 * min_snr[1] * debiased[1]])
     assert sample_weights(LossSettings("epsilon", 0.0, None, 0, 4), None, t, ABAR) is None
+
+
+def test_v_like_scale_and_added_v_like_loss():
+    t = torch.tensor([0, 1])
+    snr = torch.tensor([1 / 3, 9.0])
+    scale = snr / (snr + 1)  # sd-scripts' get_snr_scale (SNR capped at 1000)
+    assert diffusion.v_like_scale(torch.tensor([1 / 3, 9.0, 5000.0])).tolist() == pytest.approx(
+        [0.25, 0.9, 1000 / 1001])
+    scaled = sample_weights(LossSettings("v_prediction", 0.0, None, 0, 4, scale_v_pred_loss_like_noise_pred=True),
+                            None, t, ABAR)
+    assert scaled.tolist() == pytest.approx(scale.tolist())
+    added = sample_weights(LossSettings("epsilon", 0.0, 5.0, 0, 4, v_pred_like_loss=0.2), None, t, ABAR)
+    min_snr = torch.clamp(snr, max=5.0) / snr
+    assert added.tolist() == pytest.approx((min_snr * (1 + 0.2 / scale)).tolist())
+
+
+def test_loss_settings_refuse_a_v_like_option_of_the_other_prediction_type():
+    from train.config import parse_config
+
+    minimal = {"data": {"dataset": "prep"}, "output": {"dir": "run"}}
+    train = parse_config({**minimal, "train": {"max_steps": 1, "scale_v_pred_loss_like_noise_pred": True}}).train
+    assert LossSettings.from_config(train, "v_prediction").scale_v_pred_loss_like_noise_pred
+    with pytest.raises(ValueError, match="scale_v_pred_loss_like_noise_pred needs a v-prediction model"):
+        LossSettings.from_config(train, "epsilon")
+    train = parse_config({**minimal, "train": {"max_steps": 1, "v_pred_like_loss": 0.1}}).train
+    with pytest.raises(ValueError, match="v_pred_like_loss"):
+        LossSettings.from_config(train, "v_prediction")
 
 
 def test_min_snr_and_debiased_stay_finite_at_zero_terminal_snr_for_v():

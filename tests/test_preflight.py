@@ -55,6 +55,11 @@ def test_check_names_the_prediction_type_its_reason_and_the_loss(config, capsys,
     path = config(train={"zero_terminal_snr": True})  # the tiny model is epsilon
     assert main(["train", str(path), "--check"]) == 2
     assert "problem: model: zero terminal SNR needs a v-prediction model" in capsys.readouterr().out
+    path = config(train={"scale_v_pred_loss_like_noise_pred": True, "adaptive_noise_scale": 0.01})
+    assert main(["train", str(path), "--check"]) == 2
+    out = capsys.readouterr().out
+    assert "noise offset 0.05 + 0.01 x |latent mean|" in out and "v loss scaled like an epsilon loss" in out
+    assert "problem: train.scale_v_pred_loss_like_noise_pred needs a v-prediction model, not epsilon" in out
 
 
 def test_check_reports_what_would_stop_the_run(config, capsys, trained_run, tmp_path):

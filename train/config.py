@@ -156,6 +156,9 @@ class TrainConfig(_Section):
     huber_c: float = Field(0.1, gt=0, le=1)
     huber_scale: float = Field(1.0, gt=0)  # "constant" and "exponential" only, as in sd-scripts
     debiased_estimation: bool = False  # weight by 1/sqrt(SNR) (v-prediction: 1/(SNR + 1), as sd-scripts)
+    adaptive_noise_scale: float = 0.0  # noise offset + this x |latent channel mean| (needs noise_offset); 0: off
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction: weight by SNR/(SNR+1), like an ε loss
+    v_pred_like_loss: float = Field(0.0, ge=0)  # ε-prediction: add this x a v-like loss; 0: off
     # Rescale the noise schedule to zero terminal SNR (Lin et al. 2023) in training, validation and
     # sampling; needs v-prediction. "auto": when the model says so (`ztsnr` key, scheduler config).
     zero_terminal_snr: StrictBool | Literal["auto"] = "auto"
@@ -254,6 +257,13 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _loss_fits_the_prediction_type(self) -> Config:
+        if self.model.prediction_type != "auto" and (problems := prediction_problems(self.train,
+                                                                                       self.model.prediction_type)):
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _zero_terminal_snr_needs_v_prediction(self) -> Config:
         if self.train.zero_terminal_snr is True and self.model.prediction_type == "epsilon":
             raise ValueError("train.zero_terminal_snr needs model.prediction_type 'v_prediction' (or 'auto' on a "
@@ -269,6 +279,17 @@ class Config(_Section):
         if self.lora.type != "lora" and self.model.quantize != "none":
             raise ValueError(f"model.quantize = {self.model.quantize!r} supports lora.type = 'lora' only")
         return self
+
+
+def prediction_problems(train: TrainConfig, prediction_type: str) -> list[str]:
+    """The `[train]` settings that do not fit a model predicting `prediction_type`, one line each
+    (checked here for an explicit `model.prediction_type`, at load for "auto", and by `--check`)."""
+    problems = []
+    if train.scale_v_pred_loss_like_noise_pred and prediction_type != "v_prediction":
+        problems.append(f"train.scale_v_pred_loss_like_noise_pred needs a v-prediction model, not {prediction_type}")
+    if train.v_pred_like_loss and prediction_type == "v_prediction":
+        problems.append("train.v_pred_like_loss adds a v-like loss to an epsilon model's; this model predicts v")
+    return problems
 
 
 def resume_settings(config: Config) -> dict:

@@ -42,19 +42,23 @@ DEBIASED_SNR_CAP = 1000.0
 
 
 def sample_noise(latents: Tensor, generator: torch.Generator, noise_offset: float = 0.0, *,
-                 offset_random_strength: bool = False, multires_iterations: int = 0,
-                 multires_discount: float = 0.3) -> Tensor:
+                 offset_random_strength: bool = False, adaptive_noise_scale: float = 0.0,
+                 multires_iterations: int = 0, multires_discount: float = 0.3) -> Tensor:
     """Gaussian noise shaped like `latents`, plus a per-sample, per-channel constant offset,
     then pyramid noise: sd-scripts' order (offset first, the pyramid's renormalisation last).
 
-    The offset term `noise_offset * N(0, 1)` of shape (B, C, 1, 1) lets the model learn to change
-    an image's mean brightness (Guttenberg 2023); `offset_random_strength` scales it by one
-    U(0, 1) draw per micro-batch, as sd-scripts' `noise_offset_random_strength`. 0 and 0 give
-    plain N(0, I).
+    The offset term `strength * N(0, 1)` of shape (B, C, 1, 1) lets the model learn to change an
+    image's mean brightness (Guttenberg 2023). Its strength is `noise_offset`, scaled by one
+    U(0, 1) draw per micro-batch with `offset_random_strength`, plus `adaptive_noise_scale` times
+    each latent channel's |mean|, clamped at 0 (sd-scripts' `noise_offset_random_strength` and
+    `adaptive_noise_scale`, which act only with a noise offset). All 0 gives plain N(0, I).
     """
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
     if noise_offset:
         strength = noise_offset * torch.rand(1, generator=generator) if offset_random_strength else noise_offset
+        if adaptive_noise_scale:
+            channel_mean = latents.float().mean(dim=(2, 3), keepdim=True).abs().cpu()  # (B, C, 1, 1)
+            strength = torch.clamp(strength + adaptive_noise_scale * channel_mean, min=0.0)
         offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator)
         noise = noise + strength * offset  # (B, C, 1, 1) broadcast over H, W
     if multires_iterations:
@@ -149,6 +153,14 @@ def debiased_weight(snr_t: Tensor, prediction_type: str) -> Tensor:
     if prediction_type == "v_prediction":
         return 1 / (capped + 1)
     raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
+def v_like_scale(snr_t: Tensor) -> Tensor:
+    """SNR / (SNR + 1), the SNR capped at 1000 (sd-scripts' `get_snr_scale`), shape (B,): the ε loss
+    is this times the v loss. `scale_v_pred_loss_like_noise_pred` multiplies a v loss by it;
+    `v_pred_like_loss` k adds k times the v-like loss to an ε loss, a weight of 1 + k / scale."""
+    capped = torch.clamp(snr_t, max=DEBIASED_SNR_CAP)
+    return capped / (capped + 1)
 
 
 def huber_threshold(schedule: str, huber_c: float, timesteps: Tensor, alphas_cumprod: Tensor,

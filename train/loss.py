@@ -4,7 +4,8 @@
 tests share; the formulas it composes (noise, timesteps, the ε/v target, the loss function and
 its weights) are `train.diffusion`. The order is sd-scripts' (`train_network.py`): the element-wise
 loss (L2, L1 or scheduled pseudo-Huber), the mask, the mean per sample, then the per-sample
-weights (prior loss weight, min-SNR-γ, debiased estimation), then the mean over the batch.
+weights (prior loss weight, min-SNR-γ, the v-like scale or added v-like loss, debiased estimation),
+then the mean over the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from train import diffusion
-from train.config import TrainConfig
+from train.config import TrainConfig, prediction_problems
 from train.data.rows import TrainBatch
 from train.model.prediction import Prediction
 
@@ -38,17 +39,28 @@ class LossSettings:
     huber_c: float = 0.1
     huber_scale: float = 1.0
     debiased_estimation: bool = False
+    adaptive_noise_scale: float = 0.0  # offset strength + this x |latent channel mean| (with noise_offset)
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction only
+    v_pred_like_loss: float = 0.0  # epsilon only; 0: off
 
     @classmethod
     def from_config(cls, train: TrainConfig, prediction_type: str) -> LossSettings:
-        """The loss of a `[train]` table for a model that predicts `prediction_type`."""
+        """The loss of a `[train]` table for a model that predicts `prediction_type`.
+
+        Raises:
+            ValueError: a setting for the other prediction type (`train.config.prediction_problems`).
+        """
+        if problems := prediction_problems(train, prediction_type):
+            raise ValueError("; ".join(problems))
         return cls(prediction_type, train.noise_offset, train.min_snr_gamma, train.timestep_min, train.timestep_max,
                    noise_offset_random_strength=train.noise_offset_random_strength,
                    multires_noise_iterations=train.multires_noise_iterations,
                    multires_noise_discount=train.multires_noise_discount, ip_noise_gamma=train.ip_noise_gamma,
                    ip_noise_gamma_random_strength=train.ip_noise_gamma_random_strength, loss_type=train.loss_type,
                    huber_schedule=train.huber_schedule, huber_c=train.huber_c, huber_scale=train.huber_scale,
-                   debiased_estimation=train.debiased_estimation)
+                   debiased_estimation=train.debiased_estimation, adaptive_noise_scale=train.adaptive_noise_scale,
+                   scale_v_pred_loss_like_noise_pred=train.scale_v_pred_loss_like_noise_pred,
+                   v_pred_like_loss=train.v_pred_like_loss)
 
 
 def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cumprod: torch.Tensor,
@@ -61,6 +73,7 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
     latents = batch.latents.to(device, non_blocking=True)  # (B, 4, H/8, W/8); pinned when prefetched
     noise = diffusion.sample_noise(latents, generator, settings.noise_offset,
                                    offset_random_strength=settings.noise_offset_random_strength,
+                                   adaptive_noise_scale=settings.adaptive_noise_scale,
                                    multires_iterations=settings.multires_noise_iterations,
                                    multires_discount=settings.multires_noise_discount)
     timesteps = diffusion.sample_timesteps(len(latents), generator, settings.timestep_min, settings.timestep_max)
@@ -87,13 +100,19 @@ def loss_step(unet, batch: TrainBatch, text, settings: LossSettings, alphas_cump
 def sample_weights(settings: LossSettings, loss_weights: torch.Tensor | None, timesteps: torch.Tensor,
                    alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
     """Per-sample loss weights (B,): the batch's own (`prior_loss_weight` on regularization
-    samples) times min-SNR-γ and debiased estimation when on; None when all are off."""
+    samples) times, when on and in sd-scripts' order, min-SNR-γ, the v-like scale, the added
+    v-like loss and debiased estimation; None when all are off."""
     weights = loss_weights
     factors = []
-    if settings.min_snr_gamma or settings.debiased_estimation:
+    if (settings.min_snr_gamma or settings.debiased_estimation or settings.scale_v_pred_loss_like_noise_pred
+            or settings.v_pred_like_loss):
         snr_t = diffusion.snr(timesteps, alphas_cumprod)
         if settings.min_snr_gamma:
             factors.append(diffusion.min_snr_weight(snr_t, settings.min_snr_gamma, settings.prediction_type))
+        if settings.scale_v_pred_loss_like_noise_pred:
+            factors.append(diffusion.v_like_scale(snr_t))
+        if settings.v_pred_like_loss:
+            factors.append(1 + settings.v_pred_like_loss / diffusion.v_like_scale(snr_t))
         if settings.debiased_estimation:
             factors.append(diffusion.debiased_weight(snr_t, settings.prediction_type))
     for factor in factors:
@@ -112,6 +131,9 @@ def training_metadata(settings: LossSettings, prediction: Prediction | None) -> 
         "ss_min_snr_gamma": settings.min_snr_gamma, "ss_debiased_estimation": settings.debiased_estimation,
         "ss_loss_type": settings.loss_type, "ss_huber_schedule": settings.huber_schedule,
         "ss_huber_c": settings.huber_c, "ss_huber_scale": settings.huber_scale,
+        "ss_adaptive_noise_scale": settings.adaptive_noise_scale,
+        "ss_scale_v_pred_loss_like_noise_pred": settings.scale_v_pred_loss_like_noise_pred,
+        "ss_v_pred_like_loss": settings.v_pred_like_loss,
         "ss_v_parameterization": settings.prediction_type == "v_prediction",
     }
     if prediction is not None:

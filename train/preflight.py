@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import Config, ModelConfig, TrainConfig
+from train.config import Config, ModelConfig, TrainConfig, prediction_problems
 from train.model import prediction as predictions
 from train.names import (
     CHECKPOINT_COMPLETE,
@@ -109,8 +109,8 @@ def describe_model(model: ModelConfig) -> tuple[str, str | None]:
     return f"{source}: {kind or 'unusable'}; {precision}", problem
 
 
-def describe_prediction(model: ModelConfig, zero_terminal_snr: bool | str) -> tuple[str, str | None]:
-    """(the prediction type and schedule the run would use and why, a problem or None), read as
+def describe_prediction(model: ModelConfig, train: TrainConfig) -> tuple[str, list[str]]:
+    """(the prediction type and schedule the run would use and why, the problems), read as
     `train.model.loading` will: a single file's marker keys, a folder's scheduler config."""
     path = Path(model.source).expanduser()
     config_dir = Path(model.config_dir) if model.config_dir else SDXL_CONFIG_DIR
@@ -123,14 +123,15 @@ def describe_prediction(model: ModelConfig, zero_terminal_snr: bool | str) -> tu
             detected = predictions.detect(_json_or_empty(path / "scheduler" / "scheduler_config.json"),
                                           origin=f"the scheduler config of {path}")
         elif model.prediction_type == "auto":
-            return "read from the model's scheduler config when it is loaded", None
+            return "read from the model's scheduler config when it is loaded", []
         else:
             detected = predictions.Prediction(model.prediction_type, False, "")
-        chosen = predictions.resolve(detected, model.prediction_type, zero_terminal_snr)
+        chosen = predictions.resolve(detected, model.prediction_type, train.zero_terminal_snr)
     except (OSError, ValueError) as err:
-        return "unknown", f"model: {err}"
+        return "unknown", [f"model: {err}"]
     schedule = "zero terminal SNR" if chosen.zero_terminal_snr else "the model's noise schedule"
-    return f"{chosen.prediction_type} on {schedule} ({chosen.reason})", None
+    return (f"{chosen.prediction_type} on {schedule} ({chosen.reason})",
+            prediction_problems(train, chosen.prediction_type))
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -144,11 +145,16 @@ def describe_loss(train: TrainConfig) -> str:
     parts = [loss]
     if train.min_snr_gamma:
         parts.append(f"min-SNR gamma {train.min_snr_gamma:g}")
+    if train.scale_v_pred_loss_like_noise_pred:
+        parts.append("v loss scaled like an epsilon loss")
+    if train.v_pred_like_loss:
+        parts.append(f"v-like loss x {train.v_pred_like_loss:g} added")
     if train.debiased_estimation:
         parts.append("debiased estimation")
     if train.noise_offset:
         parts.append(f"noise offset {train.noise_offset:g}" + (" (random strength)"
-                                                             if train.noise_offset_random_strength else ""))
+                                                             if train.noise_offset_random_strength else "")
+                     + (f" + {train.adaptive_noise_scale:g} x |latent mean|" if train.adaptive_noise_scale else ""))
     if train.multires_noise_iterations:
         parts.append(f"pyramid noise {train.multires_noise_iterations} levels, discount "
                      f"{train.multires_noise_discount:g}")
@@ -212,10 +218,9 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("model", model)
     if problem:
         plan.problems.append(problem)
-    prediction, problem = describe_prediction(config.model, tc.zero_terminal_snr)
+    prediction, problems = describe_prediction(config.model, tc)
     plan.add("prediction", prediction)
-    if problem:
-        plan.problems.append(problem)
+    plan.problems += problems
 
     entries = _dataset_lines(plan, "dataset", config.data.dataset, config.validation.every_n_steps > 0)
     if config.data.regularization:
