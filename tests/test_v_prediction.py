@@ -125,7 +125,7 @@ def test_tiny_run_on_a_v_prediction_model_trains_validates_samples_and_records_w
     assert (tmp_path / "run" / "samples" / "step-000002.png").is_file()
     with safe_open(str(tmp_path / "run" / "test_lora.safetensors"), "pt") as handle:
         metadata = handle.metadata()
-    assert metadata["modelspec.prediction_type"] == "v_prediction"
+    assert metadata["modelspec.prediction_type"] == "v"  # the SAI model spec's name
     assert metadata["ss_v_parameterization"] == "True" and metadata["ss_zero_terminal_snr"] == "True"
     assert metadata["ss_prediction_type_reason"].startswith("the scheduler config of")
     assert metadata["ss_loss_type"] == "smooth_l1" and metadata["ss_debiased_estimation"] == "True"

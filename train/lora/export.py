@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
 REQUIRED_METADATA = (
     "ss_base_model_version",
     "ss_network_module",
@@ -227,7 +229,8 @@ def webui_metadata(
         "modelspec.title": title or output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": stamp.isoformat(),
-        "modelspec.prediction_type": prediction_type,
+        # The SAI model spec's values are "epsilon" and "v" (sd-scripts' sai_model_spec.py).
+        "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, prediction_type),
         "modelspec.description": comment,
     }
     if conv:
