@@ -17,6 +17,7 @@ from train_helpers import train_in_process, write_config
 
 from train import diffusion
 from train.generate.sampling import SampleSettings, build_pipeline, generate
+from train.lora.export import trained_prediction_type
 from train.model.loading import load_base_model
 from train.model.prediction import Prediction, detect, resolve, single_file_markers
 
@@ -108,7 +109,7 @@ def test_sampling_a_v_prediction_model_uses_its_type_and_sigmas(vpred_folder):
 
 
 def test_tiny_run_on_a_v_prediction_model_trains_validates_samples_and_records_why(vpred_folder, train_dataset,
-                                                                                    tmp_path):
+                                                                                    tiny_model, tmp_path, caplog):
     config = write_config(tmp_path / "c.toml", model_dir=vpred_folder, dataset=train_dataset, run_dir=tmp_path / "run",
                           train={"max_steps": 2, "gradient_accumulation_steps": 1, "debiased_estimation": True,
                                  "loss_type": "smooth_l1"},
@@ -129,6 +130,24 @@ def test_tiny_run_on_a_v_prediction_model_trains_validates_samples_and_records_w
     assert metadata["ss_v_parameterization"] == "True" and metadata["ss_zero_terminal_snr"] == "True"
     assert metadata["ss_prediction_type_reason"].startswith("the scheduler config of")
     assert metadata["ss_loss_type"] == "smooth_l1" and metadata["ss_debiased_estimation"] == "True"
+
+    # Sampled on an epsilon model, the LoRA's header gives the mismatch away.
+    from train.cli import main
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="train.cli.sample"):
+        assert main(["sample", "--lora", str(tmp_path / "run" / "test_lora.safetensors"), "--model",
+                     str(tiny_model.diffusers_dir), "--size", "64x64", "--steps", "1", "--no-reorder", "--device",
+                     "cpu", "1girl", "-o", str(tmp_path / "samples")]) == 0
+    assert "was trained on a v_prediction model, the model loaded predicts epsilon" in caplog.text
+
+
+def test_trained_prediction_type_reads_modelspec_or_sd_scripts_flag():
+    assert trained_prediction_type({"modelspec.prediction_type": "v"}) == "v_prediction"
+    assert trained_prediction_type({"modelspec.prediction_type": "epsilon"}) == "epsilon"
+    assert trained_prediction_type({"ss_v_parameterization": "True"}) == "v_prediction"
+    assert trained_prediction_type({"ss_v_parameterization": "False"}) == "epsilon"
+    assert trained_prediction_type({}) is None
 
 
 def test_sample_command_reads_the_prediction_type_from_the_model_or_the_options(vpred_folder, tmp_path, caplog):

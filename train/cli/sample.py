@@ -90,6 +90,18 @@ def _trigger_lines(lora: str | None) -> list[str]:
     return trigger_lines(folded_tags(metadata))
 
 
+def _warn_prediction_mismatch(lora: str, model) -> None:
+    """Warn when the LoRA's header says its base model predicted otherwise than the model loaded."""
+    from train.lora.export import trained_prediction_type
+    from train.lora.files import read_header
+
+    trained = trained_prediction_type(read_header(lora)[1])
+    if trained is not None and trained != model.prediction_type:
+        logger.warning("--lora %s was trained on a %s model, the model loaded predicts %s (%s): the images will be "
+                       "wrong unless --prediction-type says what the model is", lora, trained, model.prediction_type,
+                       model.prediction.reason)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -143,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         except LoraFileError as err:
             logger.error("%s", err)
             return 1
+        _warn_prediction_mismatch(args.lora, model)
     images = generate(pipe, texts, settings)
     for p, row in enumerate(images):
         for seed, image in zip(settings.seeds, row):

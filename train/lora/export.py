@@ -49,6 +49,16 @@ KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encod
 
 MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
 
+
+def trained_prediction_type(metadata: dict[str, str]) -> str | None:
+    """The prediction type a LoRA's header says its base model had ("epsilon", "v_prediction"),
+    from `modelspec.prediction_type` or sd-scripts' `ss_v_parameterization`; None when it says neither."""
+    spec = {value: name for name, value in MODELSPEC_PREDICTION.items()}.get(metadata.get("modelspec.prediction_type", ""))
+    if spec is not None:
+        return spec
+    flag = metadata.get("ss_v_parameterization")
+    return None if flag is None else ("v_prediction" if flag == "True" else "epsilon")
+
 REQUIRED_METADATA = (
     "ss_base_model_version",
     "ss_network_module",
