@@ -393,7 +393,8 @@ class RunExporter:
                 algo=lora.type, rank=lora.rank, alpha=lora.alpha, conv=lora.preset == "attn-mlp-conv",
                 factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker)}
         self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
-                       **trigger_metadata(trigger_features or {}), **(training or {})}
+                       **trigger_metadata(trigger_features or {})}
+        self.counts.update(training or {})
         if lora.dora:
             logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
 
