@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from train.names import (
     CARD_CFG,
     CARD_NEGATIVE,
     CARD_STEPS,
     DTYPE_NAMES,
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
     NOISE_DEVICES,
+    PREDICTION_TYPES,
     SAMPLER_CHOICES,
     SCHEDULERS,
     VALIDATION_TIMESTEPS,
@@ -52,6 +55,10 @@ class ModelConfig(_Section):
     # float8 with per-channel scales, about half of bf16) or "nf4" (bitsandbytes 4-bit Linear,
     # fp8 convolutions, about a third); computed in weight_dtype. For small GPUs.
     quantize: Literal["none", "fp8", "nf4"] = "none"
+    # What the UNet predicts. "auto": a diffusers folder's scheduler config says; a single file is
+    # v-prediction when it carries the `v_pred` key (NoobAI-XL v-pred), else epsilon. Training a
+    # v-prediction model as epsilon "runs" and gives empty images, hence auto (train.model.prediction).
+    prediction_type: Literal[("auto", *PREDICTION_TYPES)] = "auto"
 
 
 class DataConfig(_Section):
@@ -135,6 +142,26 @@ class TrainConfig(_Section):
     masked_loss: bool = False  # weight the loss by each image's alpha / name.mask.png (recorded by prep)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights (e.g. 0.999); None: off
     ema_device: Literal["gpu", "cpu"] = "gpu"  # where the fp32 EMA copy lives ("gpu": the training device)
+
+    # --- loss and noise: sd-scripts' options of the same names (train.diffusion), so recipes carry over.
+    noise_offset_random_strength: bool = False  # offset strength U(0, noise_offset) per micro-batch
+    multires_noise_iterations: int = Field(0, ge=0)  # pyramid noise levels (6-10 in recipes); 0: off
+    multires_noise_discount: float = Field(0.3, ge=0, le=1)  # weight of level i: discount^i
+    ip_noise_gamma: float = Field(0.0, ge=0)  # input perturbation (about 0.1 in recipes); 0: off
+    ip_noise_gamma_random_strength: bool = False  # gamma U(0, ip_noise_gamma) per micro-batch
+    # "huber" / "smooth_l1": pseudo-Huber with c per timestep (huber_schedule), robust to outlier
+    # images at high noise; "l2" is the plain MSE. The validation loss stays MSE whatever this is.
+    loss_type: Literal[LOSS_TYPES] = "l2"
+    huber_schedule: Literal[HUBER_SCHEDULES] = "snr"  # sd-scripts' default
+    huber_c: float = Field(0.1, gt=0, le=1)
+    huber_scale: float = Field(1.0, gt=0)  # "constant" and "exponential" only, as in sd-scripts
+    debiased_estimation: bool = False  # weight by 1/sqrt(SNR) (v-prediction: 1/(SNR + 1), as sd-scripts)
+    adaptive_noise_scale: float = 0.0  # noise offset + this x |latent channel mean| (needs noise_offset); 0: off
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction: weight by SNR/(SNR+1), like an ε loss
+    v_pred_like_loss: float = Field(0.0, ge=0)  # ε-prediction: add this x a v-like loss; 0: off
+    # Rescale the noise schedule to zero terminal SNR (Lin et al. 2023) in training, validation and
+    # sampling; needs v-prediction. "auto": when the model says so (`ztsnr` key, scheduler config).
+    zero_terminal_snr: StrictBool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
@@ -230,6 +257,21 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _loss_fits_the_prediction_type(self) -> Config:
+        if self.model.prediction_type != "auto" and (problems := prediction_problems(self.train,
+                                                                                       self.model.prediction_type)):
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _zero_terminal_snr_needs_v_prediction(self) -> Config:
+        if self.train.zero_terminal_snr is True and self.model.prediction_type == "epsilon":
+            raise ValueError("train.zero_terminal_snr needs model.prediction_type 'v_prediction' (or 'auto' on a "
+                             "v-prediction model): at zero terminal SNR the last timestep is pure noise, where "
+                             "an epsilon prediction says nothing about the image (Lin et al. 2023)")
+        return self
+
+    @model_validator(mode="after")
     def _lycoris_combinations(self) -> Config:
         if self.lora.type != "lora" and self.optimizer.lora_plus_ratio != 1:
             raise ValueError(f"optimizer.lora_plus_ratio needs lora.type = 'lora' (LoRA+ speeds up LoRA's B "
@@ -237,6 +279,17 @@ class Config(_Section):
         if self.lora.type != "lora" and self.model.quantize != "none":
             raise ValueError(f"model.quantize = {self.model.quantize!r} supports lora.type = 'lora' only")
         return self
+
+
+def prediction_problems(train: TrainConfig, prediction_type: str) -> list[str]:
+    """The `[train]` settings that do not fit a model predicting `prediction_type`, one line each
+    (checked here for an explicit `model.prediction_type`, at load for "auto", and by `--check`)."""
+    problems = []
+    if train.scale_v_pred_loss_like_noise_pred and prediction_type != "v_prediction":
+        problems.append(f"train.scale_v_pred_loss_like_noise_pred needs a v-prediction model, not {prediction_type}")
+    if train.v_pred_like_loss and prediction_type == "v_prediction":
+        problems.append("train.v_pred_like_loss adds a v-like loss to an epsilon model's; this model predicts v")
+    return problems
 
 
 def resume_settings(config: Config) -> dict:

@@ -40,7 +40,7 @@ from train.data.text_encoding import text_encoder_fn
 from train.evaluate.validation import validation_share
 from train.generate.hook import should_sample
 from train.lora.export import RunExporter
-from train.loss import LossSettings, loss_step
+from train.loss import LossSettings, loss_step, training_metadata
 from train.model.loading import TORCH_DTYPES, load_model, modules_on
 from train.model.quantize import quantize_unet
 from train.prep.manifest import trigger_features
@@ -266,7 +266,7 @@ def setup(config: Config, accelerator: Accelerator) -> Components:
     model_dtype = TORCH_DTYPES[config.model.weight_dtype]
     # Same seed on every rank before the adapters exist: identical LoRA initialisation.
     torch.manual_seed(tc.seed)
-    base = load_model(config.model, accelerator.device)
+    base = load_model(config.model, accelerator.device, zero_terminal_snr=tc.zero_terminal_snr)
     param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing,
                               lora_plus_ratio=oc.lora_plus_ratio)
     # After the adapters: PEFT gives a new adapter its base layer's dtype, which for fp8 would ruin it.
@@ -307,17 +307,17 @@ def setup(config: Config, accelerator: Accelerator) -> Components:
     # The recorded training resolution: the largest bucket, at the training scale.
     largest = row_geometry(max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"]),
                            data_config.resolution_scale)
+    settings = LossSettings.from_config(tc, base.prediction_type)
     export = RunExporter(functools.partial(unwrapped, accelerator, trained), config.lora, name=config.output.name,
                          rows=data.rows, base_model=config.model.source, prediction_type=base.prediction_type,
                          resolution=(largest.width, largest.height), num_reg_images=len(data.reg_rows), ema=ema,
                          weights=functools.partial(eval_weights, optimizer, params),
+                         training=training_metadata(settings, base.prediction),
                          trigger_features=trigger_features(data_config.dataset))
     return Components(
         accelerator=accelerator, run_dir=Path(config.output.dir), base=base, trained=trained, params=params,
         data=data, sampler=sampler, text=text, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        settings=LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
-                              tc.timestep_max),
-        model_dtype=model_dtype, export=export,
+        settings=settings, model_dtype=model_dtype, export=export,
         sample_hook=build_sample_hook(config.sample, base, run_dir=Path(config.output.dir), accelerator=accelerator,
                                       rows=data.rows, weight_dtype=model_dtype),
         resumable=resumable, resume_settings=resume_settings(config), cuda_graphs=config.speed.cuda_graphs,

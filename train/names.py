@@ -94,6 +94,16 @@ NOISE_DEVICES = ("gpu", "cpu")  # where ancestral noise is drawn: the sampling d
 # The validation loss's timesteps: each held-out image is noised at every one of these.
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 
+# ---------------------------------------------------------------- the training loss
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts (train.diffusion.training_target)
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # sd-scripts' --loss_type (train.diffusion.elementwise_loss)
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # sd-scripts' --huber_schedule (train.diffusion.huber_threshold)
+# Top-level keys of a single-file checkpoint marking a v-prediction model and its zero-terminal-SNR
+# schedule (NoobAI-XL v-pred carries both; ComfyUI's SDXL loader reads them, `ztsnr` only with `v_pred`).
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
+
 # ---------------------------------------------------------------- precision
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # train.model.loading.TORCH_DTYPES maps them to torch dtypes

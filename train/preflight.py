@@ -16,11 +16,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import Config, ModelConfig
+from train.config import Config, ModelConfig, TrainConfig, prediction_problems
+from train.model import prediction as predictions
 from train.names import (
     CHECKPOINT_COMPLETE,
     CHECKPOINT_DIR_RE,
     DATASET_DIR,
+    SDXL_CONFIG_DIR,
     TRAINING_COLUMNS,
     looks_like_path,
 )
@@ -107,6 +109,61 @@ def describe_model(model: ModelConfig) -> tuple[str, str | None]:
     return f"{source}: {kind or 'unusable'}; {precision}", problem
 
 
+def describe_prediction(model: ModelConfig, train: TrainConfig) -> tuple[str, list[str]]:
+    """(the prediction type and schedule the run would use and why, the problems), read as
+    `train.model.loading` will: a single file's marker keys, a folder's scheduler config."""
+    path = Path(model.source).expanduser()
+    config_dir = Path(model.config_dir) if model.config_dir else SDXL_CONFIG_DIR
+    try:
+        if path.is_file():
+            scheduler = _json_or_empty(config_dir / "scheduler" / "scheduler_config.json")
+            detected = predictions.detect(scheduler, origin=f"{config_dir / 'scheduler'} (the component configs)",
+                                          markers=predictions.single_file_markers(path))
+        elif path.is_dir():
+            detected = predictions.detect(_json_or_empty(path / "scheduler" / "scheduler_config.json"),
+                                          origin=f"the scheduler config of {path}")
+        elif model.prediction_type == "auto":
+            return "read from the model's scheduler config when it is loaded", []
+        else:
+            detected = predictions.Prediction(model.prediction_type, False, "")
+        chosen = predictions.resolve(detected, model.prediction_type, train.zero_terminal_snr)
+    except (OSError, ValueError) as err:
+        return "unknown", [f"model: {err}"]
+    schedule = "zero terminal SNR" if chosen.zero_terminal_snr else "the model's noise schedule"
+    return (f"{chosen.prediction_type} on {schedule} ({chosen.reason})",
+            prediction_problems(train, chosen.prediction_type))
+
+
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def describe_loss(train: TrainConfig) -> str:
+    """The loss function, its per-sample weights and the noise, as one line."""
+    loss = {"l2": "l2 (MSE)", "l1": "l1"}.get(train.loss_type, f"{train.loss_type} (c {train.huber_c:g}, "
+                                                                f"{train.huber_schedule} schedule)")
+    parts = [loss]
+    if train.min_snr_gamma:
+        parts.append(f"min-SNR gamma {train.min_snr_gamma:g}")
+    if train.scale_v_pred_loss_like_noise_pred:
+        parts.append("v loss scaled like an epsilon loss")
+    if train.v_pred_like_loss:
+        parts.append(f"v-like loss x {train.v_pred_like_loss:g} added")
+    if train.debiased_estimation:
+        parts.append("debiased estimation")
+    if train.noise_offset:
+        parts.append(f"noise offset {train.noise_offset:g}" + (" (random strength)"
+                                                             if train.noise_offset_random_strength else "")
+                     + (f" + {train.adaptive_noise_scale:g} x |latent mean|" if train.adaptive_noise_scale else ""))
+    if train.multires_noise_iterations:
+        parts.append(f"pyramid noise {train.multires_noise_iterations} levels, discount "
+                     f"{train.multires_noise_discount:g}")
+    if train.ip_noise_gamma:
+        parts.append(f"input perturbation {train.ip_noise_gamma:g}" + (" (random strength)"
+                                                                     if train.ip_noise_gamma_random_strength else ""))
+    return ", ".join(parts) + "; validation loss: MSE"
+
+
 @dataclass(frozen=True)
 class OutputState:
     """`output.dir` as a fresh run, `--resume` and `--overwrite` will find it."""
@@ -161,6 +218,9 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("model", model)
     if problem:
         plan.problems.append(problem)
+    prediction, problems = describe_prediction(config.model, tc)
+    plan.add("prediction", prediction)
+    plan.problems += problems
 
     entries = _dataset_lines(plan, "dataset", config.data.dataset, config.validation.every_n_steps > 0)
     if config.data.regularization:
@@ -179,6 +239,7 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("adapter", adapter)
     schedule = f"{oc.scheduler}" + (f", {oc.warmup_steps} warm-up steps" if oc.warmup_steps else "")
     plan.add("optimizer", f"{oc.name}, lr {oc.lr:g}, {schedule}")
+    plan.add("loss", describe_loss(tc))
     plan.add("precision", f"mixed precision {tc.mixed_precision}, weights {config.model.weight_dtype}"
                           + (", gradient checkpointing" if tc.gradient_checkpointing else ""))
     plan.add("output", _output_line(plan, Path(config.output.dir), config.output.name, resume=resume,

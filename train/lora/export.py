@@ -47,6 +47,18 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+def trained_prediction_type(metadata: dict[str, str]) -> str | None:
+    """The prediction type a LoRA's header says its base model had ("epsilon", "v_prediction"),
+    from `modelspec.prediction_type` or sd-scripts' `ss_v_parameterization`; None when it says neither."""
+    spec = {value: name for name, value in MODELSPEC_PREDICTION.items()}.get(metadata.get("modelspec.prediction_type", ""))
+    if spec is not None:
+        return spec
+    flag = metadata.get("ss_v_parameterization")
+    return None if flag is None else ("v_prediction" if flag == "True" else "epsilon")
+
 REQUIRED_METADATA = (
     "ss_base_model_version",
     "ss_network_module",
@@ -227,7 +239,8 @@ def webui_metadata(
         "modelspec.title": title or output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": stamp.isoformat(),
-        "modelspec.prediction_type": prediction_type,
+        # The SAI model spec's values are "epsilon" and "v" (sd-scripts' sai_model_spec.py).
+        "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, prediction_type),
         "modelspec.description": comment,
     }
     if conv:
@@ -362,12 +375,15 @@ class RunExporter:
         trigger_features: {trigger tag: [tags prep folded into it]} (the prep output's manifest),
             written as `ss_folded_tags` / `modelspec.trigger_phrase` (train.lora.trigger).
         weights: a context in which the weights to export are in place (schedule-free AdamW's average).
+        training: more `ss_*` / `modelspec.*` keys recording how it was trained (the loss, the
+            noise, the prediction type and why: `train.loss.training_metadata`).
     """
 
     def __init__(self, modules: Callable[[], dict], lora: AdapterSettings, *, name: str, rows: Sequence[dict],
                  base_model: str, prediction_type: str, resolution: tuple[int, int], num_reg_images: int = 0,
                  ema=None, weights: Callable[[], AbstractContextManager] = nullcontext,
-                 trigger_features: dict[str, list[str]] | None = None) -> None:
+                 trigger_features: dict[str, list[str]] | None = None,
+                 training: dict[str, object] | None = None) -> None:
         self.modules, self.lora, self.name, self.ema, self.weights = modules, lora, name, ema, weights
         self.metadata = {
             "rank": lora.rank, "alpha": lora.alpha, "output_name": name, "resolution": resolution,
@@ -378,6 +394,7 @@ class RunExporter:
                 factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker)}
         self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
                        **trigger_metadata(trigger_features or {})}
+        self.counts.update(training or {})
         if lora.dora:
             logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
 

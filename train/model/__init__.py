@@ -2,5 +2,6 @@
 
 `loading` (Hub id, diffusers folder or single `.safetensors` file), `sgm_keys` (diffusers ↔
 single-file key maps), `tiny` (the real architecture at toy width, built from `sdxl_configs/`),
-`quantize` (fp8 / NF4 frozen UNet). The bottom layer: imports nothing else from `train`.
+`quantize` (fp8 / NF4 frozen UNet), `prediction` (what the model predicts, ε or v, and on which noise
+schedule: read from the model, or the config's override). The bottom layer: imports nothing else from `train`.
 """
