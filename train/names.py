@@ -83,6 +83,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+# ---------------------------------------------------------------- UNet blocks
+
+# sd-scripts' block-wise settings (`down_lr_weight`, `block_dims`, ...) index the SDXL UNet's SGM
+# blocks: input_blocks.0-8 ("down"), middle_block.0-2 ("mid"), output_blocks.0-8 ("up"); the
+# `lora.block_*` keys take lists of these lengths (implemented by train.lora.blocks).
+UNET_BLOCK_COUNTS = {"down": 9, "mid": 3, "up": 9}
+
+
 # ---------------------------------------------------------------- sampling
 
 # ComfyUI's sampler and scheduler names, implemented by train.generate.k_samplers (a test checks).

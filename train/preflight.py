@@ -177,6 +177,7 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     adapter += " and both text encoders" if lc.train_text_encoder else ""
     adapter += ", DoRA" if lc.dora else ""
     plan.add("adapter", adapter)
+    _recipe_lines(plan, lc, oc.lr)
     schedule = f"{oc.scheduler}" + (f", {oc.warmup_steps} warm-up steps" if oc.warmup_steps else "")
     plan.add("optimizer", f"{oc.name}, lr {oc.lr:g}, {schedule}")
     plan.add("precision", f"mixed precision {tc.mixed_precision}, weights {config.model.weight_dtype}"
@@ -192,6 +193,33 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("validation", f"every {config.validation.every_n_steps} steps" if config.validation.every_n_steps
              else "off")
     return plan
+
+
+def _block_text(values, unit: str) -> str:
+    """`down 0.5, up [1, 1, 0, ...]`: the parts a `BlockValues` sets."""
+    def number(value) -> str:
+        return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, list) else f"{value:g}"
+
+    parts = [(part, getattr(values, part)) for part in ("down", "mid", "up") if getattr(values, part) is not None]
+    return f"{unit} " + ", ".join(f"{part} {number(value)}" for part, value in parts)
+
+
+def _recipe_lines(plan: Plan, lc, lr: float) -> None:
+    """Lines for the `[lora]` rates, block-wise settings and dropouts that a recipe sets (none when unset)."""
+    own = (lc.text_encoder_1_lr, lc.text_encoder_2_lr)
+    if lc.train_text_encoder and (lc.text_encoder_lr or any(own)):
+        te1, te2 = (rate or lc.text_encoder_lr or lr for rate in own)
+        plan.add("text encoders", f"lr {te1:g} (CLIP ViT-L), {te2:g} (OpenCLIP bigG)")
+    elif lc.text_encoder_lr or any(own):
+        plan.add("text encoders", "not trained (lora.train_text_encoder = false): their lr keys are unused")
+    blocks = [_block_text(values, unit) for values, unit in
+              ((lc.block_lr, "lr x"), (lc.block_dims, "rank"), (lc.block_alphas, "alpha")) if values is not None]
+    if blocks:
+        plan.add("UNet blocks", "; ".join(blocks) + " (blocks at rank or lr 0 have no modules)")
+    dropouts = [f"{name} {rate:g}" for name, rate in
+                (("dropout", lc.dropout), ("rank", lc.rank_dropout), ("module", lc.module_dropout)) if rate]
+    if dropouts:
+        plan.add("LoRA dropout", ", ".join(dropouts) + " (these layers keep PEFT's unfused forward)")
 
 
 def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> int:

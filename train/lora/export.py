@@ -117,9 +117,16 @@ def kohya_state_dict(
             continue
         down = module.lora_A[ADAPTER_NAME].weight.detach()  # (r, in) or (r, in, kh, kw)
         up = module.lora_B[ADAPTER_NAME].weight.detach()  # (out, r) or (out, r, 1, 1)
+        alpha = module.lora_alpha[ADAPTER_NAME]
+        if alpha != config.lora_alpha:
+            # A block alpha (`lora.block_alphas`) is folded into up and the file's alpha is the
+            # adapter's one: diffusers' kohya loader keys an attention module's alpha by a name
+            # PEFT never matches and would apply the most common alpha to it. Every loader's
+            # alpha / r * up @ down is unchanged.
+            up, alpha = up.float() * (alpha / config.lora_alpha), config.lora_alpha
         out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        out[f"{name}.alpha"] = _alpha(module.lora_alpha[ADAPTER_NAME])
+        out[f"{name}.alpha"] = _alpha(alpha)
     return out
 
 
@@ -299,6 +306,11 @@ def save_webui_lora(
 def peft_metadata(model) -> dict:
     """The adapter's LoraConfig as a JSON-able dict (what diffusers stores as adapter metadata)."""
     config = lora_config(model).to_dict()
+    if config.pop("exclude_modules", None):
+        # Block ranks left modules out: name the adapted ones instead, so that a loader's PEFT
+        # finds exactly the modules the weights hold (it warns about targets or exclusions it
+        # does not find in them).
+        config["target_modules"] = sorted(lora_modules(model))
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
