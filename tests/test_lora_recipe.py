@@ -177,10 +177,12 @@ def test_no_rates_no_hooks():
 
 
 def test_recipe_run_exports_block_ranks_alphas_and_loads(tiny_model, train_dataset, tmp_path):
-    """Text-encoder rates, block lrs, block ranks and alphas and the three dropouts in one tiny run:
+    """Text-encoder rates, block lrs, block ranks and alphas, the three dropouts and a resolution
+    scale above 1 in one tiny run:
     the optimizer groups carry the rates, the files leave rank-0 / lr-0 blocks out and carry each
     module's alpha, and diffusers and our converter load both files the same way."""
     from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from train_helpers import train_in_process, write_config
 
@@ -191,6 +193,7 @@ def test_recipe_run_exports_block_ranks_alphas_and_loads(tiny_model, train_datas
     run_dir = tmp_path / "run"
     config = write_config(
         tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset, run_dir=run_dir,
+        data={"resolution_scale": 2.0},  # above the prepped buckets: 64x96 trains at 128x192
         optimizer={"lr": 1e-2, "warmup_steps": 0, "scheduler": "constant"},
         train={"max_steps": 2, "gradient_accumulation_steps": 1},
         output={"save_every_n_steps": 2, "log_with": []},
@@ -205,6 +208,8 @@ def test_recipe_run_exports_block_ranks_alphas_and_loads(tiny_model, train_datas
     assert sorted(round(g["lr"], 8) for g in groups) == [1e-3, 2e-3, 5e-3, 1e-2]
 
     tensors = load_file(run_dir / "test_lora.safetensors")
+    with safe_open(run_dir / "test_lora.safetensors", "pt") as handle:
+        assert handle.metadata()["modelspec.resolution"] == "128x192"
     modules = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
     assert not [m for m in modules if m.startswith(("lora_unet_mid_block", "lora_unet_up_blocks_1_"))]
     up0 = [m for m in modules if m.startswith("lora_unet_up_blocks_0_")]

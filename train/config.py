@@ -58,7 +58,10 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     dataset: str  # the OUT folder written by `animagine-lora prep`
     split: str = "train"
-    resolution_scale: float = Field(1.0, gt=0, le=1)  # <1 trains below the bucket size (CPU demo)
+    # Training size relative to prep's buckets: <1 trains below them (CPU demo); up to 2 above them
+    # (1.25: 1280² for the card's 1024²), the card's aspect ratios on the 64-pixel grid, with
+    # activation memory per image growing with the area (docs/training.md, "Memory presets").
+    resolution_scale: float = Field(1.0, gt=0, le=2)
     flip: bool = False
     shuffle_captions: bool = True
     tag_dropout: float = Field(0.0, ge=0, lt=1)

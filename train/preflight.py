@@ -18,12 +18,15 @@ from pathlib import Path
 
 from train.config import Config, ModelConfig
 from train.names import (
+    CARD_AREA,
     CHECKPOINT_COMPLETE,
     CHECKPOINT_DIR_RE,
     DATASET_DIR,
     TRAINING_COLUMNS,
     looks_like_path,
+    scale_bucket,
 )
+from train.runtime.memory_presets import activation_gib
 from train.runtime.run_dir import LOCK_NAME, previous_run_files
 
 
@@ -173,6 +176,7 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("steps", f"{tc.max_steps} x effective batch {effective} (batch {tc.batch_size} x accumulation "
                       f"{tc.gradient_accumulation_steps} x {processes} process{'es' * (processes > 1)}) = "
                       f"{images} images{epochs}")
+    _size_line(plan, config.data.dataset, config.data.resolution_scale)
     adapter = f"{lc.type} rank {lc.rank} alpha {lc.alpha:g} on the UNet's {lc.preset} modules"
     adapter += " and both text encoders" if lc.train_text_encoder else ""
     adapter += ", DoRA" if lc.dora else ""
@@ -193,6 +197,24 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("validation", f"every {config.validation.every_n_steps} steps" if config.validation.every_n_steps
              else "off")
     return plan
+
+
+def _size_line(plan: Plan, dataset: str, scale: float) -> None:
+    """Above the card's 1024² area (prep --max-area, data.resolution_scale > 1): the largest
+    training bucket and its estimated activation memory (`train.runtime.memory_presets`)."""
+    try:
+        buckets = read_dataset_summary(dataset).buckets
+    except (OSError, ValueError):
+        return  # the dataset line says why
+    if not buckets or (scale <= 1 and max(w * h for w, h in buckets) <= CARD_AREA * 1.01):
+        return
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    if scale > 1:
+        width, height = scale_bucket(width, height, scale)
+    area = width * height
+    plan.add("training size", f"buckets up to {width}x{height}, {area / CARD_AREA:.2f}x the card's 1024² area: "
+                              f"about {activation_gib(area):.1f} GiB of activations per image with gradient "
+                              "checkpointing (estimate; memory presets: docs/training.md)")
 
 
 def _block_text(values, unit: str) -> str:

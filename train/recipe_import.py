@@ -333,7 +333,7 @@ PREP = {
     "min_bucket_reso": "prep's buckets are the model card's aspect ratios",
     "max_bucket_reso": "prep's buckets are the model card's aspect ratios",
     "bucket_reso_steps": "prep's buckets are multiples of 64",
-    "bucket_no_upscale": "prep never upscales small images into a bucket; it reports them",
+    "bucket_no_upscale": "prep fits every image to a bucket (upscaling small ones); --min-side rejects the smallest",
     "caption_extension": "prep reads .txt captions and booru JSON beside each image",
     "keep_tokens": "our captions keep their head (count, character, series) in place and shuffle the body",
     "keep_tokens_separator": "prep splits captions into head | body | tail by tag category; only the body shuffles",
