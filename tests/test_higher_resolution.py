@@ -126,3 +126,26 @@ def test_memory_presets_at_larger_sizes():
             assert train["batch_size"] == 1 or needed <= spent + 1e-9
     assert at_area(MEMORY_PRESETS["24gb"], 1536 * 1536).preset.section("train")["batch_size"] == 2
     assert at_area(MEMORY_PRESETS["8gb"], 1280 * 1280).extra_gib == pytest.approx(0.5625)
+
+
+def _doc_table(page: str, first_cell: str) -> list[list[str]]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_the_docs_tables_are_what_the_code_gives():
+    for side in TRAINING_SIDES:  # training.md, "Higher resolutions"
+        (row,) = _doc_table("training.md", f"{side}²")
+        area = side * side
+        assert row[1] == f"{area / CARD_AREA:.2f}" and row[2] == f"{activation_gib(area):.2f} GiB"
+        for cell, preset in zip(row[3:], MEMORY_PRESETS.values(), strict=True):
+            sized = at_area(preset, area)
+            train = sized.preset.section("train")
+            expected = f"{train['batch_size']} x {train['gradient_accumulation_steps']}"
+            expected += f", +{sized.extra_gib:.2f} GiB" if sized.extra_gib else ""
+            assert cell == expected, (side, preset.name)
+    for side in (1024, 1152, 1280, 1536):  # prep.md, "Higher resolutions"
+        (row,) = _doc_table("prep.md", f"{side}x{side} |")
+        landscape = [b for b in card_buckets(side * side) if b[0] >= b[1]]
+        assert row[1:] == [f"{w}x{h}" for w, h in landscape]

@@ -73,6 +73,16 @@ def test_minimal_recipe_gets_sd_scripts_defaults(tmp_path):
     assert raw["data"] == {"dataset": "prep"} and raw["output"] == {"dir": "runs/lora"}
 
 
+def test_resolution_and_lycoris_details():
+    tables = convert_recipe({"resolution": "1280,1280", "network_module": "lycoris.kohya", "algo": "loha",
+                             "use_tucker": "True", "dora_wd": True, "conv_dim": 8, "network_dim": 8}).tables
+    assert tables["data"]["resolution_scale"] == 1.25  # 1280² over the card's 1024²
+    assert (tables["lora"]["type"], tables["lora"]["tucker"], tables["lora"]["preset"]) == ("loha", True,
+                                                                                          "attn-mlp-conv")
+    assert "dora" not in tables["lora"]
+    assert convert_recipe({"resolution": 1024}).tables.get("data", {}).get("resolution_scale") is None
+
+
 def test_kohya_ss_gui_json(tmp_path, capsys):
     out, raw, _ = _convert(tmp_path, RECIPES / "kohya_gui.json")
     load_config(out)

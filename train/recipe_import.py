@@ -645,7 +645,10 @@ def _network(options: dict, out: Conversion, take) -> None:
         out.set("lora.alpha", 1.0, "network_alpha")
         out.note("network_alpha", "(unset)", "sd-scripts' default 1 written as lora.alpha (scale 1/rank)", "default")
     if _bool(take("dora_wd", False)):
-        out.set("lora.dora", True, "dora_wd")
+        if algo in ("lokr", "loha"):
+            out.note("dora_wd", True, f"weight decomposition applies to plain LoRA only, not {algo}")
+        else:
+            out.set("lora.dora", True, "dora_wd")
     lycoris = {"lokr": (("factor", "lora.factor", int), ("decompose_both", "lora.decompose_both", _bool)),
                "loha": (("use_tucker", "lora.tucker", _bool),)}
     for option, key, cast in lycoris.get(algo, ()):
