@@ -5,6 +5,7 @@ SDXL architecture (meta tensors) or on small tensors."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections import Counter
 
@@ -205,11 +206,18 @@ def test_recipe_run_exports_block_ranks_alphas_and_loads(tiny_model, train_datas
     assert result.returncode == 0, result.stderr[-3000:]
 
     groups = read_state(run_dir / checkpoint_name(2), "optimizer")["param_groups"]
-    assert sorted(round(g["lr"], 8) for g in groups) == [1e-3, 2e-3, 5e-3, 1e-2]
+    assert [round(g["lr"], 8) for g in groups] == [1e-2, 5e-3, 1e-3, 2e-3]  # plain rate first, as logged
 
     tensors = load_file(run_dir / "test_lora.safetensors")
     with safe_open(run_dir / "test_lora.safetensors", "pt") as handle:
-        assert handle.metadata()["modelspec.resolution"] == "128x192"
+        metadata = handle.metadata()
+    assert metadata["modelspec.resolution"] == "128x192" and metadata["ss_network_dropout"] == "0.1"
+    # sd-scripts' network_args: 23 block entries (embeddings and output at the base rank / alpha)
+    assert json.loads(metadata["ss_network_args"]) == {
+        "block_dims": "2,2,2,2,2,2,2,2,2,2,2,2,2,4,4,4,0,0,0,2,2,2,2",
+        "block_alphas": "2,2,2,2,2,2,2,2,2,2,2,2,2,1,1,1,1,1,1,1,1,1,2",
+        "down_lr_weight": "1,1,1,1,0.5,0.5,1,1,1", "mid_lr_weight": "0,0,0",
+        "rank_dropout": "0.25", "module_dropout": "0.1"}
     modules = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
     assert not [m for m in modules if m.startswith(("lora_unet_mid_block", "lora_unet_up_blocks_1_"))]
     up0 = [m for m in modules if m.startswith("lora_unet_up_blocks_0_")]

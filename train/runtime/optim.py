@@ -131,7 +131,9 @@ def adapter_param_groups(unet: list[tuple[str, torch.nn.Parameter]],
     multipliers: dict[float, list] = {}
     for named in unet:
         multipliers.setdefault(unet_multiplier(named[0]) if unet_multiplier else 1.0, []).append(named)
-    groups = [g for scale, named in multipliers.items() for g in lora_plus_groups(named, lr * scale, lora_plus_ratio)]
+    # The groups at the plain rate first: the loop logs the first group's rate as "lr".
+    ordered = sorted(multipliers.items(), key=lambda item: item[0] != 1.0)
+    groups = [g for scale, named in ordered for g in lora_plus_groups(named, lr * scale, lora_plus_ratio)]
     rates: dict[float, list] = {}
     for named, rate in zip(encoders, encoder_lrs):
         rates.setdefault(rate, []).extend(named)
