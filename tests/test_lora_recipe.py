@@ -19,8 +19,14 @@ from peft import inject_adapter_in_model
 from torch import nn
 
 from train.config import LoraConfig
-from train.lora.adapters import add_unet_lora, lora_modules
-from train.lora.blocks import lr_multipliers, multiplier_of, unet_block
+from train.lora.adapters import TARGET_PRESETS, add_unet_lora, lora_modules, targeted_modules
+from train.lora.blocks import (
+    BlockLayout,
+    lr_multipliers,
+    multiplier_of,
+    unet_block,
+    unet_block_layout,
+)
 from train.lora.dropout import add_lora_dropouts, down_dropout
 from train.lora.fused import fuse_lora_layers
 from train.model import sgm_keys
@@ -57,8 +63,8 @@ def sdxl_unet(sdxl_meta):
     ("time_embedding.linear_1", None),
     ("conv_out", None),
 ])
-def test_unet_blocks_follow_sd_scripts_numbering(sdxl_unet, path, block):
-    assert unet_block(path, sgm_keys.unet_module_map(dict(sdxl_unet.config))) == block
+def test_unet_blocks_follow_sd_scripts_numbering(sdxl_meta, path, block):
+    assert unet_block(path, sgm_keys.unet_module_map(dict(sdxl_meta.config))) == block
 
 
 def test_block_dims_alphas_and_zero_lr_shape_the_adapter(sdxl_unet):
@@ -82,12 +88,12 @@ def test_block_dims_alphas_and_zero_lr_shape_the_adapter(sdxl_unet):
     assert set(config.alpha_pattern.values()) == {1} and len(config.alpha_pattern) == 306
 
 
-def test_without_block_settings_the_peft_config_is_unchanged(sdxl_unet):
-    unet = sdxl_unet
-    with init_empty_weights():
-        config = add_unet_lora(unet, LoraConfig(rank=4, alpha=2))
-    assert config.rank_pattern == {} and config.alpha_pattern == {} and not config.exclude_modules
-    assert len(lora_modules(unet)) == 722
+def test_without_block_settings_the_peft_config_is_unchanged(sdxl_meta):
+    """A run without block settings gets exactly the PEFT config it got before they existed."""
+    spec = LoraConfig(rank=4, alpha=2)
+    layout = unet_block_layout(targeted_modules(sdxl_meta, TARGET_PRESETS["attn-mlp"]), dict(sdxl_meta.config), spec)
+    assert layout == BlockLayout()  # no patterns, no exclusions: PEFT's LoraConfig defaults
+    assert len(targeted_modules(sdxl_meta, TARGET_PRESETS["attn-mlp"])) == 722
 
 
 def test_param_groups_block_lrs_and_text_encoder_rates(sdxl_unet):
