@@ -80,6 +80,12 @@ def test_resolution_and_lycoris_details():
     assert (tables["lora"]["type"], tables["lora"]["tucker"], tables["lora"]["preset"]) == ("loha", True,
                                                                                           "attn-mlp-conv")
     assert "dora" not in tables["lora"]
+    # LoKr / LoHa take none of the plain-LoRA settings: they are listed instead of failing validation.
+    conversion = convert_recipe({"network_module": "lycoris.kohya", "algo": "lokr", "rank_dropout": 0.1,
+                                 "loraplus_lr_ratio": 4, "fp8_base": True, "lr_scheduler": "cosine_with_min_lr"})
+    assert "rank_dropout" not in conversion.tables["lora"] and "quantize" not in conversion.tables.get("model", {})
+    assert {n.option for n in conversion.notes} >= {"rank_dropout", "loraplus_lr_ratio", "fp8_base", "lr_scheduler"}
+    assert conversion.tables["optimizer"]["scheduler"] == "cosine"
     assert convert_recipe({"resolution": 1024}).tables.get("data", {}).get("resolution_scale") is None
 
 

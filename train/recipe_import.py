@@ -245,6 +245,16 @@ class Conversion:
     def note(self, option: str, value, why: str, kind: str = "unmapped") -> None:
         self.notes.append(Note(option, value, why, kind))
 
+    def unset(self, key: str, why: str) -> None:
+        """Take `key` back out of the tables, noting the recipe options that set it."""
+        section, _, name = key.partition(".")
+        value = self.tables.get(section, {}).pop(name, None)
+        if value is None:
+            return
+        options = [option for option, mapped in self.mapped if mapped == key]
+        self.mapped = [(option, mapped) for option, mapped in self.mapped if mapped != key]
+        self.note(" / ".join(options) or key, value, why)
+
 
 def _bool(value) -> bool:
     if isinstance(value, str):
@@ -428,6 +438,9 @@ OPTIMIZER_FIXED = {
     ("adafactor", "scale_parameter"): "false", ("adafactor", "relative_step"): "false",
     ("adafactor", "warmup_init"): "false",
 }
+# Our settings that need lora.type = "lora" (train.config's validators).
+PLAIN_LORA_ONLY = ("lora.dropout", "lora.rank_dropout", "lora.module_dropout", "lora.block_dims",
+                   "lora.block_alphas", "lora.dora", "optimizer.lora_plus_ratio", "model.quantize")
 SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
 SAMPLERS = {"euler_a": "euler_ancestral", "k_euler_a": "euler_ancestral", "euler": "euler", "k_euler": "euler",
             "dpmsolver++": "dpmpp_2m"}
@@ -514,6 +527,10 @@ def convert_recipe(options: dict, *, dataset: Path | None = None) -> Conversion:
     _network(options, out, take)
     _training(options, out, take, dataset)
     _loss_and_noise(options, out, take)
+    lora_type = out.tables.get("lora", {}).get("type", "lora")
+    if lora_type != "lora":
+        for key in PLAIN_LORA_ONLY:
+            out.unset(key, f"applies to plain LoRA only here, not {lora_type}")
 
     for option, value in options.items():
         if option in handled:
@@ -620,6 +637,9 @@ def _optimizer(options: dict, out: Conversion, take) -> None:
     scheduler = str(take("lr_scheduler") or "constant")
     if scheduler == "adafactor":
         scheduler = "constant"  # sd-scripts' "adafactor" schedule is Adafactor's own: constant for a fixed lr
+    if scheduler == "cosine_with_min_lr":
+        out.note("lr_scheduler", scheduler, "cosine written: our cosine decays to 0, not to a minimum rate")
+        scheduler = "cosine"
     if scheduler not in SCHEDULERS:
         out.note("lr_scheduler", scheduler, f"not available ({', '.join(sorted(SCHEDULERS))}); constant written")
         scheduler = "constant"
@@ -645,10 +665,7 @@ def _network(options: dict, out: Conversion, take) -> None:
         out.set("lora.alpha", 1.0, "network_alpha")
         out.note("network_alpha", "(unset)", "sd-scripts' default 1 written as lora.alpha (scale 1/rank)", "default")
     if _bool(take("dora_wd", False)):
-        if algo in ("lokr", "loha"):
-            out.note("dora_wd", True, f"weight decomposition applies to plain LoRA only, not {algo}")
-        else:
-            out.set("lora.dora", True, "dora_wd")
+        out.set("lora.dora", True, "dora_wd")
     lycoris = {"lokr": (("factor", "lora.factor", int), ("decompose_both", "lora.decompose_both", _bool)),
                "loha": (("use_tucker", "lora.tucker", _bool),)}
     for option, key, cast in lycoris.get(algo, ()):
