@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -113,14 +114,24 @@ def test_kohya_ss_gui_json(tmp_path, capsys):
     ("loss_type", "huber"), ("huber_c", 0.2), ("huber_schedule", "exponential"), ("debiased_estimation_loss", True),
     ("ip_noise_gamma", 0.1), ("ip_noise_gamma_random_strength", True), ("multires_noise_iterations", 6),
     ("multires_noise_discount", 0.3), ("noise_offset_random_strength", True), ("v_parameterization", True),
-    ("zero_terminal_snr", True),
+    ("zero_terminal_snr", True), ("huber_scale", 1.5), ("adaptive_noise_scale", 0.01),
+    ("scale_v_pred_loss_like_noise_pred", True), ("v_pred_like_loss", 0.1),
 ])
-def test_loss_and_noise_options_map_once_theschema_has_them(option, value):
-    assert set(LOSS_AND_NOISE) >= {option}
+def test_loss_and_noise_options_map_once_the_schema_has_them(tmp_path, option, value):
     key = LOSS_AND_NOISE[option]
-    conversion = convert_recipe({option: value})
+    # What some of them need beside them, as a recipe has it.
+    needs = {"adaptive_noise_scale": {"noise_offset": 0.05}, "huber_scale": {"huber_schedule": "constant"},
+             "scale_v_pred_loss_like_noise_pred": {"v_parameterization": True},
+             "zero_terminal_snr": {"v_parameterization": True}}.get(option, {})
+    recipe, out = tmp_path / "r.toml", tmp_path / "out.toml"
+    recipe.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {option: value, **needs}.items()))
+    assert main(["config", "from-sd-scripts", str(recipe), "-o", str(out)]) == 0  # written and valid
+    conversion = convert_recipe({option: value, **needs})
     if schema_has(key):
+        section, _, name = key.partition(".")
         assert (option, key) in conversion.mapped
+        assert tomllib.loads(out.read_text())[section][name] == ("v_prediction" if option == "v_parameterization"
+                                                                 else value)
     else:
         assert [n.why for n in conversion.notes if n.option == option] == [f"not yet supported (will be {key})"]
 

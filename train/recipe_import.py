@@ -331,7 +331,15 @@ LOSS_AND_NOISE = {
     "noise_offset_random_strength": "train.noise_offset_random_strength",
     "v_parameterization": "model.prediction_type",
     "zero_terminal_snr": "train.zero_terminal_snr",
+    "huber_scale": "train.huber_scale",
+    "adaptive_noise_scale": "train.adaptive_noise_scale",
+    "scale_v_pred_loss_like_noise_pred": "train.scale_v_pred_loss_like_noise_pred",
+    "v_pred_like_loss": "train.v_pred_like_loss",
 }
+# Of those, the switches (sd-scripts' store_true flags) and the names; the rest are numbers.
+LOSS_AND_NOISE_SWITCHES = {"debiased_estimation_loss", "zero_terminal_snr", "ip_noise_gamma_random_strength",
+                           "noise_offset_random_strength", "scale_v_pred_loss_like_noise_pred"}
+LOSS_AND_NOISE_NAMES = {"loss_type", "huber_schedule"}
 
 # Options prep decides (the dataset is prepped once, then trained): what to do there instead.
 PREP = {
@@ -373,9 +381,6 @@ UNSUPPORTED = {
     "weighted_captions": "captions are plain tags; (tag:1.2) weighting is for prompts",
     "no_token_padding": "captions are always padded to 75-token chunks, as at generation",
     "caption_dropout_every_n_epochs": "caption dropout is per draw (data.caption_dropout)",
-    "adaptive_noise_scale": "not implemented",
-    "scale_v_pred_loss_like_noise_pred": "not implemented",
-    "v_pred_like_loss": "not implemented",
     "lr_scheduler_num_cycles": "cosine_with_restarts uses one cycle",
     "lr_scheduler_power": "polynomial uses power 1",
     "lr_scheduler_args": "schedules take no arguments",
@@ -393,7 +398,6 @@ UNSUPPORTED = {
     "loraplus_unet_lr_ratio": "one LoRA+ ratio for UNet and text encoders (optimizer.lora_plus_ratio)",
     "loraplus_text_encoder_lr_ratio": "one LoRA+ ratio for UNet and text encoders (optimizer.lora_plus_ratio)",
     "train_norm": "norm layers are never adapted",
-    "huber_scale": "the Huber loss is not rescaled (sd-scripts' default 1)",
     "preset": "LyCORIS presets: lora.preset picks attn / attn-mlp / attn-mlp-conv",
     "huggingface_token": "a secret: not copied",
     "wandb_api_key": "a secret: not copied (wandb reads WANDB_API_KEY)",
@@ -752,20 +756,15 @@ def _loss_and_noise(options: dict, out: Conversion, take) -> None:
         options = {"huber_schedule": "snr", "huber_c": 0.1, **options}
     for option, key in LOSS_AND_NOISE.items():
         value = take(option)
-        if value in (None, "") or (option == "v_parameterization" and not _bool(value)):
-            continue
+        if not _is_set(value) or (option in LOSS_AND_NOISE_SWITCHES | {"v_parameterization"} and not _bool(value)):
+            continue  # off, as our default
         if not schema_has(key):
-            if _is_set(value):
-                out.note(option, value, f"not yet supported (will be {key})", "not yet supported")
-            continue
-        if option == "loss_type" and value == "l1":
-            out.note(option, value, "L1 loss is not available (l2, huber, smooth_l1)")
-            continue
-        if option == "v_parameterization":
+            out.note(option, value, f"not yet supported (will be {key})", "not yet supported")
+        elif option == "v_parameterization":
             out.set(key, "v_prediction", option)
-        elif option in ("debiased_estimation_loss", "zero_terminal_snr"):
-            out.set(key, _bool(value), option)
-        elif option in ("loss_type", "huber_schedule"):
+        elif option in LOSS_AND_NOISE_SWITCHES:
+            out.set(key, True, option)
+        elif option in LOSS_AND_NOISE_NAMES:
             out.set(key, str(value), option)
         elif option == "multires_noise_iterations":
             out.set(key, _int(value, option), option)
