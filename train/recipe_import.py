@@ -490,7 +490,8 @@ def _block_list(value, option: str, cast) -> dict:
 
 
 def _steps_per_epoch(dataset: Path | None, batch: int) -> int | None:
-    """Optimizer steps per epoch of a prepped dataset (draws with repeats / effective batch), or None."""
+    """About the optimizer steps per epoch of a prepped dataset (draws with repeats / effective
+    batch; bucket remainders not counted), or None when it cannot be read."""
     if dataset is None:
         return None
     from train.preflight import read_dataset_summary
