@@ -57,6 +57,8 @@ def test_realistic_sd_scripts_recipe(tmp_path, train_dataset, capsys):
                  "[unmapped] optimizer_args foreach = 'True'", "[unmapped] wandb_api_key = '(hidden)'"):
         assert line in listed and line in text
     assert "not-a-real-key" not in text + listed  # secrets are never copied
+    notes = {n.option: n.value for n in convert_recipe({"hf_token": "hf_abc", "keep_tokens": 2}).notes}
+    assert notes["hf_token"] == "(hidden)" and notes["keep_tokens"] == 2
     assert "save_precision" not in listed  # fp16 is what we write anyway
 
 

@@ -402,7 +402,12 @@ UNSUPPORTED = {
     "huggingface_token": "a secret: not copied",
     "wandb_api_key": "a secret: not copied (wandb reads WANDB_API_KEY)",
 }
-SECRETS = {"huggingface_token", "wandb_api_key"}
+SECRET_ENDINGS = ("_token", "_key", "password", "secret")  # never copied, never printed
+
+
+def _secret(option: str) -> bool:
+    return option.lower().endswith(SECRET_ENDINGS)
+
 # Values of UNSUPPORTED options that are what we do anyway (not listed).
 SAME_AS_OURS = {"clip_skip": {"1", "0"}, "save_precision": {"fp16"}, "save_model_as": {"safetensors"},
                 "lr_scheduler_num_cycles": {"1"}, "lr_scheduler_power": {"1", "1.0"}}
@@ -543,9 +548,12 @@ def convert_recipe(options: dict, *, dataset: Path | None = None) -> Conversion:
         if option in PREP:
             if _is_set(value):
                 out.note(option, value, PREP[option], "prep")
+        elif _secret(option):
+            if _is_set(value):
+                out.note(option, "(hidden)", UNSUPPORTED.get(option, "a secret: not copied"))
         elif option in UNSUPPORTED:
             if _is_set(value) and str(value) not in SAME_AS_OURS.get(option, ()):
-                out.note(option, "(hidden)" if option in SECRETS else value, UNSUPPORTED[option])
+                out.note(option, value, UNSUPPORTED[option])
         elif option in NO_EFFECT:
             if NO_EFFECT[option] and _is_set(value):
                 out.note(option, value, NO_EFFECT[option], "default")
