@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,34 @@ def test_train_command_reports_config_errors_and_exits_2(tmp_path, caplog):
     bad.write_text('[data]\ndataset = "x"\n[train]\nmax_steps = 1\nseeed = 3\n[output]\ndir = "r"\n', encoding="utf-8")
     assert main(["train", str(bad)]) == 2
     assert f"{bad}: train.seeed: unknown key (did you mean 'seed'?)" in caplog.text
+
+
+# ---- [lora] learning rates, block-wise settings and dropouts (sd-scripts' network_args)
+
+
+def test_block_values_text_encoder_rates_and_dropouts_validate(tmp_path):
+    raw = {**MINIMAL, "lora": {"text_encoder_lr": 1e-5, "text_encoder_1_lr": 2e-5, "text_encoder_2_lr": 3e-5,
+                               "block_lr": {"down": 0.5, "up": [1, 1, 1, 2, 2, 2, 0, 0, 0]},
+                               "block_dims": {"mid": [8, 16, 8]}, "block_alphas": {"down": 4},
+                               "dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.05}}
+    lora = parse_config(raw, "c.toml", tmp_path).lora
+    assert (lora.text_encoder_1_lr, lora.text_encoder_2_lr) == (2e-5, 3e-5)
+    assert lora.block_lr.per_block("down") == [0.5] * 9 and lora.block_lr.per_block("mid") is None
+    assert lora.block_dims.per_block("mid") == [8, 16, 8]
+    assert (lora.dropout, lora.rank_dropout, lora.module_dropout) == (0.1, 0.2, 0.05)
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({"block_lr": {"down": [1, 1]}}, "lora.block_lr: Value error, down: 9 values (one per block), got 2"),
+    ({"block_lr": {"mid": -1}}, "mid: values must be >= 0"),
+    ({"block_lr": {"middle": 1}}, "lora.block_lr.middle: unknown key (did you mean 'mid'?)"),
+    ({"block_dims": {"up": 2.5}}, "block_dims.up: ranks are whole numbers"),
+    ({"block_alphas": {"up": 0}}, "block_alphas.up: alphas must be > 0"),
+    ({"type": "lokr", "rank_dropout": 0.1}, "rank_dropout apply to type 'lora' only"),
+    ({"type": "loha", "block_dims": {"up": 4}}, "block_dims apply to type 'lora' only"),
+    ({"module_dropout": 1.0}, "lora.module_dropout: Input should be less than 1"),
+    ({"text_encoder_2_lr": 0}, "lora.text_encoder_2_lr: Input should be greater than 0"),
+])
+def test_bad_block_values_and_dropouts_name_the_key(tmp_path, lora, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({**MINIMAL, "lora": lora}, "c.toml", tmp_path)

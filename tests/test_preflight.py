@@ -95,3 +95,16 @@ def test_cache_check_counts_latents(config, capsys):
     assert main(["cache", str(config(data={"flip": True})), "--check"]) == 0
     out = capsys.readouterr().out
     assert "6 rows (5 train, 1 val)" in out and "12 at resolution scale 1 (and flipped)" in out
+
+
+def test_check_lists_recipe_rates_blocks_and_dropouts(config, capsys):
+    path = config(lora={"rank": 2, "alpha": 2, "train_text_encoder": True, "text_encoder_lr": 1e-5,
+                        "text_encoder_2_lr": 5e-6, "block_lr.down": 0.5, "block_dims.up": [2, 2, 2, 0, 0, 0, 4, 4, 4],
+                        "rank_dropout": 0.1, "module_dropout": 0.05}, data={"resolution_scale": 1.5})
+    assert main(["train", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "lr 1e-05 (CLIP ViT-L), 5e-06 (OpenCLIP bigG)" in out
+    assert "lr x down 0.5; rank up [2, 2, 2, 0, 0, 0, 4, 4, 4] (blocks at rank or lr 0 have no modules)" in out
+    assert "rank 0.1, module 0.05 (these layers keep PEFT's unfused forward)" in out
+    # train_helpers.ROWS' largest bucket 64x96 at 1.5: 64x128 on the 64 grid (aspect kept as near as it goes).
+    assert "training size" in out and "buckets up to 64x128" in out and "GiB of activations per image" in out

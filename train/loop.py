@@ -48,7 +48,7 @@ from train.runtime import checkpoint
 from train.runtime.checkpoint import ResumePoint, TrainState
 from train.runtime.ema import LoraEma, build_ema
 from train.runtime.nonfinite import nonfinite_flags, out_of_memory, stop_if_not_finite
-from train.runtime.optim import build_lr_scheduler, build_optimizer, eval_weights, lora_plus_groups
+from train.runtime.optim import build_lr_scheduler, build_optimizer, eval_weights
 from train.runtime.speed import apply_speed_settings
 from train.runtime.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
@@ -356,11 +356,13 @@ def build_accelerator(run_dir: Path, *, mixed_precision: str, gradient_accumulat
 def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: bool,
                lora_plus_ratio: float = 1.0) -> list[dict]:
     """Add the adapters (`lora.type`; zero delta, so step 0 is the base model); return optimizer
-    param groups (with LoRA+, the B matrices in groups of their own at `lr * lora_plus_ratio`).
+    param groups (`adapter_param_groups`: block-wise UNet rates, a rate per text encoder, LoRA+).
 
     Trainable parameters are kept in float32 whatever the frozen weights' dtype.
     """
-    from train.lora.adapters import add_text_encoder_lora, add_unet_lora
+    from train.lora.adapters import add_text_encoder_lora, add_unet_lora, lora_modules
+    from train.lora.blocks import lr_multipliers, multiplier_of
+    from train.runtime.optim import adapter_param_groups
 
     add_unet_lora(base.unet, lora)
     encoders = (base.text_encoder, base.text_encoder_2) if lora.train_text_encoder else ()
@@ -371,11 +373,11 @@ def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: boo
         for encoder in encoders:
             # Non-reentrant: the frozen embeddings' outputs do not require grad, the LoRA inside does.
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = lora_plus_groups(_trainable(base.unet), lr, lora_plus_ratio)
-    te_params = [named for encoder in encoders for named in _trainable(encoder)]
-    if te_params:
-        groups += lora_plus_groups(te_params, lora.text_encoder_lr or lr, lora_plus_ratio)
-    return groups
+    multipliers = lr_multipliers(list(lora_modules(base.unet)), dict(base.unet.config), lora.block_lr)
+    return adapter_param_groups(
+        _trainable(base.unet), [_trainable(encoder) for encoder in encoders], lr=lr, lora_plus_ratio=lora_plus_ratio,
+        encoder_lrs=[own or lora.text_encoder_lr or lr for own in (lora.text_encoder_1_lr, lora.text_encoder_2_lr)],
+        unet_multiplier=functools.partial(multiplier_of, multipliers=multipliers))
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

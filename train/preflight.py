@@ -19,13 +19,16 @@ from pathlib import Path
 from train.config import Config, ModelConfig, TrainConfig, prediction_problems
 from train.model import prediction as predictions
 from train.names import (
+    CARD_AREA,
     CHECKPOINT_COMPLETE,
     CHECKPOINT_DIR_RE,
     DATASET_DIR,
     SDXL_CONFIG_DIR,
     TRAINING_COLUMNS,
     looks_like_path,
+    scale_bucket,
 )
+from train.runtime.memory_presets import activation_gib
 from train.runtime.run_dir import LOCK_NAME, previous_run_files
 
 
@@ -233,10 +236,12 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("steps", f"{tc.max_steps} x effective batch {effective} (batch {tc.batch_size} x accumulation "
                       f"{tc.gradient_accumulation_steps} x {processes} process{'es' * (processes > 1)}) = "
                       f"{images} images{epochs}")
+    _size_line(plan, config.data.dataset, config.data.resolution_scale)
     adapter = f"{lc.type} rank {lc.rank} alpha {lc.alpha:g} on the UNet's {lc.preset} modules"
     adapter += " and both text encoders" if lc.train_text_encoder else ""
     adapter += ", DoRA" if lc.dora else ""
     plan.add("adapter", adapter)
+    _recipe_lines(plan, lc, oc.lr)
     schedule = f"{oc.scheduler}" + (f", {oc.warmup_steps} warm-up steps" if oc.warmup_steps else "")
     plan.add("optimizer", f"{oc.name}, lr {oc.lr:g}, {schedule}")
     plan.add("loss", describe_loss(tc))
@@ -253,6 +258,51 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("validation", f"every {config.validation.every_n_steps} steps" if config.validation.every_n_steps
              else "off")
     return plan
+
+
+def _size_line(plan: Plan, dataset: str, scale: float) -> None:
+    """Above the card's 1024² area (prep --max-area, data.resolution_scale > 1): the largest
+    training bucket and its estimated activation memory (`train.runtime.memory_presets`)."""
+    try:
+        buckets = read_dataset_summary(dataset).buckets
+    except (OSError, ValueError):
+        return  # the dataset line says why
+    if not buckets or (scale <= 1 and max(w * h for w, h in buckets) <= CARD_AREA * 1.01):
+        return
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    if scale > 1:
+        width, height = scale_bucket(width, height, scale)
+    area = width * height
+    plan.add("training size", f"buckets up to {width}x{height}, {area / CARD_AREA:.2f}x the card's 1024² area: "
+                              f"about {activation_gib(area):.1f} GiB of activations per image with gradient "
+                              "checkpointing (estimate; memory presets: docs/training.md)")
+
+
+def _block_text(values, unit: str) -> str:
+    """`down 0.5, up [1, 1, 0, ...]`: the parts a `BlockValues` sets."""
+    def number(value) -> str:
+        return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, list) else f"{value:g}"
+
+    parts = [(part, getattr(values, part)) for part in ("down", "mid", "up") if getattr(values, part) is not None]
+    return f"{unit} " + ", ".join(f"{part} {number(value)}" for part, value in parts)
+
+
+def _recipe_lines(plan: Plan, lc, lr: float) -> None:
+    """Lines for the `[lora]` rates, block-wise settings and dropouts that a recipe sets (none when unset)."""
+    own = (lc.text_encoder_1_lr, lc.text_encoder_2_lr)
+    if lc.train_text_encoder and (lc.text_encoder_lr or any(own)):
+        te1, te2 = (rate or lc.text_encoder_lr or lr for rate in own)
+        plan.add("text encoders", f"lr {te1:g} (CLIP ViT-L), {te2:g} (OpenCLIP bigG)")
+    elif lc.text_encoder_lr or any(own):
+        plan.add("text encoders", "not trained (lora.train_text_encoder = false): their lr keys are unused")
+    blocks = [_block_text(values, unit) for values, unit in
+              ((lc.block_lr, "lr x"), (lc.block_dims, "rank"), (lc.block_alphas, "alpha")) if values is not None]
+    if blocks:
+        plan.add("UNet blocks", "; ".join(blocks) + " (blocks at rank or lr 0 have no modules)")
+    dropouts = [f"{name} {rate:g}" for name, rate in
+                (("dropout", lc.dropout), ("rank", lc.rank_dropout), ("module", lc.module_dropout)) if rate]
+    if dropouts:
+        plan.add("LoRA dropout", ", ".join(dropouts) + " (these layers keep PEFT's unfused forward)")
 
 
 def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> int:
