@@ -119,8 +119,9 @@ def test_kohya_ss_gui_json(tmp_path, capsys):
     ("zero_terminal_snr", True), ("huber_scale", 1.5), ("adaptive_noise_scale", 0.01),
     ("scale_v_pred_loss_like_noise_pred", True), ("v_pred_like_loss", 0.1),
 ])
-def test_loss_and_noise_options_map_once_the_schema_has_them(tmp_path, option, value):
+def test_loss_and_noise_options_map_to_their_keys(tmp_path, option, value):
     key = LOSS_AND_NOISE[option]
+    assert schema_has(key), key
     # What some of them need beside them, as a recipe has it.
     needs = {"adaptive_noise_scale": {"noise_offset": 0.05}, "huber_scale": {"huber_schedule": "constant"},
              "scale_v_pred_loss_like_noise_pred": {"v_parameterization": True},
@@ -129,13 +130,10 @@ def test_loss_and_noise_options_map_once_the_schema_has_them(tmp_path, option, v
     recipe.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in {option: value, **needs}.items()))
     assert main(["config", "from-sd-scripts", str(recipe), "-o", str(out)]) == 0  # written and valid
     conversion = convert_recipe({option: value, **needs})
-    if schema_has(key):
-        section, _, name = key.partition(".")
-        assert (option, key) in conversion.mapped
-        assert tomllib.loads(out.read_text())[section][name] == ("v_prediction" if option == "v_parameterization"
-                                                                 else value)
-    else:
-        assert [n.why for n in conversion.notes if n.option == option] == [f"not yet supported (will be {key})"]
+    section, _, name = key.partition(".")
+    assert (option, key) in conversion.mapped
+    assert tomllib.loads(out.read_text())[section][name] == ("v_prediction" if option == "v_parameterization"
+                                                             else value)
 
 
 def test_dataset_config_subsets_and_conflicts(tmp_path):

@@ -14,9 +14,6 @@ a constant schedule, the optimizer's own weight decay and betas) so the recipe t
 `render_toml` writes the result, the notes as comments; `import_recipe` does all of it and
 validates the text with `train.config` before writing it atomically.
 
-Options the loss/noise half of the recipe options adds (`LOSS_AND_NOISE`) are mapped as soon as
-the config schema has their keys, and listed as "not yet supported" until then.
-
 Torch-free: it imports the config schema and the dataset summary reader only.
 """
 
@@ -228,7 +225,7 @@ class Note:
     option: str
     value: object
     why: str
-    kind: str = "unmapped"  # "unmapped" | "prep" (a prep option) | "not yet supported" | "default"
+    kind: str = "unmapped"  # "unmapped" | "prep" (a prep option) | "default"
 
 
 @dataclass
@@ -317,8 +314,8 @@ DIRECT = {
 ZERO_IS_UNSET = {"save_every_n_steps", "max_train_steps", "seed", "network_dropout", "rank_dropout",
                  "module_dropout"}
 
-# The loss and noise options (the other half of the recipe options): sd-scripts option -> our key.
-# Mapped once `train.config` has the key, "not yet supported" until then.
+# The loss, noise and prediction-type options: sd-scripts option -> our key (each key is in the
+# schema: tests/test_recipe_import.py checks it with `schema_has`).
 LOSS_AND_NOISE = {
     "loss_type": "train.loss_type",
     "huber_c": "train.huber_c",
@@ -767,9 +764,7 @@ def _loss_and_noise(options: dict, out: Conversion, take) -> None:
         value = take(option)
         if not _is_set(value) or (option in LOSS_AND_NOISE_SWITCHES | {"v_parameterization"} and not _bool(value)):
             continue  # off, as our default
-        if not schema_has(key):
-            out.note(option, value, f"not yet supported (will be {key})", "not yet supported")
-        elif option == "v_parameterization":
+        if option == "v_parameterization":
             out.set(key, "v_prediction", option)
         elif option in LOSS_AND_NOISE_SWITCHES:
             out.set(key, True, option)
@@ -801,11 +796,11 @@ def _toml_value(value) -> str:
 SECTION_ORDER = ("model", "data", "lora", "optimizer", "train", "output", "sample", "speed", "validation")
 
 
-NOTE_ORDER = ("not yet supported", "unmapped", "prep", "default")
+NOTE_ORDER = ("unmapped", "prep", "default")
 
 
 def sorted_notes(conversion: Conversion) -> list[Note]:
-    """The notes, what changes training first: not yet supported, unmapped, prep, defaults."""
+    """The notes, what changes training first: unmapped, prep, defaults."""
     return sorted(conversion.notes, key=lambda note: NOTE_ORDER.index(note.kind))
 
 
