@@ -25,7 +25,13 @@ def clip_bpe_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu`-marked tests cleanly on machines without CUDA."""
+    """Skip `slow`-marked tests unless asked for (`-m slow`: `make check-sdxl`), and `gpu`-marked
+    tests cleanly on machines without CUDA."""
+    if "slow" not in (config.getoption("markexpr", "") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow (make check-sdxl)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     try:
         import torch
 
