@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,17 @@ def _flat(tensors: dict) -> dict:
 
 
 def _ok(argv: list[str]) -> str:
+    started = time.perf_counter()
     result = run_in_process(argv)
     assert result.returncode == 0, f"{argv[0]} failed:\n{result.stderr[-3000:]}"
+    print(f"check-sdxl: {argv[0]} {time.perf_counter() - started:.1f} s")  # pytest -s shows where the time goes
     return result.stderr
 
 
 def test_prep_train_export_convert_sample_on_the_exact_sdxl(tmp_path):
+    started = time.perf_counter()
     model = build_random_sdxl(tmp_path / "random_sdxl.safetensors", seed=0)
+    print(f"check-sdxl: build {time.perf_counter() - started:.1f} s")
     _ok(["prep", str(_sample_images(tmp_path / "images")), "-o", str(tmp_path / "prep"), "--workers", "1"])
 
     run_dir = tmp_path / "run"

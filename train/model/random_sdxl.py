@@ -26,10 +26,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import struct
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -120,11 +122,19 @@ def _kind(module: nn.Module, param_name: str, param: Tensor) -> str:
 
 
 def initialise(model: nn.Module, prefix: str, seed: int) -> None:
-    """Seeded values for every parameter of `model` (named `prefix.<path>` for their seeds)."""
+    """Seeded values for every parameter of `model` (named `prefix.<path>` for their seeds).
+
+    Tensors are filled on a thread per core: one draw runs on one core, and each tensor's own
+    generator makes the result independent of which thread fills it when.
+    """
+    jobs = []
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{prefix}.{module_name}.{param_name}" if module_name else f"{prefix}.{param_name}"
-            init_tensor(param.data, _kind(module, param_name, param), full, seed)
+            jobs.append((param.data, _kind(module, param_name, param), full))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done in [pool.submit(init_tensor, tensor, kind, name, seed) for tensor, kind, name in jobs]:
+            done.result()
 
 
 def materialise(component: str, dtype: torch.dtype, seed: int) -> nn.Module:
