@@ -104,8 +104,17 @@ def _pip_install(requirements: list[str]) -> subprocess.CompletedProcess:
 
 
 def step_install(ctx: Context) -> None:
-    """Install the carried wheels (GPU machine), then record versions, the device and its matmul peak."""
-    if not ctx.cpu and (WHEEL_DIR / "requirements.txt").is_file():
+    """Install the carried wheels (GPU machine), then record versions, the device and its matmul peak.
+
+    Only where CUDA is: a CPU machine runs its own environment. torch is the machine's and no
+    carried wheel replaces it, so asking it first is safe.
+    """
+    import importlib
+
+    import torch
+
+    cuda = torch.cuda.is_available() and not ctx.cpu
+    if cuda and (WHEEL_DIR / "requirements.txt").is_file():
         wanted = (WHEEL_DIR / "requirements.txt").read_text("utf-8").split()
         done = _pip_install(wanted)
         if done.returncode:
@@ -116,9 +125,8 @@ def step_install(ctx: Context) -> None:
                        pip_error=done.stderr.strip()[-600:], retry_error=retry.stderr.strip()[-600:])
         else:
             ctx.record("install", "wheels", installed=len(wanted))
+        importlib.invalidate_caches()  # packages installed after this process started
     import importlib.metadata
-
-    import torch
 
     sys.path.insert(0, str(REPO / "bench"))
     import train_step
@@ -129,7 +137,6 @@ def step_install(ctx: Context) -> None:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    cuda = torch.cuda.is_available() and not ctx.cpu
     device = torch.device("cuda" if cuda else "cpu")
     ctx.record("install", "versions and device", python=sys.version.split()[0], **versions,
                device=torch.cuda.get_device_name() if cuda else "cpu",

@@ -90,3 +90,16 @@ def test_wheel_list_fits_what_the_gpu_machine_lacks():
     # what the GPU machine has (.library/device/KINDS.md) is not carried
     assert not {"torch", "transformers", "accelerate", "pyarrow"} & wheels.WHEELS.keys()
     assert "manylinux2014_x86_64" in wheels.PLATFORMS and wheels.version("diffusers")
+
+
+def test_isolated_steps_write_their_rows_and_stop_at_their_budget(gpu_check, tmp_path):
+    """The GPU machine's path: each step in a child process (`--step`), killed at its budget."""
+    path = tmp_path / "r.json"
+    gpu_check.start_report(path, cpu=False)
+    ctx = gpu_check.Context(path, tmp_path, cpu=False)
+    install = gpu_check.STEPS[0]
+    gpu_check.run_step_isolated(install, ctx, limit_s=300)
+    gpu_check.run_step_isolated(install, ctx, limit_s=0.2)
+    rows = json.loads(path.read_text("utf-8"))["results"]
+    assert [(r["name"], r["status"]) for r in rows] == [("versions and device", "ok"), ("install", "timed out")]
+    assert rows[0]["torch"] and rows[1]["budget_s"] == install.budget_s
