@@ -181,7 +181,19 @@ def _measure_cases(ctx: Context, step: str, cases) -> None:
         row = train_step.measure(setup, case, None, inputs, steps=steps, warmup=warmup, flops=flops)
         if row["tflop_per_step"]:
             row["tflop_per_image"] = row["tflop_per_step"] / case.batch
+        elif per_image := _eager_tflop_per_image(ctx.json, case):
+            # Compiled steps cannot be counted; the work is the eager step's, per image.
+            row["tflop_per_step"] = per_image * case.batch
+            row["achieved_tflops"] = row["tflop_per_step"] / row["step_s_median"]
         ctx.record(step, row.pop("name"), **row)
+
+
+def _eager_tflop_per_image(path: Path, case) -> float | None:
+    """TFLOP per image of an eager row of the same workload (preset, rank, checkpointing)."""
+    rows = json.loads(path.read_text("utf-8"))["results"]
+    return next((r["tflop_per_image"] for r in rows if r.get("tflop_per_image") and
+                 (r["preset"], r["rank"], r["gradient_checkpointing"]) ==
+                 (case.preset, case.rank, case.gradient_checkpointing)), None)
 
 
 def step_unet_eager(ctx: Context) -> None:

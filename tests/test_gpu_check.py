@@ -103,3 +103,16 @@ def test_isolated_steps_write_their_rows_and_stop_at_their_budget(gpu_check, tmp
     rows = json.loads(path.read_text("utf-8"))["results"]
     assert [(r["name"], r["status"]) for r in rows] == [("versions and device", "ok"), ("install", "timed out")]
     assert rows[0]["torch"] and rows[1]["budget_s"] == install.budget_s
+
+
+def test_compiled_rows_take_the_work_of_the_eager_row(gpu_check, tmp_path):
+    """FlopCounterMode cannot count a compiled step: its FLOPs are the eager step's per image."""
+    path = tmp_path / "r.json"
+    gpu_check.start_report(path, cpu=False)
+    ctx = gpu_check.Context(path, tmp_path, cpu=False)
+    ctx.record("unet-eager", "project", preset="attn-mlp", rank=32, gradient_checkpointing=False, batch=8,
+               tflop_per_image=14.6)
+    train_step = _load("train_step")
+    compiled = train_step.Case("project", "attn-mlp", 32, 1, False, compile="full", cuda_graphs=True)
+    assert gpu_check._eager_tflop_per_image(path, compiled) == 14.6
+    assert gpu_check._eager_tflop_per_image(path, train_step.Case("project", "attn", 32, 1, False)) is None
