@@ -374,6 +374,11 @@ def run_step_isolated(step: Step, ctx: Context, limit_s: float, cut_status: str 
         append_result(ctx.json, {"step": step.name, "name": step.name, "status": cut_status,
                                  "seconds": time.perf_counter() - started, "budget_s": step.budget_s})
         print(f"[gpu-check] {step.name}: stopped at its budget of {limit_s:.0f} s", flush=True)
+        return
+    if child.returncode:  # the child records its own errors; this is a crash (a signal, out of memory)
+        append_result(ctx.json, {"step": step.name, "name": step.name, "status": "failed",
+                                 "error": f"the step's process exited with {child.returncode}",
+                                 "seconds": time.perf_counter() - started})
 
 
 def print_table(path: Path) -> None:
@@ -384,7 +389,7 @@ def print_table(path: Path) -> None:
     for r in report["results"]:
         tflops = r.get("achieved_tflops")
         seconds = r.get("seconds", r.get("step_s_median"))
-        note = r.get("summary") or r.get("error") or ("fits" if r.get("fits_budget") else
+        note = r.get("summary") or r.get("error") or r.get("note") or ("fits" if r.get("fits_budget") else
                                                       "OVER" if r.get("fits_budget") is False else "")
         if r.get("memory_budget_gib"):
             note = f"budget {r['memory_budget_gib']} GiB {note}"
