@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def step_install(ctx: Context) -> None:
         done = _pip_install(wanted)
         if done.returncode:
             # One unsatisfiable pin must not stop the checks that do not need it.
-            fallback = [r for r in wanted if r.split("==")[0] not in DATASETS_WHEELS]
+            fallback = [r for r in wanted if re.split("[=<>]", r)[0] not in DATASETS_WHEELS]
             retry = _pip_install(fallback)
             ctx.record("install", "wheels without datasets", status="partial" if retry.returncode == 0 else "failed",
                        pip_error=done.stderr.strip()[-600:], retry_error=retry.stderr.strip()[-600:])

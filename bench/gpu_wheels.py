@@ -11,7 +11,8 @@ or the optimizers and helpers this project imports. (imagehash is left out: only
 used only where the machine's own copy is missing or too old, and a conflict fails at once with
 pip's message instead of half-way through the check.
 
-Versions are this machine's (the versions the tests pass with) where installed. pyarrow (49 MB
+Versions are this machine's (the versions the tests pass with); where the GPU machine has a
+package that might be too old or too new (`MACHINE_FIRST`), its own copy is kept when it fits. pyarrow (49 MB
 for cp312) does not fit beside bitsandbytes (43 MB): datasets 5.2 needs pyarrow >= 24, and the
 machine's own pyarrow is used. `--pyarrow` carries pyarrow instead of bitsandbytes, for a
 machine whose pyarrow is older (the check then reports the NF4 steps as not run).
@@ -51,6 +52,9 @@ WHEELS = {
     "prodigyopt": "absent: Prodigy",
     "peft": "the tested version (the machine's is unknown; >= 0.21 needed)",
 }
+# Carried in case the machine's copy is too old or too new, but the machine's is kept where it
+# satisfies these (and what the other packages ask of it): requirement instead of the exact pin.
+MACHINE_FIRST = {"fsspec": "fsspec", "typing-extensions": "typing-extensions>=4.16", "peft": "peft>=0.21"}
 # Compiled wheels for Python 3.12 on x86_64 Linux: pip matches manylinux_2_N exactly.
 PLATFORMS = ["manylinux1_x86_64", "manylinux2014_x86_64"] + [f"manylinux_2_{n}_x86_64" for n in range(17, 40)]
 
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for stale in set(args.out.glob("*.whl")) - keep:
         stale.unlink()
     # What gpu_check installs: the pins, resolved against the machine's own packages.
-    (args.out / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins.items()), "utf-8")
+    requirements = [MACHINE_FIRST.get(name, f"{name}=={pin}") for name, pin in pins.items()]
+    (args.out / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements), "utf-8")
 
     print(f"{'wheel':<60} {'MiB':>6}  why")
     for name, wheel in files.items():
