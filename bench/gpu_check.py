@@ -46,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the GPU machine runs the checkout as it is, not an installed package
 WHEEL_DIR = REPO / ".whl"
-DEFAULT_JSON = REPO / "bench" / "results" / "gpu_check.json"
+RESULTS = REPO / "bench" / "results"  # gpu_check.json on a GPU, gpu_check_cpu_tiny.json without one
 TOTAL_BUDGET_S = 540  # 9 minutes on the GPU machine, installs included
 # What datasets needs beyond the machine's own packages: left out of a second install attempt
 # when the first fails (the machine's pyarrow is older than datasets 5.2 needs, say).
@@ -312,7 +312,7 @@ def step_train_sample(ctx: Context) -> None:
                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
-SWEEP_JSON = REPO / "bench" / "results" / "train_step_cuda_sdxl.json"
+SWEEP_JSON = RESULTS / "train_step_cuda_sdxl.json"
 
 
 def step_sweep(ctx: Context) -> None:
@@ -410,11 +410,13 @@ def _num(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the tiny model on the CPU (the default without CUDA)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="the report (default bench/results/gpu_check.json)")
+    parser.add_argument("--json", type=Path, help="the report (default bench/results/gpu_check.json, "
+                        "gpu_check_cpu_tiny.json on a CPU)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # a child process runs one step
     args = parser.parse_args(argv)
     cpu = args.cpu or not _cuda_available()
+    args.json = args.json or RESULTS / ("gpu_check_cpu_tiny.json" if cpu else "gpu_check.json")
     if args.step:
         step = next(s for s in (*STEPS, SWEEP) if s.name == args.step)
         run_step_here(step, Context(args.json, args.work, cpu=False))
