@@ -58,10 +58,19 @@ def _ok(argv: list[str]) -> str:
     return result.stderr
 
 
-def test_prep_train_export_convert_sample_on_the_exact_sdxl(tmp_path):
+@pytest.fixture
+def sdxl_file(tmp_path):
+    """The exact SDXL with seeded random weights (6.9 GB), removed afterwards: pytest keeps the
+    last three runs' temporary folders."""
     started = time.perf_counter()
     model = build_random_sdxl(tmp_path / "random_sdxl.safetensors", seed=0)
     print(f"check-sdxl: build {time.perf_counter() - started:.1f} s")
+    yield model
+    model.unlink()
+
+
+def test_prep_train_export_convert_sample_on_the_exact_sdxl(tmp_path, sdxl_file):
+    model = sdxl_file
     _ok(["prep", str(_sample_images(tmp_path / "images")), "-o", str(tmp_path / "prep"), "--workers", "1"])
 
     run_dir = tmp_path / "run"
