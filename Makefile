@@ -24,7 +24,7 @@ test: venv
 	$(MAKE) check-sdxl
 
 # The exact SDXL architecture (random weights) through prep, cache, train, export, convert and
-# sample: a slow test (minutes, about 11 GB of RAM; bench/RESULTS.md has the figures).
+# sample: a slow test (about 4 minutes and 9 GB of RAM on 2 cores; bench/RESULTS.md has the figures).
 check-sdxl: venv
 	$(BIN)/python -m pytest -q -m slow tests/test_check_sdxl.py
 
