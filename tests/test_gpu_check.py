@@ -51,7 +51,8 @@ def test_cpu_run_writes_a_row_for_every_step(gpu_check, tmp_path, capsys):
 
     versions = by_step["install"][-1]
     assert versions["torch"] and versions["diffusers"] and versions["matmul_peak_tflops"] > 0
-    assert "skipped" in by_step["pytest-gpu"][0]["summary"]  # the GPU tests exist and skip on CPU
+    summary = by_step["pytest-gpu"][0]["summary"]  # the GPU tests exist (and skip without CUDA)
+    assert "skipped" in summary or "passed" in summary, summary
 
     reference, project = by_step["unet-eager"]
     assert (reference["path"], project["path"], reference["batch"]) == ("reference", "project", 8)
