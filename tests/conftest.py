@@ -48,12 +48,17 @@ def _file(item) -> str:
 
 def pytest_collection_modifyitems(config, items):
     """Group tests for `--dist loadgroup`: a whole file goes to one worker (its module fixtures are
-    built once), and every file that uses `trained_run` to the same one. Then skip `gpu`-marked
-    tests cleanly without CUDA."""
+    built once), and every file that uses `trained_run` to the same one. Skip `slow`-marked tests
+    unless asked for (`-m slow`: `make check-sdxl`), and `gpu`-marked tests cleanly without CUDA."""
     shares_run = {_file(item) for item in items if TRAINED_RUN_GROUP in getattr(item, "fixturenames", ())}
     for item in items:
         group = TRAINED_RUN_GROUP if _file(item) in shares_run else _file(item)
         item.add_marker(pytest.mark.xdist_group(group))
+    if "slow" not in (config.getoption("markexpr", "") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow (make check-sdxl)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     try:
         import torch
 

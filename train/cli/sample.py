@@ -29,7 +29,14 @@ from train.cli.options import (
     bounded_int,
     zero_terminal_snr_choice,
 )
-from train.names import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, DIFFUSERS_SAMPLER, parse_size
+from train.names import (
+    CARD_CFG,
+    CARD_NEGATIVE,
+    CARD_STEPS,
+    DIFFUSERS_SAMPLER,
+    DTYPE_NAMES,
+    parse_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "order of the trained character's tags (unknown to the tag database)")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                        help="UNet and text encoder precision (default bf16 on CUDA, fp32 on CPU; the VAE stays fp32)")
     add_sampler_arguments(parser)
     add_prediction_arguments(parser)
     parser.add_argument("--workflow", type=Path, metavar="FILE.json",
@@ -117,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         save_png,
         save_text,
     )
-    from train.model.loading import load_base_model
+    from train.model.loading import TORCH_DTYPES, load_base_model
 
     try:
         width, height = parse_size(args.size)
@@ -136,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     claim_dir(args.out)  # before the minutes of loading: a FIFO, device or file is refused now
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = TORCH_DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     try:
         model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
                                 tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32,

@@ -24,14 +24,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from train.config import ModelConfig
 from train.model import prediction as predictions
+from train.model import sgm_keys
 from train.names import SDXL_CONFIG_DIR, ZERO_REPO, looks_like_path
 
 logger = logging.getLogger(__name__)
@@ -171,13 +170,31 @@ def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dty
         raise
 
 
-def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, vae_dtype, choose):
+# Key prefixes of the four models in an SGM checkpoint.
+_SGM_PREFIXES = {"unet": sgm_keys.UNET_PREFIX, "vae": sgm_keys.VAE_PREFIX,
+                 "text_encoder": sgm_keys.TE1_PREFIX, "text_encoder_2": sgm_keys.TE2_PREFIX}
+
+
+def _read_component(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `prefix`, read alone: the other models' bytes stay on disk."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = handle.keys()  # a safe_open handle is not iterable
+        return {key: handle.get_tensor(key) for key in keys if key.startswith(prefix)}
+
+
+def _load_single_file(path: Path, config_dir: Path, weight_dtype, vae_dtype, choose):
     """All four models from one SGM checkpoint, converted by diffusers against `config_dir`, the
     scheduler config and `choose(scheduler_config)` (the prediction, decided before any weight is read).
 
-    The checkpoint is read once; components come back in its stored dtype and are cast here so
-    the VAE never passes through a lossy dtype on its way to fp32.
+    One model at a time: its tensors are read from the file, converted and loaded straight into
+    its dtype (`weight_dtype`, the VAE `vae_dtype`), so memory peaks at about twice the UNet in
+    its own dtype rather than the whole checkpoint plus an fp32 copy of every model, and the VAE
+    never passes through a lossy dtype on its way to fp32.
     """
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if not (config_dir / component / "config.json").is_file():
             raise FileNotFoundError(
@@ -185,19 +202,27 @@ def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, va
             )
     scheduler_config = _scheduler_config(str(config_dir))
     prediction = choose(scheduler_config)
-    pipe = StableDiffusionXLPipeline.from_single_file(
-        str(path),
-        config=str(config_dir),
-        local_files_only=True,
-        tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1],
-        scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
-    )
+    loaded = {}
+    for component, cls, dtype in (("unet", UNet2DConditionModel, weight_dtype), ("vae", AutoencoderKL, vae_dtype),
+                                  ("text_encoder", CLIPTextModel, weight_dtype),
+                                  ("text_encoder_2", CLIPTextModelWithProjection, weight_dtype)):
+        tensors = _read_component(path, _SGM_PREFIXES[component])
+        if not tensors:
+            raise ValueError(f"{path}: no {component} tensors (keys {_SGM_PREFIXES[component]}*): "
+                             "not an SDXL checkpoint in the SGM layout")
+        if component in ("unet", "vae"):
+            loaded[component] = cls.from_single_file(tensors, config=str(config_dir), subfolder=component,
+                                                     torch_dtype=dtype, local_files_only=True)
+        else:
+            loaded[component] = create_diffusers_clip_model_from_ldm(
+                cls, tensors, subfolder=component, config=str(config_dir), torch_dtype=dtype,
+                local_files_only=True)
+        del tensors
     return (
-        pipe.unet.to(weight_dtype),
-        pipe.vae.to(vae_dtype),
-        pipe.text_encoder.to(weight_dtype),
-        pipe.text_encoder_2.to(weight_dtype),
+        loaded["unet"].to(weight_dtype),
+        loaded["vae"].to(vae_dtype),
+        loaded["text_encoder"].to(weight_dtype),
+        loaded["text_encoder_2"].to(weight_dtype),
         scheduler_config,
         prediction,
     )
@@ -258,7 +283,7 @@ def load_base_model(
             return predictions.resolve(detected, prediction_type, zero_terminal_snr)
 
         unet, vae, te1, te2, scheduler_config, prediction = _load_single_file(
-            path, config, tokenizers, weight_dtype, vae_dtype, choose
+            path, config, weight_dtype, vae_dtype, choose
         )
     elif path.is_dir() or not looks_like_path(source):
         if path.is_dir() and not (path / "unet").is_dir():
