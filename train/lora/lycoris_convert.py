@@ -34,7 +34,7 @@ def is_lycoris(keys: list[str]) -> bool:
     return any(marker in key for key in keys for marker in LYCORIS_MARKERS)
 
 
-def _sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
+def sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
     """kohya module name (diffusers or SGM blocks) -> (component, module path, module) for every
     Linear and Conv2d of the SDXL UNet and text encoders (built on the meta device: shapes only)."""
     with init_empty_weights():
@@ -78,7 +78,7 @@ def lycoris_to_diffusers(source: Path, out_dir: Path, *, dtype: torch.dtype | No
     for key, tensor in tensors.items():
         name, _, suffix = key.partition(".")
         modules.setdefault(name, {})[suffix] = tensor
-    sdxl = _sdxl_module_names()
+    sdxl = sdxl_module_names()
     unknown = sorted(name for name in modules if name not in sdxl)
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} modules are not SDXL modules (first: {unknown[0]!r})")
