@@ -145,3 +145,18 @@ def test_bad_inputs_name_the_file(tmp_path, plain):
             resize(path, tmp_path / "out.safetensors", RankRule(rank=2))
         assert str(path) in str(err.value)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The 8-byte header length of a safetensors file can begin with the pickle opcode 0x80."""
+    from safetensors.torch import save_file
+
+    from train.lora.files import read_header
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(300):
+        save_file({"a": torch.ones(1)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_header(path) == (["a"], {"pad": "x" * pad})

@@ -1,0 +1,108 @@
+"""`animagine-lora lora resize|merge|extract`: reshape LoRAs after training.
+
+    animagine-lora lora resize my_lora.safetensors -o my_lora_r8.safetensors --rank 8
+    animagine-lora lora resize my_lokr.safetensors -o plain.safetensors --energy 0.95
+    animagine-lora lora merge a.safetensors:0.7 b.safetensors:0.5 -o ab.safetensors
+    animagine-lora lora merge a.safetensors:0.7 --into model.safetensors -o merged_model.safetensors
+    animagine-lora lora extract --base zero.safetensors --tuned tuned.safetensors -o diff.safetensors --rank 32
+
+Each prints the energy table: per component, the modules, old and new rank, and the share of each
+module's Frobenius energy kept (min, median, total over modules). See docs/lora-tools.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from train.cli.options import bounded_float, bounded_int
+
+logger = logging.getLogger(__name__)
+
+MAX_RANK = 4096
+
+
+def _rank_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    rule = parser.add_mutually_exclusive_group(required=required)
+    rule.add_argument("--rank", type=bounded_int(1, MAX_RANK), help="new rank of every module (at most)")
+    rule.add_argument("--energy", type=bounded_float(1e-6, 1.0),
+                      help="per module, the smallest rank keeping this share of its Frobenius energy (e.g. 0.95)")
+    rule.add_argument("--sv-ratio", type=bounded_float(1.0001, 1e9),
+                      help="per module, keep singular values >= the largest / N (sd-scripts' sv_ratio)")
+    parser.add_argument("--fast", action="store_true",
+                        help="randomized SVD (torch.svd_lowrank) for full matrices; --rank only")
+
+
+def _dtype_option(parser: argparse.ArgumentParser, choices: tuple[str, ...], default: str) -> None:
+    parser.add_argument("--dtype", choices=choices, default=default, help=f"tensor dtype of the output (default {default})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    tools = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    resize = tools.add_parser("resize", help="a LoRA (plain, LoKr or LoHa) as a plain LoRA of lower rank")
+    resize.add_argument("input", type=Path, help="LoRA .safetensors (kohya, diffusers, LyCORIS) or diffusers folder")
+    resize.add_argument("-o", "--out", required=True, type=Path, help="output .safetensors (kohya/WebUI format)")
+    _rank_options(resize, required=True)
+    _dtype_option(resize, ("fp16", "bf16", "fp32"), "fp16")
+
+    merge = tools.add_parser("merge", help="LoRAs at weights into one LoRA, or into a base model (--into)")
+    merge.add_argument("inputs", nargs="+", metavar="LORA[:WEIGHT]", help="LoRA files, each with its weight (default 1)")
+    merge.add_argument("-o", "--out", type=Path, help="output .safetensors: the LoRA, or with --into the "
+                       "single-file (SGM) checkpoint")
+    merge.add_argument("--into", metavar="MODEL", help="base model: an SGM .safetensors or a diffusers folder")
+    merge.add_argument("--diffusers", type=Path, metavar="DIR", help="with --into: also (or only) a diffusers folder")
+    _rank_options(merge, required=False)
+    _dtype_option(merge, ("fp16", "bf16", "fp32"), "fp16")
+    merge.set_defaults(run_tool=_merge)
+    resize.set_defaults(run_tool=_resize)
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.lora.files import LoraFileError
+
+    try:
+        lines = args.run_tool(args)
+    except (FileNotFoundError, LoraFileError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _rule(args: argparse.Namespace):
+    from train.lora.svd import RankRule
+
+    if args.rank is None and args.energy is None and args.sv_ratio is None:
+        if args.fast:
+            raise ValueError("--fast needs --rank")
+        return None
+    return RankRule(rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio)
+
+
+def _dtype(name: str):
+    from train.model.loading import TORCH_DTYPES
+
+    return TORCH_DTYPES[name]
+
+
+def _resize(args: argparse.Namespace) -> list[str]:
+    from train.lora.resize import resize
+
+    report = resize(args.input, args.out, _rule(args), dtype=_dtype(args.dtype), fast=args.fast)
+    return [*report.lines(), f"wrote {args.out}"]
+
+
+def _merge(args: argparse.Namespace) -> list[str]:
+    from train.lora.merge import merge_loras, parse_weighted
+
+    inputs = [parse_weighted(text) for text in args.inputs]
+    if args.into is None:
+        if args.diffusers is not None:
+            raise ValueError("--diffusers DIR: only with --into MODEL (a merged LoRA is one file: -o)")
+        if args.out is None:
+            raise ValueError("merge: give -o OUT.safetensors")
+        return [*merge_loras(inputs, args.out, rule=_rule(args), dtype=_dtype(args.dtype), fast=args.fast),
+                f"wrote {args.out}"]
+    raise ValueError("--into: not available yet")
