@@ -51,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.add_argument("-o", "--out", type=Path, help="output .safetensors: the LoRA, or with --into the "
                        "single-file (SGM) checkpoint")
     merge.add_argument("--into", metavar="MODEL", help="base model: an SGM .safetensors or a diffusers folder")
-    merge.add_argument("--diffusers", type=Path, metavar="DIR", help="with --into: also (or only) a diffusers folder")
+    merge.add_argument("--diffusers", type=Path, metavar="DIR",
+                       help="with --into: also (or only) write a diffusers folder (new or empty)")
+    merge.add_argument("--config-dir", help="with --into a single file and --diffusers: component configs "
+                       "(default: SDXL's)")
     _rank_options(merge, required=False)
     _dtype_option(merge, ("fp16", "bf16", "fp32"), "fp16")
     merge.set_defaults(run_tool=_merge)
@@ -59,11 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.lora.files import LoraFileError
-
     try:
         lines = args.run_tool(args)
-    except (FileNotFoundError, LoraFileError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # LoraFileError, ModelFileError: one line naming file and key
         logger.error("%s", err)
         return 2
     for line in lines:
@@ -105,4 +106,10 @@ def _merge(args: argparse.Namespace) -> list[str]:
             raise ValueError("merge: give -o OUT.safetensors")
         return [*merge_loras(inputs, args.out, rule=_rule(args), dtype=_dtype(args.dtype), fast=args.fast),
                 f"wrote {args.out}"]
-    raise ValueError("--into: not available yet")
+    if args.rank is not None or args.energy is not None or args.sv_ratio is not None or args.fast:
+        raise ValueError("--into merges the LoRAs exactly; --rank/--energy/--sv-ratio/--fast are for LoRA outputs")
+    from train.lora.bake import bake
+
+    result = bake(inputs, args.into, single_file=args.out, diffusers_dir=args.diffusers, dtype=_dtype(args.dtype),
+                  config_dir=args.config_dir)
+    return result.lines()
