@@ -100,7 +100,7 @@ def test_diffusers_base_gives_the_same_single_file_and_folder(tiny_model, lora_a
     base = StableDiffusionXLPipeline.from_pretrained(tiny_model.diffusers_dir).unet.state_dict()
     for key, value in fused["unet"].items():  # half the delta: base + (fused - base) / 2
         torch.testing.assert_close(merged[key], (base[key] + (value - base[key]) / 2).half().float(),
-                                   rtol=2e-3, atol=1e-3, msg=lambda m: key + m)
+                                   rtol=2e-3, atol=1e-3, msg=key)
 
 
 def test_single_file_base_into_a_diffusers_folder(tiny_model, lora_and_fused, tmp_path):

@@ -153,7 +153,8 @@ def bake(inputs: list[WeightedLora], model: str | Path, *, single_file: Path | N
 
 def _sgm_to_sgm(weights: ModelWeights, placed: Additions, out: Path, dtype: torch.dtype,
                 metadata: dict[str, str]) -> None:
-    specs = [TensorSpec(key, _out_dtype(weights, key, dtype), weights.shape(key)) for key in weights.keys()]
+    specs = [TensorSpec(key, _out_dtype(weights, key, dtype), weights.shape(key))
+             for key in weights.keys()]  # noqa: SIM118 - a ModelWeights, not a dict
     save_tensors_streamed(out, specs, lambda spec: merged_tensor(weights, spec.name, placed, dtype), metadata)
 
 
