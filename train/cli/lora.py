@@ -58,6 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _rank_options(merge, required=False)
     _dtype_option(merge, ("fp16", "bf16", "fp32"), "fp16")
     merge.set_defaults(run_tool=_merge)
+
+    extract = tools.add_parser("extract", help="a LoRA of the difference between a fine-tuned model and its base")
+    extract.add_argument("--base", required=True, help="base model: an SGM .safetensors or a diffusers folder")
+    extract.add_argument("--tuned", required=True, help="fine-tuned model: an SGM .safetensors or a diffusers folder")
+    extract.add_argument("-o", "--out", required=True, type=Path, help="output LoRA .safetensors (kohya/WebUI format)")
+    _rank_options(extract, required=True)
+    extract.add_argument("--preset", default="attn-mlp", choices=("attn", "attn-mlp", "attn-mlp-conv"),
+                         help="UNet modules to extract (default attn-mlp; attn-mlp-conv adds the ResNet convs)")
+    extract.add_argument("--te-threshold", type=bounded_float(0.0, 1.0), default=1e-4,
+                         help="extract a text encoder only when its relative change exceeds this (default 1e-4)")
+    _dtype_option(extract, ("fp16", "bf16", "fp32"), "fp16")
+    extract.set_defaults(run_tool=_extract)
     resize.set_defaults(run_tool=_resize)
 
 
@@ -113,3 +125,11 @@ def _merge(args: argparse.Namespace) -> list[str]:
     result = bake(inputs, args.into, single_file=args.out, diffusers_dir=args.diffusers, dtype=_dtype(args.dtype),
                   config_dir=args.config_dir)
     return result.lines()
+
+
+def _extract(args: argparse.Namespace) -> list[str]:
+    from train.lora.extract import extract
+
+    report = extract(args.base, args.tuned, args.out, _rule(args), preset=args.preset,
+                     text_encoder_threshold=args.te_threshold, dtype=_dtype(args.dtype), fast=args.fast)
+    return [*report.lines(), f"wrote {args.out}"]

@@ -74,16 +74,17 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def low_rank(deltas: dict[ModuleKey, Delta], rule: RankRule, *, ranks: dict[ModuleKey, int] | None = None,
+def low_rank(deltas: Iterable[tuple[ModuleKey, Delta]], rule: RankRule, *, ranks: dict[ModuleKey, int] | None = None,
              ratios: dict[ModuleKey, float] | None = None, fast: bool = False) -> tuple[LoraWeights, EnergyReport]:
-    """Each delta cut to the rule's rank, as kohya LoRA modules, and the energy report.
+    """Each (key, delta) cut to the rule's rank, as kohya LoRA modules, and the energy report.
 
-    `ranks`: the modules' ranks before the cut, for the table (default: the delta's own rank).
-    `ratios`: alpha / r per module to keep (default 1: alpha = k).
+    `deltas` may be a generator: each delta is dropped once cut, so a whole model's differences
+    never sit in memory together. `ranks`: the modules' ranks before the cut, for the table
+    (default: the delta's own rank). `ratios`: alpha / r per module to keep (default 1: alpha = k).
     """
     weights: LoraWeights = {}
     cuts = []
-    for key, delta in deltas.items():
+    for key, delta in deltas:
         cut = truncate(delta, rule, fast=fast)
         ratio = (ratios or {}).get(key, 1.0)
         k = cut.rank

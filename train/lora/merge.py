@@ -111,7 +111,7 @@ def merge_loras(inputs: list[WeightedLora], out_path: str | Path, *, rule: RankR
         ranks = sorted({d.rank for d in deltas.values()})
         lines = [f"{len(deltas)} modules, exact merge, rank {ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else "")]
     else:
-        weights, report = low_rank(deltas, rule, fast=fast)
+        weights, report = low_rank(deltas.items(), rule, fast=fast)
         write_plain_lora(weights, out_path, dtype=dtype, comment=comment, metadata=metadata)
         report.sizes = {**{lora.path.name: lora.path.stat().st_size for lora, _ in loras},
                         "out": out_path.stat().st_size}

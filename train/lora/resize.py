@@ -28,7 +28,7 @@ def resize(in_path: str | Path, out_path: str | Path, rule: RankRule, *, dtype: 
     lora = read_deltas(in_path)
     if out_path.exists() and out_path.resolve() == lora.path.resolve():
         raise ValueError(f"{out_path}: output would overwrite the input; choose another path")
-    weights, report = low_rank(lora.deltas, rule, ranks=lora.ranks, ratios=lora.alpha_ratios, fast=fast)
+    weights, report = low_rank(lora.deltas.items(), rule, ranks=lora.ranks, ratios=lora.alpha_ratios, fast=fast)
     write_plain_lora(weights, out_path, dtype=dtype, metadata=lora.metadata,
                      comment=f"resized from {lora.path.name} ({lora.kind}) by animagine-lora lora resize")
     report.sizes = {"in": lora.path.stat().st_size, "out": out_path.stat().st_size}
