@@ -127,3 +127,17 @@ def test_modules_missing_from_the_base_and_mismatched_shapes(tiny_model, tmp_pat
         assert str(lora) in str(err.value)
     assert not (tmp_path / "o.safetensors").exists()
     assert main(["lora", "merge", str(lora), "--into", str(lora), "-o", str(tmp_path / "o.safetensors")]) == 2
+
+
+def test_a_truncated_or_pickled_base_is_named(tiny_model, lora_and_fused, tmp_path, caplog):
+    path, _ = lora_and_fused
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_model.single_file.read_bytes()[:-1000])
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    for base, words in ((truncated, "not a readable .safetensors"), (pickled, "pickle")):
+        caplog.clear()
+        assert main(["lora", "merge", str(path), "--into", str(base), "-o", str(tmp_path / "o.safetensors")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and str(base) in errors[0] and words in errors[0]
+    assert not (tmp_path / "o.safetensors").exists()

@@ -73,3 +73,4 @@ def test_a_broken_lycoris_file_is_named_and_leaves_no_adapter(tiny_model, tmp_pa
     assert not any(pipe.get_list_adapters().values())
     load_lora(pipe, path, "y", 0.5)  # the intact file loads on the same pipeline afterwards
     assert pipe.get_list_adapters()["unet"] == ["y"]
+
