@@ -86,3 +86,12 @@ def test_bad_inputs_exit_2_with_one_line(two_loras, tmp_path, caplog):
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and words in errors[0] and "\n" not in errors[0]
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_hub_model_not_in_the_cache_is_one_line_offline(two_loras, tmp_path, monkeypatch, caplog):
+    a_path, _, _, _ = two_loras
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["lora", "merge", str(a_path), "--into", "zero", "-o", str(tmp_path / "m.safetensors")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "animagine-xl-4.0-zero" in errors[0] and "cache" in errors[0]

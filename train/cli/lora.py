@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.add_argument("inputs", nargs="+", metavar="LORA[:WEIGHT]", help="LoRA files, each with its weight (default 1)")
     merge.add_argument("-o", "--out", type=Path, help="output .safetensors: the LoRA, or with --into the "
                        "single-file (SGM) checkpoint")
-    merge.add_argument("--into", metavar="MODEL", help="base model: an SGM .safetensors or a diffusers folder")
+    merge.add_argument("--into", metavar="MODEL", help="base model: an SGM .safetensors, a diffusers folder, "
+                       "opt | zero | opt-file or a Hub id (as `train` and `sample` take)")
     merge.add_argument("--diffusers", type=Path, metavar="DIR",
                        help="with --into: also (or only) write a diffusers folder (new or empty)")
     merge.add_argument("--config-dir", help="with --into a single file and --diffusers: component configs "
@@ -60,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.set_defaults(run_tool=_merge)
 
     extract = tools.add_parser("extract", help="a LoRA of the difference between a fine-tuned model and its base")
-    extract.add_argument("--base", required=True, help="base model: an SGM .safetensors or a diffusers folder")
-    extract.add_argument("--tuned", required=True, help="fine-tuned model: an SGM .safetensors or a diffusers folder")
+    extract.add_argument("--base", required=True, help="base model: an SGM .safetensors, a diffusers folder, "
+                         "opt | zero | opt-file or a Hub id")
+    extract.add_argument("--tuned", required=True, help="fine-tuned model: the same kinds as --base")
     extract.add_argument("-o", "--out", required=True, type=Path, help="output LoRA .safetensors (kohya/WebUI format)")
     _rank_options(extract, required=True)
     extract.add_argument("--preset", default="attn-mlp", choices=("attn", "attn-mlp", "attn-mlp-conv"),
@@ -76,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         lines = args.run_tool(args)
-    except (FileNotFoundError, ValueError) as err:  # LoraFileError, ModelFileError: one line naming file and key
+    except (OSError, ValueError) as err:  # LoraFileError, ModelFileError, not found, Hub unreachable: one line
         logger.error("%s", err)
         return 2
     for line in lines:
@@ -92,6 +94,37 @@ def _rule(args: argparse.Namespace):
             raise ValueError("--fast needs --rank")
         return None
     return RankRule(rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio)
+
+
+# What a diffusers folder needs from a Hub repository (configs, tokenizers, weights in safetensors).
+_HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "unet/*.safetensors", "vae/*.safetensors",
+                 "text_encoder/*.safetensors", "text_encoder_2/*.safetensors"]
+
+
+def _model_source(text: str) -> str:
+    """A model argument as a local path: `opt`/`zero` and Hub ids become the cached diffusers
+    folder (downloaded on first use when the Hub is reachable), `opt-file` the Opt single file;
+    local files and folders stay as given.
+
+    Raises:
+        captioning.hub.HubUnreachableError (an OSError): not cached and the Hub out of reach.
+    """
+    from captioning.hub import hub_offline, offline_error
+    from train.generate.sampling import resolve_model_source
+    from train.names import looks_like_path
+
+    source = resolve_model_source(text)
+    if Path(source).expanduser().exists() or looks_like_path(source):
+        return str(Path(source).expanduser())
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # noqa: BLE001, S110 - not cached (the type varies by version): download below
+        pass
+    if hub_offline():
+        raise offline_error(f"the model {source}", "a local .safetensors file or diffusers folder")
+    return snapshot_download(source, allow_patterns=_HUB_PATTERNS)
 
 
 def _dtype(name: str):
@@ -122,7 +155,7 @@ def _merge(args: argparse.Namespace) -> list[str]:
         raise ValueError("--into merges the LoRAs exactly; --rank/--energy/--sv-ratio/--fast are for LoRA outputs")
     from train.lora.bake import bake
 
-    result = bake(inputs, args.into, single_file=args.out, diffusers_dir=args.diffusers, dtype=_dtype(args.dtype),
+    result = bake(inputs, _model_source(args.into), single_file=args.out, diffusers_dir=args.diffusers, dtype=_dtype(args.dtype),
                   config_dir=args.config_dir)
     return result.lines()
 
@@ -130,6 +163,6 @@ def _merge(args: argparse.Namespace) -> list[str]:
 def _extract(args: argparse.Namespace) -> list[str]:
     from train.lora.extract import extract
 
-    report = extract(args.base, args.tuned, args.out, _rule(args), preset=args.preset,
+    report = extract(_model_source(args.base), _model_source(args.tuned), args.out, _rule(args), preset=args.preset,
                      text_encoder_threshold=args.te_threshold, dtype=_dtype(args.dtype), fast=args.fast)
     return [*report.lines(), f"wrote {args.out}"]
