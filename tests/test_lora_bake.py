@@ -141,3 +141,22 @@ def test_a_truncated_or_pickled_base_is_named(tiny_model, lora_and_fused, tmp_pa
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and str(base) in errors[0] and words in errors[0]
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_lokr_file_merges_its_delta(tiny_model, tmp_path):
+    from lora_tool_helpers import adapted_unet, peft_deltas, write_lora
+    from unet_helpers import tiny_lora_unet
+
+    from train.config import LoraConfig
+    from train.model.weight_files import ModelWeights
+
+    spec = LoraConfig(type="lokr", rank=2, alpha=3.0, factor=4)
+    unet = adapted_unet(tiny_lora_unet(lora=False), spec)
+    lokr = write_lora(tmp_path / "lokr.safetensors", spec, unet=unet)
+    out = tmp_path / "merged.safetensors"
+    bake([WeightedLora(lokr, 2.0)], tiny_model.single_file, single_file=out, dtype=torch.float32)
+    base, merged = ModelWeights(tiny_model.single_file), ModelWeights(out)
+    for (component, path), delta in peft_deltas("unet", unet).items():
+        at = base.locate(component, path)
+        merged_at = merged.locate(component, path)
+        torch.testing.assert_close(merged.read(merged_at) - base.read(at), 2 * delta, rtol=1e-4, atol=1e-6)

@@ -20,8 +20,9 @@ transformers 5 builds CLIPTextModel). Convolutions are flattened to (out, in * k
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ ModuleKey = tuple[str, str]  # (component, module path)
 
 @dataclass
 class Delta:
-    """One module's weight delta: `up @ down` (scale folded into `up`) or a full matrix.
+    """One module's weight delta: `up @ down` (scale folded into `up`), a full matrix, or a
+    function building the full matrix when asked (`make`: LyCORIS modules, whose full matrices
+    for a whole SDXL LoRA would not fit in memory together).
 
     `shape` is the base weight's: (out, in) for a Linear, (out, in, kh, kw) for a Conv2d.
     """
@@ -46,15 +49,22 @@ class Delta:
     up: Tensor | None = None  # (out, k), fp32
     down: Tensor | None = None  # (k, in * kh * kw), fp32
     full: Tensor | None = None  # (out, in * kh * kw), fp32
+    make: Callable[[], Tensor] | None = None  # () -> (out, in * kh * kw), fp32
+
+    @property
+    def factored(self) -> bool:
+        return self.down is not None
 
     @property
     def rank(self) -> int:
         """k of a factored delta; the largest possible rank of a full one."""
-        return int(self.down.shape[0]) if self.down is not None else min(self.full.shape)
+        return int(self.down.shape[0]) if self.factored else min(self.shape[0], math.prod(self.shape[1:]))
 
     def matrix(self) -> Tensor:
         """The delta as an (out, in * kh * kw) fp32 matrix."""
-        return self.full if self.full is not None else self.up @ self.down
+        if self.full is not None:
+            return self.full
+        return self.up @ self.down if self.factored else self.make()
 
     def weight(self) -> Tensor:
         """The delta in the base weight's shape."""
@@ -126,14 +136,15 @@ def _read_lycoris(source: Path, keys: list[str], metadata: dict[str, str]) -> Lo
             raise LoraFileError(f"{source}: key {name!r} is not an SDXL module (a LyCORIS file for another "
                                 "architecture?)")
         component, module_path, kernel = sdxl[name]
-        try:
-            delta, rank = _lycoris_delta(parts, kernel)
+        build = partial(_lycoris_weight, parts, kernel)
+        try:  # built once here to check it; later only when a tool asks (one module at a time)
+            weight, rank = build()
         except (KeyError, RuntimeError, IndexError, ValueError) as err:
             raise LoraFileError(f"{source}: {name}: cannot rebuild the module's delta "
                                 f"({type(err).__name__}: {str(err)[:160]})") from None
-        if not bool(torch.isfinite(delta.matrix()).all()):
+        if not bool(torch.isfinite(weight).all()):
             raise LoraFileError(f"{source}: {name}: holds NaN or infinite values")
-        deltas[(component, module_path)] = delta
+        deltas[(component, module_path)] = Delta(tuple(weight.shape), make=partial(_flat, build))
         ranks[(component, module_path)] = rank
     return LoraDeltas(source, kind, deltas, ranks, metadata)
 
@@ -144,22 +155,28 @@ def _alpha(parts: dict[str, Tensor], rank: int) -> float:
     return value if value and math.isfinite(value) else float(rank)  # LyCORIS: alpha 0 or missing = r
 
 
-def _lycoris_delta(parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Delta, int]:
-    """One LyCORIS module's delta and its rank (the size of its full matrices when none is factored)."""
+def _lycoris_weight(parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Tensor, int]:
+    """One LyCORIS module's delta in the base weight's shape, and its rank (for a LoKr of two full
+    halves, the rank its matrix can have)."""
     p = {k: v.float() for k, v in parts.items() if k != "alpha"}
     if any(k.startswith("lokr_") for k in p):
-        return _lokr_delta(p, parts, kernel)
+        return _lokr_weight(p, parts, kernel)
     if any(k.startswith("hada_") for k in p):
-        return _loha_delta(p, parts, kernel)
+        return _loha_weight(p, parts, kernel)
     raise KeyError(f"no lokr_/hada_ tensors among {sorted(parts)}")
 
 
+def _flat(build: Callable[[], tuple[Tensor, int]]) -> Tensor:
+    weight, _ = build()
+    return weight.reshape(weight.shape[0], -1)
+
+
 def _tucker(core: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
-    # LyCORIS rebuild_tucker: core (r, r, kh, kw), w_a (out, r), w_b (r, in) -> (out, in, kh, kw).
+    # LyCORIS rebuild_tucker: core (r, r, kh, kw), w_a (r, out), w_b (r, in) -> (out, in, kh, kw).
     return torch.einsum("i j k l, j r, i p -> p r k l", core, w_b, w_a)
 
 
-def _lokr_delta(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Delta, int]:
+def _lokr_weight(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Tensor, int]:
     factored = p.get("lokr_w1_a", p.get("lokr_w2_a"))
     rank = int(factored.shape[1]) if factored is not None else None
     w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]  # (out_l, in_m)
@@ -176,11 +193,10 @@ def _lokr_delta(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[in
     else:
         weight = torch.kron(w1, w2)
     scale = _alpha(parts, rank) / rank if rank is not None else 1.0  # both halves full: scale 1
-    delta = Delta(tuple(weight.shape), full=(weight * scale).reshape(weight.shape[0], -1))
-    return delta, rank or delta.rank
+    return weight * scale, rank or min(weight.shape[0], math.prod(weight.shape[1:]))
 
 
-def _loha_delta(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Delta, int]:
+def _loha_weight(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Tensor, int]:
     rank = int(p["hada_w1_b"].shape[0])
     if "hada_t1" in p:
         w1 = _tucker(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
@@ -189,6 +205,6 @@ def _loha_delta(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[in
         w1 = p["hada_w1_a"] @ p["hada_w1_b"]  # (out, in * kh * kw)
         w2 = p["hada_w2_a"] @ p["hada_w2_b"]
     weight = w1 * w2 * (_alpha(parts, rank) / rank)
-    shape = tuple(weight.shape) if weight.ndim == 4 else (
-        (weight.shape[0], weight.shape[1] // math.prod(kernel), *kernel) if kernel != (1, 1) else tuple(weight.shape))
-    return Delta(shape, full=weight.reshape(weight.shape[0], -1)), rank
+    if weight.ndim == 2 and kernel != (1, 1):  # (out, in * kh * kw) -> (out, in, kh, kw)
+        weight = weight.reshape(weight.shape[0], -1, *kernel)
+    return weight, rank

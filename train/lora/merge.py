@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,12 +66,16 @@ def summed_deltas(loras: list[tuple[LoraDeltas, float]]) -> dict[ModuleKey, Delt
     merged = {}
     for key, parts in terms.items():
         shape = parts[0][0].shape
-        if all(d.full is None for d, _, _ in parts):
+        if all(d.factored for d, _, _ in parts):
             merged[key] = Delta(shape, up=torch.cat([d.up * w for d, w, _ in parts], dim=1),
                                 down=torch.cat([d.down for d, _, _ in parts], dim=0))
-        else:
-            merged[key] = Delta(shape, full=sum(d.matrix() * w for d, w, _ in parts))
+        else:  # built when used: one module's full matrix at a time
+            merged[key] = Delta(shape, make=partial(_weighted_sum, [(d, w) for d, w, _ in parts]))
     return merged
+
+
+def _weighted_sum(terms: list[tuple[Delta, float]]) -> torch.Tensor:
+    return sum(delta.matrix() * weight for delta, weight in terms)
 
 
 def exact_modules(deltas: dict[ModuleKey, Delta]) -> LoraWeights:

@@ -82,9 +82,9 @@ def svd(delta: Delta, *, fast_rank: int | None = None) -> tuple[Tensor, Tensor, 
 
     `fast_rank` (full deltas only): the randomized SVD of that many leading triplets.
     """
-    if delta.full is None:
+    if delta.factored:
         return _factored_svd(delta.up.double(), delta.down.double())
-    matrix = delta.full
+    matrix = delta.matrix()
     if fast_rank is not None and fast_rank + _OVERSAMPLE < min(matrix.shape):
         u, s, v = torch.svd_lowrank(matrix, q=fast_rank + _OVERSAMPLE, niter=2)
         return u[:, :fast_rank], s[:fast_rank], v[:, :fast_rank].T
@@ -109,6 +109,8 @@ def truncate(delta: Delta, rule: RankRule, *, fast: bool = False) -> Truncated:
     """
     if fast and rule.rank is None:
         raise ValueError("--fast needs --rank: --energy and --sv-ratio need every singular value")
+    if fast and not delta.factored:
+        delta = Delta(delta.shape, full=delta.matrix())  # built once: decomposed, then measured
     u, s, vh = svd(delta, fast_rank=rule.rank if fast else None)
     energy = float(delta.matrix().double().square().sum()) if fast else float(s.double().square().sum())
     k = rule.choose(s)
