@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from train.cli.options import bounded_float, bounded_int
+from train.names import DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ def _rank_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
                         help="randomized SVD (torch.svd_lowrank) for full matrices; --rank only")
 
 
-def _dtype_option(parser: argparse.ArgumentParser, choices: tuple[str, ...], default: str) -> None:
-    parser.add_argument("--dtype", choices=choices, default=default, help=f"tensor dtype of the output (default {default})")
+def _dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16", help="tensor dtype of the output (default fp16)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     resize.add_argument("input", type=Path, help="LoRA .safetensors (kohya, diffusers, LyCORIS) or diffusers folder")
     resize.add_argument("-o", "--out", required=True, type=Path, help="output .safetensors (kohya/WebUI format)")
     _rank_options(resize, required=True)
-    _dtype_option(resize, ("fp16", "bf16", "fp32"), "fp16")
+    _dtype_option(resize)
+    resize.set_defaults(run_tool=_resize)
 
     merge = tools.add_parser("merge", help="LoRAs at weights into one LoRA, or into a base model (--into)")
     merge.add_argument("inputs", nargs="+", metavar="LORA[:WEIGHT]", help="LoRA files, each with its weight (default 1)")
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.add_argument("--config-dir", help="with --into a single file and --diffusers: component configs "
                        "(default: SDXL's)")
     _rank_options(merge, required=False)
-    _dtype_option(merge, ("fp16", "bf16", "fp32"), "fp16")
+    _dtype_option(merge)
     merge.set_defaults(run_tool=_merge)
 
     extract = tools.add_parser("extract", help="a LoRA of the difference between a fine-tuned model and its base")
@@ -70,9 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="UNet modules to extract (default attn-mlp; attn-mlp-conv adds the ResNet convs)")
     extract.add_argument("--te-threshold", type=bounded_float(0.0, 1.0), default=1e-4,
                          help="extract a text encoder only when its relative change exceeds this (default 1e-4)")
-    _dtype_option(extract, ("fp16", "bf16", "fp32"), "fp16")
+    _dtype_option(extract)
     extract.set_defaults(run_tool=_extract)
-    resize.set_defaults(run_tool=_resize)
 
 
 def run(args: argparse.Namespace) -> int:
