@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "cache": "encode latents into the dataset's cache",
     "train": "train a LoRA (same as `accelerate launch -m train CONFIG`)",
     "convert": "convert LoRA files between WebUI and diffusers formats",
+    "lora": "resize, merge (into one LoRA or a base model) or extract LoRAs",
     "sample": "generate with a LoRA on Animagine XL 4.0 Opt/Zero at the card's settings",
     "eval": "evaluate a run's checkpoints side by side and recommend one",
     "demo": "the whole path on a tiny SDXL-architecture model, on CPU (what `make demo` runs)",

@@ -3,7 +3,7 @@
 One code path for all three users: `build_pipeline` wraps loaded components in diffusers'
 `StableDiffusionXLPipeline` (it holds the modules, the LoRA adapters and the image processor),
 `load_lora` puts a WebUI (kohya) LoRA file on it exactly as users will (`pipe.load_lora_weights`),
-`generate` encodes the prompts (emphasis, 75-token chunks) and samples, `make_grid` lays the
+or a LyCORIS (LoKr/LoHa) file through PEFT as the training hook puts its adapter, `generate` encodes the prompts (emphasis, 75-token chunks) and samples, `make_grid` lays the
 images out.
 
 Samplers (`SampleSettings.sampler`):
@@ -41,7 +41,8 @@ from captioning import outputs
 from train.generate.comfy_sampling import CFGDenoiser, Conditioning, sample_latents
 from train.generate.k_samplers import ModelSampling
 from train.generate.prompt_encoding import encode_weighted_prompts
-from train.lora.files import LoraFileError, lora_modules
+from train.lora.files import LoraFileError, lora_modules, read_header
+from train.lora.lycoris_convert import is_lycoris, loha_adapters, lokr_adapters
 from train.names import (
     CARD_CFG,
     CARD_NEGATIVE,
@@ -121,9 +122,17 @@ def load_lora(pipe: StableDiffusionXLPipeline, path: str | Path, adapter_name: s
     matched nothing (a LoRA for another architecture, or renamed modules) and the adapter is
     removed again. The adapter is then the only active one, at `strength`.
 
+    A LyCORIS file (LoKr, LoHa), which diffusers cannot load on SDXL, is attached through PEFT
+    instead, as the training hook does with a LyCORIS adapter (`_load_lycoris`).
+
     Raises:
         LoraFileError: naming `path`, for every reason the LoRA cannot be used.
     """
+    if is_lycoris(read_header(path)[0]):
+        _load_lycoris(pipe, Path(path), adapter_name)
+        pipe.set_adapters([adapter_name], adapter_weights=[strength])
+        logger.info("loaded LyCORIS file %s at strength %g", path, strength)
+        return
     expected = len(lora_modules(path))
     try:
         with _quiet_lora_loaders():
@@ -140,6 +149,36 @@ def load_lora(pipe: StableDiffusionXLPipeline, path: str | Path, adapter_name: s
         )
     pipe.set_adapters([adapter_name], adapter_weights=[strength])
     logger.info("loaded LoRA %s (%d modules) at strength %g", path, expected, strength)
+
+
+def _load_lycoris(pipe: StableDiffusionXLPipeline, path: Path, adapter_name: str) -> None:
+    """A LoKr / LoHa file's adapters put on the pipeline's models with PEFT (`add_adapter` with the
+    config the file's shapes imply, then its tensors), every tensor checked to land in a layer."""
+    from peft import set_peft_model_state_dict
+    from peft.config import PeftConfig
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    read = loha_adapters if any(".hada_" in key for key in tensors) else lokr_adapters
+    try:
+        adapters = read(path, tensors)
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise LoraFileError(f"{path}: {str(err).removeprefix(f'{path}: ')}") from None
+    try:
+        for component, (config, state) in adapters.items():
+            model = getattr(pipe, component)
+            model.add_adapter(PeftConfig.from_peft_type(**config), adapter_name=adapter_name)
+            result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise LoraFileError(f"{path}: {len(unexpected)} tensors match no layer of this SDXL model "
+                                    f"(e.g. {unexpected[0]}): a LoRA for another architecture?")
+    except LoraFileError:
+        _delete_adapter(pipe, adapter_name)
+        raise
+    except Exception as err:  # noqa: BLE001 - peft raises many types on a foreign file
+        _delete_adapter(pipe, adapter_name)
+        raise LoraFileError(f"{path}: {_short_reason(err, sum(len(s) for _, s in adapters.values()))}") from None
 
 
 @contextmanager

@@ -63,7 +63,8 @@ class LoraFile:
     metadata: dict[str, str]  # safetensors header of a WebUI input (kept on WebUI output)
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
+    """The LoRA file `path` names: itself, or a diffusers folder's weights file."""
     if path.is_dir():
         path = path / DIFFUSERS_WEIGHT_NAME
     if not path.is_file():
@@ -238,7 +239,7 @@ def read_lora(path: str | Path, *, alpha: float | None = None) -> LoraFile:
     Raises:
         FileNotFoundError, ValueError (LoraFileError): with the file named.
     """
-    path = _weights_file(Path(path))
+    path = weights_file(Path(path))
     keys, metadata = read_header(path)
     fmt = detect_format(keys, path)
     lora_modules(path)  # every down matrix has its up matrix, and the reverse
@@ -263,9 +264,11 @@ def _most_common(values) -> float:
 
 
 def write_webui(
-    lora: LoraFile, path: Path, *, dtype: torch.dtype | None, resolution: int, source: str
+    lora: LoraFile, path: Path, *, dtype: torch.dtype | None, resolution: int, source: str,
+    comment: str | None = None,
 ) -> None:
-    """kohya file with diffusers block names; metadata from the input when it had some."""
+    """kohya file with diffusers block names; metadata from the input when it had some (but the
+    network's kind, rank and alpha are this file's)."""
     tensors: dict[str, Tensor] = {}
     for component, modules in lora.weights.items():
         for module, weight in modules.items():
@@ -280,7 +283,7 @@ def write_webui(
         output_name=path.stem,
         resolution=resolution,
         tag_frequency={},
-        comment=f"converted from {source} by animagine-lora convert",
+        comment=comment or f"converted from {source} by animagine-lora convert",
         conv=any(m.down.ndim == 4 and m.down.shape[-1] > 1 for m in all_modules),
     )
     # Keep what the input recorded (training details, tag frequency), but never its model class.
@@ -291,7 +294,9 @@ def write_webui(
         {
             k: v
             for k, v in kept.items()
-            if k not in ("ss_base_model_version", "modelspec.architecture")
+            if k not in ("ss_base_model_version", "modelspec.architecture", "ss_network_module",
+                         "ss_network_args", "ss_network_dim", "ss_network_alpha")
+            and not (comment and (k in ("ss_training_comment", "modelspec.description") or k.startswith("sshs_")))
         }
     )
     check_metadata(metadata)
@@ -343,7 +348,7 @@ def convert(
         FileNotFoundError, ValueError: unreadable input, same input and output, unknown format.
     """
     in_path, out_path = Path(in_path), Path(out_path)
-    source = _weights_file(in_path)
+    source = weights_file(in_path)
     keys, _ = read_header(source)  # refuses pickles and truncated files before anything is read
     if is_lycoris(keys):
         # LoKr / LoHa in the kohya single-file layout: only LoKr -> diffusers exists (lycoris_convert).

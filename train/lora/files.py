@@ -38,13 +38,15 @@ def read_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
             start = handle.read(8)
     except OSError as err:
         raise LoraFileError(f"{path}: cannot read: {err.strerror or err}") from None
-    if start.startswith(_PICKLE_MAGIC):
-        raise LoraFileError(f"{path}: a pickle checkpoint (.ckpt/.pt), not .safetensors; it is not "
-                            "loaded, since unpickling can run code. Ask for a .safetensors file")
+    # safetensors first: its 8-byte header length can itself start with 0x80 (a 640-byte header),
+    # so the pickle magic only names what a file that is not safetensors probably is.
     try:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys()), dict(handle.metadata() or {})
     except (OSError, SafetensorError) as err:
+        if start.startswith(_PICKLE_MAGIC):
+            raise LoraFileError(f"{path}: a pickle checkpoint (.ckpt/.pt), not .safetensors; it is not "
+                                "loaded, since unpickling can run code. Ask for a .safetensors file") from None
         raise LoraFileError(f"{path}: not a readable .safetensors file ({err})") from None
 
 

@@ -8,6 +8,8 @@ and sd-scripts / LyCORIS write them).
   LoKrConfig from the tensor shapes with alpha = r (diffusers.utils.peft_utils `_create_lokr_config`).
 - LoHa -> diffusers is refused: diffusers (0.42) builds a LoraConfig for any non-LoKr adapter and
   cannot load it. A LyCORIS file is already the WebUI format, so "-> webui" is refused too.
+- `lokr_adapters` / `loha_adapters`: a file's PEFT configs and state dicts per component, which
+  `sample` and `eval` attach to their models as the training hook does (`train.generate.sampling`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def is_lycoris(keys: list[str]) -> bool:
     return any(marker in key for key in keys for marker in LYCORIS_MARKERS)
 
 
-def _sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
+def sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
     """kohya module name (diffusers or SGM blocks) -> (component, module path, module) for every
     Linear and Conv2d of the SDXL UNet and text encoders (built on the meta device: shapes only)."""
     with init_empty_weights():
@@ -61,6 +63,79 @@ def _baked(tensors: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
     return {**tensors, w1: tensors[w1] * (alpha / rank_from.shape[1])}
 
 
+def _modules(source: Path, tensors: dict[str, Tensor]) -> dict[str, tuple[str, str, nn.Module, dict[str, Tensor]]]:
+    """kohya module name -> (component, module path, SDXL module, its tensors by suffix).
+
+    Raises:
+        ValueError naming `source` and the first module name that is not SDXL's.
+    """
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, suffix = key.partition(".")
+        modules.setdefault(name, {})[suffix] = tensor
+    sdxl = sdxl_module_names()
+    unknown = sorted(name for name in modules if name not in sdxl)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} modules are not SDXL modules (first: {unknown[0]!r})")
+    return {name: (*sdxl[name], parts) for name, parts in modules.items()}
+
+
+def lokr_adapters(source: Path, tensors: dict[str, Tensor], *,
+                  dtype: torch.dtype | None = None) -> dict[str, tuple[dict, dict[str, Tensor]]]:
+    """component -> (LoKrConfig as a JSON-able dict, PEFT state dict `{path}.lokr_*`) of a LoKr file's
+    tensors, alpha baked in so that PEFT's alpha / r (= 1) gives what LyCORIS' loaders give.
+
+    Raises:
+        ValueError naming `source`: a Tucker LoKr, module names that are not SDXL's, or
+        factorisations no LoKrConfig reproduces.
+    """
+    if any(key.endswith(".lokr_t2") for key in tensors):
+        raise ValueError(f"{source}: Tucker LoKr (lokr_t2) cannot be converted")
+    states: dict[str, dict[str, Tensor]] = {}
+    shapes: dict[str, dict[str, tuple]] = {}
+    for component, path, base, parts in _modules(source, tensors).values():
+        parts = dict(parts)
+        shapes.setdefault(component, {})[path] = _factor_shapes(parts, base)
+        alpha = parts.pop("alpha", None)
+        weights = {k: v.float() for k, v in parts.items()}
+        rank_from = weights.get("lokr_w1_a", weights.get("lokr_w2_a"))
+        default_alpha = float(rank_from.shape[1]) if rank_from is not None else 1.0
+        baked = _baked(weights, float(alpha) if alpha is not None else default_alpha)
+        states.setdefault(component, {}).update(
+            {f"{path}.{k}": (v.to(dtype) if dtype else v.to(parts[k].dtype)).contiguous() for k, v in baked.items()})
+    return {component: (_lokr_config(source, shapes[component]), state) for component, state in states.items()}
+
+
+def loha_adapters(source: Path, tensors: dict[str, Tensor]) -> dict[str, tuple[dict, dict[str, Tensor]]]:
+    """component -> (LoHaConfig as a dict, PEFT state dict `{path}.hada_*`) of a LoHa file's tensors.
+
+    PEFT's LoHa has LyCORIS' tensor names and shapes, and the same scale alpha / r (r = the
+    rows of `hada_w1_b`); Tucker cores (`hada_t1`/`hada_t2`) are PEFT's `use_effective_conv2d`.
+    """
+    from peft import LoHaConfig
+
+    states: dict[str, dict[str, Tensor]] = {}
+    ranks: dict[str, dict[str, tuple[int, float]]] = {}
+    for component, path, _, parts in _modules(source, tensors).values():
+        parts = dict(parts)
+        alpha = parts.pop("alpha", None)
+        rank = int(parts["hada_w1_b"].shape[0])
+        ranks.setdefault(component, {})[path] = (rank, float(alpha) if alpha is not None and float(alpha) else rank)
+        states.setdefault(component, {}).update({f"{path}.{k}": v.float().contiguous() for k, v in parts.items()})
+    adapters = {}
+    for component, modules in ranks.items():
+        rank = Counter(r for r, _ in modules.values()).most_common(1)[0][0]
+        alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
+        config = LoHaConfig(r=rank, alpha=alpha, target_modules=sorted(modules),
+                            rank_pattern={p: r for p, (r, _) in modules.items() if r != rank},
+                            alpha_pattern={p: a for p, (_, a) in modules.items() if a != alpha},
+                            use_effective_conv2d=any(k.endswith(".hada_t1") for k in states[component]),
+                            init_weights=False).to_dict()
+        adapters[component] = ({k: sorted(v) if isinstance(v, set) else v for k, v in config.items()},
+                               states[component])
+    return adapters
+
+
 def lycoris_to_diffusers(source: Path, out_dir: Path, *, dtype: torch.dtype | None) -> Path:
     """Write a LoKr file's diffusers `pytorch_lora_weights.safetensors` into `out_dir`.
 
@@ -72,30 +147,10 @@ def lycoris_to_diffusers(source: Path, out_dir: Path, *, dtype: torch.dtype | No
     if any(".hada_" in key for key in tensors):
         raise ValueError(f"{source}: LoHa files cannot be converted to diffusers (diffusers cannot load LoHa); "
                          "use the file itself in ComfyUI, Forge, A1111 or sd-scripts")
-    if any(key.endswith(".lokr_t2") for key in tensors):
-        raise ValueError(f"{source}: Tucker LoKr (lokr_t2) cannot be converted")
-    modules: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        name, _, suffix = key.partition(".")
-        modules.setdefault(name, {})[suffix] = tensor
-    sdxl = _sdxl_module_names()
-    unknown = sorted(name for name in modules if name not in sdxl)
-    if unknown:
-        raise ValueError(f"{source}: {len(unknown)} modules are not SDXL modules (first: {unknown[0]!r})")
-    layers: dict[str, dict[str, Tensor]] = {}
-    shapes: dict[str, dict[str, tuple]] = {}
-    for name, parts in modules.items():
-        component, path, base = sdxl[name]
-        shapes.setdefault(component, {})[path] = _factor_shapes(parts, base)
-        alpha = parts.pop("alpha", None)
-        weights = {k: v.float() for k, v in parts.items()}
-        rank_from = weights.get("lokr_w1_a", weights.get("lokr_w2_a"))
-        default_alpha = float(rank_from.shape[1]) if rank_from is not None else 1.0
-        baked = _baked(weights, float(alpha) if alpha is not None else default_alpha)
-        layers.setdefault(f"{component}_lora_layers", {}).update(
-            {f"{path}.{k}": (v.to(dtype) if dtype else v.to(parts[k].dtype)).contiguous() for k, v in baked.items()})
-    for component, modules_shapes in shapes.items():
-        layers[f"{component}_lora_adapter_metadata"] = _lokr_config(source, modules_shapes)
+    layers: dict[str, object] = {}
+    for component, (config, state) in lokr_adapters(source, tensors, dtype=dtype).items():
+        layers[f"{component}_lora_layers"] = state
+        layers[f"{component}_lora_adapter_metadata"] = config
     return write_diffusers_file(out_dir, layers)
 
 

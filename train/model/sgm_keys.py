@@ -200,3 +200,53 @@ def open_clip_to_sgm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     if sd:
         raise KeyError(f"text_encoder_2 keys with no OpenCLIP name: {sorted(sd)[:5]}")
     return out
+
+
+def sgm_to_unet_name(name: str, block_map: dict[str, str]) -> str | None:
+    """Diffusers UNet path of an SGM UNet path (without `model.diffusion_model.`); None outside
+    every block. The inverse of `unet_module_name_to_sgm`."""
+    inverse = {sgm: diffusers for diffusers, sgm in block_map.items()}
+    resnet_parts = {sgm: diffusers for diffusers, sgm in _UNET_RESNET_PARTS.items()}
+    for prefix in sorted(inverse, key=len, reverse=True):
+        if name == prefix or name.startswith(prefix + "."):
+            rest = name[len(prefix) + 1 :]
+            if ".resnets." in inverse[prefix] and rest:
+                for sgm_part in sorted(resnet_parts, key=len, reverse=True):
+                    if rest == sgm_part or rest.startswith(sgm_part + "."):
+                        rest = resnet_parts[sgm_part] + rest[len(sgm_part) :]
+                        break
+            return ".".join(filter(None, [inverse[prefix], rest]))
+    return None
+
+
+# OpenCLIP names inside `transformer.resblocks.{i}.` <-> CLIPTextModel names inside `encoder.layers.{i}.`.
+_OPEN_CLIP_LAYER_PARTS = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                          "ln_1": "layer_norm1", "ln_2": "layer_norm2"}
+QKV = ("q_proj", "k_proj", "v_proj")  # the order of OpenCLIP's fused in_proj rows
+
+
+def open_clip_parameter(name: str) -> tuple[str, int | None] | None:
+    """SGM key (under `conditioner.embedders.1.model.`) and the third of a fused q/k/v tensor
+    (0, 1, 2; None when not fused) of a CLIPTextModelWithProjection layer parameter
+    (`encoder.layers.{i}.self_attn.q_proj.weight`, ...); None for parameters outside the layers."""
+    parts = name.removeprefix("text_model.").split(".")
+    if parts[:2] != ["encoder", "layers"] or len(parts) < 5:
+        return None
+    layer, inner, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+    base = f"{TE2_PREFIX}transformer.resblocks.{layer}."
+    if inner.startswith("self_attn.") and inner.removeprefix("self_attn.") in QKV:
+        return f"{base}attn.in_proj_{kind}", QKV.index(inner.removeprefix("self_attn."))
+    sgm = {diffusers: sgm for sgm, diffusers in _OPEN_CLIP_LAYER_PARTS.items()}.get(inner)
+    return (f"{base}{sgm}.{kind}", None) if sgm else None
+
+
+def open_clip_modules(inner: str) -> list[str]:
+    """CLIPTextModel module paths stored under an OpenCLIP weight name without its `.weight`
+    (`transformer.resblocks.3.attn.in_proj` -> the q, k and v projections of layer 3)."""
+    parts = inner.split(".")
+    if parts[:2] != ["transformer", "resblocks"] or len(parts) < 4:
+        return []
+    layer, rest = parts[2], ".".join(parts[3:])
+    if rest == "attn.in_proj":
+        return [f"encoder.layers.{layer}.self_attn.{qkv}" for qkv in QKV]
+    return [f"encoder.layers.{layer}.{_OPEN_CLIP_LAYER_PARTS[rest]}"] if rest in _OPEN_CLIP_LAYER_PARTS else []

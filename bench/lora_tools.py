@@ -1,0 +1,211 @@
+"""Time and peak memory of `animagine-lora lora resize / merge --into / extract` on the real SDXL
+architecture, on CPU.
+
+The models are the exact SDXL 1.0 layout (train/model/sdxl_configs/: UNet, both text encoders,
+VAE) with seeded random weights, written as one SGM single file in fp16 (6.9 GB) tensor by tensor:
+the names and shapes come from the components built on the meta device and renamed by
+`train.model.sgm_keys`; each tensor is drawn from its own generator (seeded by its name) when it
+is written (weights N(0, 1/fan_in), embeddings N(0, 0.02^2), norm weights 1, biases 0). The
+LoRA is a rank-32 attn-mlp LoRA (722 UNet modules, as sd-scripts' default) with random factors.
+
+Steps, each a fresh `python -m train.cli lora ...` process:
+1. resize the rank-32 LoRA to rank 16;
+2. merge it into the base (`--into base.safetensors -o merged.safetensors`, fp16): the tuned model;
+3. extract `--base base --tuned merged --rank 32`, exact SVD;
+4. the same with `--fast` (torch.svd_lowrank), and the kept energy of both.
+
+Per step: wall time, peak RSS (the kernel's VmHWM of the process: memory-mapped model pages
+count while touched) and the peak of anonymous memory (RssAnon, sampled every 50 ms: what the
+process itself allocated). Runs under the project's memory lock on the shared VM:
+
+    flock /work/notes/bigmem.lock python bench/lora_tools.py [--work DIR] [--keep]
+
+Writes bench/results/lora_tools.json (or --json PATH) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from train.lora.adapters import TARGET_PRESETS
+from train.lora.convert import LoraModule
+from train.lora.lowrank import write_plain_lora
+from train.model import sgm_keys
+from train.names import SDXL_CONFIG_DIR
+from train.tensor_files import TensorSpec, save_tensors_streamed
+
+RANK = 32
+
+
+def _config(component: str) -> dict:
+    return json.loads((SDXL_CONFIG_DIR / component / "config.json").read_text("utf-8"))
+
+
+def meta_components() -> dict[str, torch.nn.Module]:
+    """The four SDXL components on the meta device (shapes, no storage)."""
+    def text(component: str) -> CLIPTextConfig:
+        config = _config(component)
+        config.pop("torch_dtype", None)
+        return CLIPTextConfig(**config)
+
+    with init_empty_weights():
+        return {"unet": UNet2DConditionModel.from_config(_config("unet")),
+                "vae": AutoencoderKL.from_config(_config("vae")),
+                "text_encoder": CLIPTextModel(text("text_encoder")),
+                "text_encoder_2": CLIPTextModelWithProjection(text("text_encoder_2"))}
+
+
+def sgm_specs(components: dict[str, torch.nn.Module], dtype: torch.dtype) -> list[TensorSpec]:
+    """Names and shapes of the SGM single file, from meta state dicts run through the key maps."""
+    convert = {"unet": lambda sd: sgm_keys.unet_to_sgm(sd, _config("unet")),
+               "vae": lambda sd: sgm_keys.vae_to_sgm(sd, _config("vae")),
+               "text_encoder": sgm_keys.clip_l_to_sgm, "text_encoder_2": sgm_keys.open_clip_to_sgm}
+    specs = []
+    for name, module in components.items():
+        state = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in module.state_dict().items()}
+        specs += [TensorSpec(k, dtype, tuple(v.shape)) for k, v in convert[name](state).items()]
+    return specs
+
+
+def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    name, shape = spec.name, spec.shape
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=spec.dtype)
+    if len(shape) <= 1:
+        return torch.ones(shape, dtype=spec.dtype) if "norm" in name or "ln_" in name else \
+            torch.zeros(shape, dtype=spec.dtype)
+    std = 0.02 if "embedding" in name else 1 / max(1, int(torch.tensor(shape[1:]).prod())) ** 0.5
+    return (torch.randn(shape, generator=generator) * std).to(spec.dtype)
+
+
+def write_base(path: Path, seed: int = 0) -> None:
+    specs = sgm_specs(meta_components(), torch.float16)
+    save_tensors_streamed(path, specs, lambda spec: random_tensor(spec, seed), {"format": "pt"})
+
+
+def write_lora(path: Path, rank: int = RANK, seed: int = 1) -> int:
+    """A rank-`rank` attn-mlp LoRA with random factors on the SDXL UNet; returns its module count."""
+    unet = meta_components()["unet"]
+    targets = TARGET_PRESETS["attn-mlp"]
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            down = torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5
+            up = torch.randn(module.out_features, rank, generator=generator) * 0.01
+            modules[name] = LoraModule(down, up, float(rank))
+    write_plain_lora({"unet": modules}, path, dtype=torch.float16, comment="bench/lora_tools.py random LoRA")
+    return len(modules)
+
+
+def run_measured(args: list[str]) -> dict:
+    """Run `python -m train.cli ARGS`; wall time, peak RSS and sampled peak anonymous RSS (GB)."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "train.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    peak = {"anon": 0, "hwm": 0}
+
+    def sample() -> None:
+        while process.poll() is None:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except OSError:
+                break
+            for key, field in (("anon", "RssAnon"), ("hwm", "VmHWM")):
+                match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+                if match:
+                    peak[key] = max(peak[key], int(match.group(1)))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, err = process.communicate()
+    thread.join()
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({process.returncode}): {err[-2000:]}")
+    return {"args": args, "seconds": round(seconds, 1), "peak_rss_gb": round(peak["hwm"] / 2**20, 2),
+            "peak_anon_gb": round(peak["anon"] / 2**20, 2), "stdout": out}
+
+
+def _total_kept(stdout: str) -> float | None:
+    """The total kept energy: the last column of the energy table's `all` row."""
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("all ")]
+    return float(rows[0][-1]) if rows else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="folder for the model files (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the model files")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "lora_tools.json")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="lora_tools_"))
+    work.mkdir(parents=True, exist_ok=True)
+    base, lora = work / "base.safetensors", work / "lora_r32.safetensors"
+    results: dict[str, object] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "machine": f"{platform.node()} {os.cpu_count()} CPUs", "torch": torch.__version__,
+                                  "threads": torch.get_num_threads(), "steps": {}}
+    started = time.perf_counter()
+    if not base.is_file():
+        write_base(base)
+    results["build_base_seconds"] = round(time.perf_counter() - started, 1)
+    results["base_gb"] = round(base.stat().st_size / 1e9, 2)
+    results["lora_modules"] = write_lora(lora)
+    results["lora_mb"] = round(lora.stat().st_size / 1e6, 1)
+    steps = {
+        "resize --rank 16": ["lora", "resize", str(lora), "-o", str(work / "r16.safetensors"), "--rank", "16"],
+        "merge --into (fp16 single file)": ["lora", "merge", str(lora), "--into", str(base),
+                                            "-o", str(work / "merged.safetensors"), "--dtype", "fp16"],
+        "extract --rank 32": ["lora", "extract", "--base", str(base), "--tuned", str(work / "merged.safetensors"),
+                              "-o", str(work / "x32.safetensors"), "--rank", "32"],
+        "extract --rank 32 --fast": ["lora", "extract", "--base", str(base), "--tuned",
+                                     str(work / "merged.safetensors"), "-o", str(work / "x32f.safetensors"),
+                                     "--rank", "32", "--fast"],
+    }
+    print(f"{'step':<34}{'seconds':>9}{'peak RSS GB':>13}{'peak anon GB':>14}{'energy kept':>13}")
+    for label, step in steps.items():
+        measured = run_measured(step)
+        measured["energy_total"] = _total_kept(measured["stdout"])
+        results["steps"][label] = measured
+        kept = f"{measured['energy_total']:.6f}" if measured["energy_total"] is not None else ""
+        print(f"{label:<34}{measured['seconds']:>9}{measured['peak_rss_gb']:>13}{measured['peak_anon_gb']:>14}"
+              f"{kept:>13}", flush=True)
+    exact, fast = results["steps"]["extract --rank 32"], results["steps"]["extract --rank 32 --fast"]
+    results["fast_speedup"] = round(exact["seconds"] / fast["seconds"], 2)
+    if exact["energy_total"] and fast["energy_total"]:
+        results["fast_energy_gap"] = round(exact["energy_total"] - fast["energy_total"], 6)
+    print(f"--fast: {results['fast_speedup']}x the exact extract's speed, total kept energy "
+          f"{fast['energy_total']} vs {exact['energy_total']}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.keep and args.work is None:
+        for path in work.iterdir():
+            path.unlink()
+        work.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
