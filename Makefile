@@ -27,9 +27,10 @@ test: venv
 	$(PYTEST) tests
 	$(MAKE) check-sdxl
 
-# Everything but the tiny training runs and the slowest model tests: a minute or two while editing.
+# Everything but the tiny training runs and the end-to-end sampling, evaluation and merge tests
+# (marked `heavy`): about two minutes while editing.
 test-fast: venv
-	$(PYTEST) -m "not training and not slow" tests
+	$(PYTEST) -m "not heavy and not slow" tests
 
 # The exact SDXL architecture (random weights) through prep, cache, train, export, convert and
 # sample: a slow test (about 4 minutes and 9 GB of RAM on 2 cores; bench/RESULTS.md has the figures).

@@ -54,6 +54,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = TRAINED_RUN_GROUP if _file(item) in shares_run else _file(item)
         item.add_marker(pytest.mark.xdist_group(group))
+        if TRAINED_RUN_GROUP in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.heavy)
     if "slow" not in (config.getoption("markexpr", "") or ""):
         skip_slow = pytest.mark.skip(reason="slow: run with -m slow (make check-sdxl)")
         for item in items:

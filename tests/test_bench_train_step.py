@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.heavy  # trains tiny models: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"images_per_s", "step_s_median", "first_step_s", "tflop_per_step", "achieved_tflops",
           "share_of_peak", "speedup_vs_reference", "peak_memory_gib", "path", "preset", "rank", "batch",

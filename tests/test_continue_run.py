@@ -19,6 +19,8 @@ from captioning.outputs import normal_mode
 from train.runtime import checkpoint
 from train.runtime.run_dir import LOCK_NAME
 
+pytestmark = pytest.mark.heavy  # trains tiny models: left out of `make test-fast`
+
 # The settings of the session's `trained_run` (conftest): a resumed run must keep them.
 TRAINED_RUN = {"sample": {"every_n_steps": 6, "sample_model": "train", "size": "64x64", "steps": 2, "seeds": [0]}}
 

@@ -27,6 +27,8 @@ from train.evaluate.compare import (
 from train.evaluate.validation import ValidationLoss, dataset_sources, encode_items, folder_sources
 from train.model.loading import load_base_model
 
+pytestmark = pytest.mark.heavy  # evaluates tiny runs end to end: left out of `make test-fast`
+
 pytest.importorskip("onnx")
 
 

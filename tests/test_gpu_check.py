@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.heavy  # trains tiny models: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -18,6 +18,8 @@ from train.lora.files import LoraFileError
 from train.lora.merge import WeightedLora
 from train.model.loading import load_base_model, shipped_tokenizers
 
+pytestmark = pytest.mark.heavy  # merges into whole tiny models and loads them back: left out of `make test-fast`
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 

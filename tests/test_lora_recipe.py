@@ -183,6 +183,7 @@ def test_no_rates_no_hooks():
 # ---------------------------------------------------------------- one tiny run through the real loop
 
 
+@pytest.mark.heavy
 def test_recipe_run_exports_block_ranks_alphas_and_loads(tiny_model, train_dataset, tmp_path):
     """Text-encoder rates, block lrs, block ranks and alphas, the three dropouts and a resolution
     scale above 1 in one tiny run:

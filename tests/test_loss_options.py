@@ -298,6 +298,7 @@ RECIPE = {"loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1, "debias
           "noise_offset_random_strength": True}
 
 
+@pytest.mark.heavy
 def test_tiny_run_with_a_recipes_loss_and_noise_options(tiny_model, train_dataset, tmp_path):
     config = write_config(tmp_path / "c.toml", model_dir=tiny_model.diffusers_dir, dataset=train_dataset,
                           run_dir=tmp_path / "run", train={"max_steps": 2, "gradient_accumulation_steps": 1, **RECIPE},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from lora_tool_helpers import randomise_adapters
 from sample_eval_helpers import make_dataset
@@ -13,6 +14,8 @@ from train.config import LoraConfig
 from train.lora.adapters import add_unet_lora
 from train.lora.export import save_webui_lora, webui_metadata
 from train.model.loading import load_base_model
+
+pytestmark = pytest.mark.heavy  # evaluates a tiny model end to end: left out of `make test-fast`
 
 
 def test_eval_measures_a_lokr_file(tiny_model, tmp_path):

@@ -18,6 +18,8 @@ from train.lora.adapters import add_text_encoder_lora, add_unet_lora
 from train.lora.export import save_webui_lora, webui_metadata
 from train.model.loading import load_base_model
 
+pytestmark = pytest.mark.heavy  # samples a tiny model end to end: left out of `make test-fast`
+
 PROMPT = "1girl, solo, smile"
 
 

@@ -340,6 +340,7 @@ def bf16_training(bf16_unet):
     return _train(bf16_unet, "none")
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("mode", ["fp8", "nf4"])
 def test_training_curves_track_bf16(bf16_unet, bf16_training, mode):
     losses_ref, moved_ref = bf16_training

@@ -29,6 +29,8 @@ from train.runtime import checkpoint
 from train.runtime.run_dir import LOCK_NAME, RunDirError, RunLock, refuse_or_move_previous_run
 from train.runtime.state_files import StateFileError, read_state, write_state
 
+pytestmark = pytest.mark.heavy  # trains tiny models: left out of `make test-fast`
+
 
 @pytest.fixture
 def dataset(train_dataset) -> Path:
@@ -215,6 +217,23 @@ def test_resume_after_changing_a_setting_names_the_key(run_copy, caplog, tiny_mo
     config = _config(tmp_path, tiny_model, dataset, run_dir, **{section: {key: value}})
     text = refused(caplog, [str(config), "--resume", "latest"], config, run_dir)
     assert f"cannot resume after changing {section}.{key} = " in text and f"{value!r} in the config" in text
+
+
+def test_a_checkpoint_from_before_a_resume_setting_existed_resumes_on_its_default(run_copy):
+    """Checkpoints written before `model.prediction_type` was recorded were trained as "auto": they
+    resume under "auto" and are refused under an explicit type, naming the key."""
+    _, run_dir = run_copy
+    newest = checkpoint.list_checkpoints(run_dir)[-1]
+    manifest_path = newest / checkpoint.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    for key in ("model.prediction_type", "train.zero_terminal_snr"):
+        del manifest["settings"][key]
+    manifest_path.write_text(json.dumps(manifest))
+    settings = {**manifest["settings"], "model.prediction_type": "auto", "train.zero_terminal_snr": "auto"}
+    assert checkpoint.read_checkpoint(newest, rank=0, settings=settings).folder == newest
+    with pytest.raises(checkpoint.ResumeError, match="model.prediction_type = 'auto' in the checkpoint, "
+                                                     "'v_prediction' in the config"):
+        checkpoint.read_checkpoint(newest, rank=0, settings={**settings, "model.prediction_type": "v_prediction"})
 
 
 def test_missing_random_states_refused_unless_inexact(run_copy, caplog):

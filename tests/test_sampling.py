@@ -37,6 +37,8 @@ from train.generate.sampling import (
 from train.model.loading import load_base_model
 from train.names import CARD_NEGATIVE, parse_size
 
+pytestmark = pytest.mark.heavy  # samples a tiny model end to end: left out of `make test-fast`
+
 PROMPT = "1girl, herta \\(honkai: star rail\\), honkai: star rail, safe, smile"  # prompt text: escaped
 LITERAL = "1girl, herta (honkai: star rail), honkai: star rail, safe, smile"  # what the encoder reads
 SETTINGS = SampleSettings(width=64, height=64, steps=3, seeds=[3, 11], batch_size=2)

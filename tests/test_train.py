@@ -28,6 +28,8 @@ from train_helpers import (
 
 from train.runtime import checkpoint
 
+pytestmark = pytest.mark.heavy  # trains tiny models: left out of `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def dataset(train_dataset) -> Path:

@@ -108,6 +108,7 @@ def test_sampling_a_v_prediction_model_uses_its_type_and_sigmas(vpred_folder):
 # ---------------------------------------------------------------- training
 
 
+@pytest.mark.heavy
 def test_tiny_run_on_a_v_prediction_model_trains_validates_samples_and_records_why(vpred_folder, train_dataset,
                                                                                     tiny_model, tmp_path, caplog):
     config = write_config(tmp_path / "c.toml", model_dir=vpred_folder, dataset=train_dataset, run_dir=tmp_path / "run",

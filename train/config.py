@@ -354,10 +354,16 @@ def prediction_problems(train: TrainConfig, prediction_type: str) -> list[str]:
     return problems
 
 
+# What a checkpoint written before a resume setting existed was trained with (its manifest lacks the key).
+RESUME_DEFAULTS = {"model.prediction_type": "auto", "train.zero_terminal_snr": "auto"}
+
+
 def resume_settings(config: Config) -> dict:
     """The settings a checkpoint's state depends on: resuming with other values is refused, by key."""
     lora = config.lora
-    return {"lora.type": lora.type, "lora.preset": lora.preset, "lora.rank": lora.rank, "lora.alpha": lora.alpha,
+    return {"model.prediction_type": config.model.prediction_type,
+            "train.zero_terminal_snr": config.train.zero_terminal_snr,
+            "lora.type": lora.type, "lora.preset": lora.preset, "lora.rank": lora.rank, "lora.alpha": lora.alpha,
             "lora.dora": lora.dora, "lora.factor": lora.factor, "lora.decompose_both": lora.decompose_both,
             "lora.tucker": lora.tucker, "lora.train_text_encoder": lora.train_text_encoder,
             "optimizer.name": config.optimizer.name,

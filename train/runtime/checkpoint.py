@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.config import RESUME_DEFAULTS
 from train.names import CHECKPOINT_COMPLETE, CHECKPOINT_DIR_RE, checkpoint_name
 from train.runtime.run_dir import RunLock, check_output_dir, refuse_or_move_previous_run
 from train.runtime.state_files import StateFileError, read_state, write_state
@@ -226,8 +227,9 @@ def read_checkpoint(folder: Path, *, rank: int, settings: dict, inexact: bool = 
             file is missing and `inexact` is false.
     """
     manifest = _read_manifest(folder / MANIFEST)
-    changed = [f"{key} = {manifest['settings'].get(key)!r} in the checkpoint, {value!r} in the config"
-               for key, value in settings.items() if manifest["settings"].get(key) != value]
+    saved = {key: manifest["settings"].get(key, RESUME_DEFAULTS.get(key)) for key in settings}
+    changed = [f"{key} = {saved[key]!r} in the checkpoint, {value!r} in the config"
+               for key, value in settings.items() if saved[key] != value]
     if changed:
         raise ResumeError(f"{folder}: cannot resume after changing {'; '.join(changed)}. Set them back, or train "
                           "into a new output.dir")
