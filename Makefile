@@ -33,7 +33,7 @@ test-fast: venv
 	$(PYTEST) -m "not heavy and not slow" tests
 
 # The exact SDXL architecture (random weights) through prep, cache, train, export, convert and
-# sample: a slow test (about 4 minutes and 9 GB of RAM on 2 cores; bench/RESULTS.md has the figures).
+# sample: a slow test (2-4 minutes and 9-11 GB of RAM on 2 cores; bench/RESULTS.md has the figures).
 check-sdxl: venv
 	$(BIN)/python -m pytest -q -m slow tests/test_check_sdxl.py
 

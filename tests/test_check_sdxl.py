@@ -12,6 +12,7 @@ gradient checkpointing, one 75-token chunk per caption, latents cached once, 128
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from train_helpers import run_in_process, write_config
 from train.model.random_sdxl import build_random_sdxl
 
 pytestmark = pytest.mark.slow
+# Where the time goes: `pytest -m slow tests/test_check_sdxl.py -o log_cli=true --log-cli-level=INFO`.
+logger = logging.getLogger("check_sdxl")
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 3
@@ -54,7 +57,7 @@ def _ok(argv: list[str]) -> str:
     started = time.perf_counter()
     result = run_in_process(argv)
     assert result.returncode == 0, f"{argv[0]} failed:\n{result.stderr[-3000:]}"
-    print(f"check-sdxl: {argv[0]} {time.perf_counter() - started:.1f} s")  # pytest -s shows where the time goes
+    logger.info("check-sdxl: %s %.1f s", argv[0], time.perf_counter() - started)
     return result.stderr
 
 
@@ -64,7 +67,7 @@ def sdxl_file(tmp_path):
     last three runs' temporary folders."""
     started = time.perf_counter()
     model = build_random_sdxl(tmp_path / "random_sdxl.safetensors", seed=0)
-    print(f"check-sdxl: build {time.perf_counter() - started:.1f} s")
+    logger.info("check-sdxl: build %.1f s", time.perf_counter() - started)
     yield model
     model.unlink()
 
