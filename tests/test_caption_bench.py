@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.heavy  # runs the caption benchmark end to end: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.heavy  # clones, captions and preps end to end: left out of `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -23,6 +27,7 @@ clone = Path.cwd()
 assert Path(captioning.__file__).is_relative_to(clone), captioning.__file__  # not the installed copy
 from train.cli import main
 from train.cli.demo import prep_sample
+
 caption = main(["caption", "datasets/sample", "-o", "out/captions.jsonl"])
 prep = prep_sample(clone / "out" / "sample_prep")
 print(json.dumps({"caption": caption, "prep": prep, "torch": "torch" in sys.modules}))

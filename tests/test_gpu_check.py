@@ -35,7 +35,7 @@ def test_budgets_fit_nine_minutes_and_name_every_step(gpu_check):
                                                  "unet-b1-graphs", "presets", "train-sample"]
 
 
-@pytest.mark.training  # the check's `train` step, and about 40 s in all
+
 def test_cpu_run_writes_a_row_for_every_step(gpu_check, tmp_path, capsys):
     report_path = tmp_path / "gpu_check.json"
     code = gpu_check.main(["--cpu", "--json", str(report_path), "--work", str(tmp_path / "work")])
