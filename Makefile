@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast check-sdxl gpu-check gpu-wheels bench clean
 
 $(BIN)/animagine-lora: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,33 @@ $(BIN)/animagine-lora: pyproject.toml
 
 venv: $(BIN)/animagine-lora
 
+# One pytest worker per core (each with one torch thread); files stay whole on one worker.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
+
+# The suite, then the exact SDXL architecture end to end (what CI runs).
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
+	$(MAKE) check-sdxl
+
+# Everything but the tiny training runs and the slowest model tests: a minute or two while editing.
+test-fast: venv
+	$(PYTEST) -m "not training and not slow" tests
+
+# The exact SDXL architecture (random weights) through prep, cache, train, export, convert and
+# sample: a slow test (about 4 minutes and 9 GB of RAM on 2 cores; bench/RESULTS.md has the figures).
+check-sdxl: venv
+	$(BIN)/python -m pytest -q -m slow tests/test_check_sdxl.py
+
+# The first GPU run in one command (bench/gpu_check.py; bench/RESULTS.md says how to start it on
+# the GPU machine). Without CUDA it runs the same steps on the tiny model. The GPU machine has no
+# .venv: there it is its own python3.
+GPU_CHECK_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py
+
+# The wheels the GPU machine lacks, into .whl/ (carried with the device's `run`, carry=[".whl"]).
+gpu-wheels: venv
+	$(BIN)/python bench/gpu_wheels.py
 
 demo: venv
 	$(BIN)/animagine-lora demo

@@ -426,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     state = {k: v.cpu() for k, v in build_frozen_unet(setup, None).state_dict().items()}
     inputs = random_inputs(setup, 1)
     flops: dict = {}
-    results = []
+    results: list[dict] = []
+    suffix = "_presets" if args.presets else "_quick" if args.quick else ""
+    default = f"train_step_{'cuda_sdxl' if sdxl else 'cpu_tiny'}{suffix}.json"
+    path = args.json or REPO / "bench" / "results" / default
     for case in preset_cases(sdxl=sdxl) if args.presets else cases(sdxl=sdxl, quick=args.quick):
         batch_inputs = inputs if case.batch == 1 else random_inputs(setup, case.batch)
         try:
@@ -437,6 +440,18 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             results.append(out_of_memory(case))
+        # After every configuration: a sweep stopped at a time limit keeps what it measured.
+        report = build_report(setup, steps, warmup, peak, peak_n, results, flops)
+        write_json(path, report)
+    print_table(report)
+    return 0
+
+
+def build_report(setup: Setup, steps: int, warmup: int, peak: float, peak_n: int, measured: list[dict],
+                 flops: dict) -> dict:
+    """The JSON report of the rows measured so far (ratios and FLOPs of compiled rows filled in)."""
+    cuda = setup.device.type == "cuda"
+    results = [dict(r) for r in measured]
     for r in results:  # compiled cases: the FLOPs of the same workload measured uncompiled
         workload = (r["preset"], r["rank"], r["batch"], r["gradient_checkpointing"])
         if r["tflop_per_step"] is None and r["step_s_median"] and workload in flops:
@@ -448,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
                                                                 f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()})",
-        "unet": "sdxl" if sdxl else "tiny", "latent": setup.latent, "weight_dtype": str(setup.weight_dtype),
+        "unet": "sdxl" if setup.sdxl else "tiny", "latent": setup.latent, "weight_dtype": str(setup.weight_dtype),
         "steps": steps, "warmup": warmup, "matmul_peak_tflops": peak, "matmul_n": peak_n,
         "matmul_dtype": "bf16" if cuda else "fp32",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -460,11 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             budget = MEMORY_PRESETS[r["memory_preset"]].unet_budget_gib
             r["memory_budget_gib"] = budget
             r["fits_budget"] = None if r["peak_memory_gib"] is None else r["peak_memory_gib"] <= budget
-    suffix = "_presets" if args.presets else "_quick" if args.quick else ""
-    default = f"train_step_{'cuda_sdxl' if sdxl else 'cpu_tiny'}{suffix}.json"
-    write_json(args.json or REPO / "bench" / "results" / default, report)
-    print_table(report)
-    return 0
+    return report
 
 
 if __name__ == "__main__":

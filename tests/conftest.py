@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,40 @@ def clip_bpe_path() -> Path:
     return SHIPPED_CLIP_BPE
 
 
+# Test files that share the session's trained run (`trained_run`): one xdist group, so the run is
+# trained once per suite rather than once per worker.
+TRAINED_RUN_GROUP = "trained_run"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs `-n 2`), each worker gets one torch thread: two workers
+    of two threads on two cores would spend the difference waiting on each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        try:
+            import torch
+        except ImportError:
+            return
+        torch.set_num_threads(1)
+
+
+def _file(item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip `gpu`-marked tests cleanly on machines without CUDA."""
+    """Group tests for `--dist loadgroup`: a whole file goes to one worker (its module fixtures are
+    built once), and every file that uses `trained_run` to the same one. Skip `slow`-marked tests
+    unless asked for (`-m slow`: `make check-sdxl`), and `gpu`-marked tests cleanly without CUDA."""
+    shares_run = {_file(item) for item in items if TRAINED_RUN_GROUP in getattr(item, "fixturenames", ())}
+    for item in items:
+        group = TRAINED_RUN_GROUP if _file(item) in shares_run else _file(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+    if "slow" not in (config.getoption("markexpr", "") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow (make check-sdxl)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     try:
         import torch
 

@@ -140,3 +140,53 @@ def test_ancestral_noise_follows_the_seed_and_not_the_batch():
     with pytest.raises(ValueError, match="sampler 'lms'"):
         sample_latents(CFGDenoiser(unet, sampling, cond, uncond, 5.0, (16, 16)), seeds=[3, 4],
                        **{**settings, "sampler": "lms"})
+
+
+def _ztsnr_alphas_cumprod() -> torch.Tensor:
+    """SDXL's ᾱ rescaled to zero terminal SNR (Lin et al. 2023, algorithm 1, in float64), the last
+    value 0 replaced by ComfyUI's 4.8973451890853435e-08 (a finite last sigma)."""
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=np.float64) ** 2
+    root = np.sqrt(np.cumprod(1 - betas))
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphas_cumprod = root**2
+    alphas_cumprod[-1] = 4.8973451890853435e-08
+    return torch.from_numpy(alphas_cumprod)
+
+
+def test_v_prediction_with_zero_terminal_snr_matches_k_diffusion(kdiff):
+    """The same TinyEps network read as a v-prediction model, on the zero-terminal-SNR sigmas."""
+    generator = torch.Generator().manual_seed(1)
+    cond, uncond = _conditioning(generator, 2), _conditioning(generator, 2)
+    sampling = ModelSampling.from_scheduler_config({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True})
+    alphas_cumprod = _ztsnr_alphas_cumprod()
+    reference_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    torch.testing.assert_close(sampling.sigmas, reference_sigmas.float())
+    assert sampling.sigma_max == pytest.approx(4518.8, rel=1e-4)
+    unet, seeds, size, steps, cfg = TinyEps(), [7, 123], (32, 24), 6, 5.0
+    ours = sample_latents(CFGDenoiser(unet, sampling, cond, uncond, cfg, size), seeds=seeds, size=size,
+                          sampler="euler_ancestral", scheduler="normal", steps=steps, device=torch.device("cpu"),
+                          noise_device="cpu")
+
+    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=torch.float32).expand(2, -1)
+
+    def v(x, t, conditioning):
+        added = {"text_embeds": conditioning.pooled, "time_ids": time_ids}
+        return unet(x, t, encoder_hidden_states=conditioning.embeds, added_cond_kwargs=added)[0]
+
+    wrapped = kdiff.external.DiscreteVDDPMDenoiser(v, alphas_cumprod.float(), quantize=True)
+
+    def model(x, sigma):
+        negative, positive = wrapped(x, sigma, conditioning=uncond), wrapped(x, sigma, conditioning=cond)
+        return negative + (positive - negative) * cfg
+
+    sigmas = wrapped.get_sigmas(steps)
+    shape = (4, size[0] // 8, size[1] // 8)
+    x = initial_noise(seeds, shape) * torch.sqrt(1 + sigmas[0] ** 2)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def noise_sampler(sigma, sigma_next):
+        return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+    expected = kdiff.sampling.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=noise_sampler)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,6 @@ def test_imports_point_down(path):
 def test_config_check_and_the_command_line_load_no_torch():
     """Validating a config (`train --check`) and starting any command import neither torch nor diffusers."""
     code = ("import sys, train.names, train.config, train.preflight, train.cli, train.cli.train, train.cli.cache, "
-            "train.cli.caption, train.cli.prep; print(sorted({'torch', 'diffusers', 'datasets'} & set(sys.modules)))")
+            "train.cli.caption, train.cli.prep, train.cli.config, train.recipe_import; print(sorted({'torch', 'diffusers', 'datasets'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=TRAIN.parent, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -57,3 +57,27 @@ def test_model_aliases_have_checkpoint_file_names():
     from train.generate.workflow import KNOWN_CHECKPOINTS
 
     assert set(names.MODEL_ALIASES) | {names.OPT_FILE_ALIAS} == set(KNOWN_CHECKPOINTS)
+
+
+def test_loss_names_are_the_config_choices_and_are_implemented():
+    import torch
+
+    from train import diffusion
+    from train.cli.options import add_prediction_arguments
+    from train.config import TrainConfig
+
+    assert _choices(TrainConfig, "loss_type") == names.LOSS_TYPES
+    assert _choices(TrainConfig, "huber_schedule") == names.HUBER_SCHEDULES
+    assert _choices(ModelConfig, "prediction_type") == ("auto", *names.PREDICTION_TYPES)
+    parser = argparse.ArgumentParser()
+    add_prediction_arguments(parser)
+    choices = {action.dest: tuple(action.choices) for action in parser._actions if action.choices}
+    assert choices["prediction_type"] == ("auto", *names.PREDICTION_TYPES)
+    t, abar, x = torch.tensor([0, 1]), torch.tensor([0.9, 0.5]), torch.ones(2, 1, 1, 1)
+    for schedule in names.HUBER_SCHEDULES:
+        c = diffusion.huber_threshold(schedule, 0.1, t, abar)
+        for loss_type in names.LOSS_TYPES:
+            assert diffusion.elementwise_loss(x, 0 * x, loss_type, c).shape == x.shape
+    for prediction_type in names.PREDICTION_TYPES:
+        diffusion.training_target(prediction_type, x, x, t, abar)
+        diffusion.debiased_weight(torch.tensor([1.0]), prediction_type)

@@ -56,3 +56,14 @@ def test_without_lora_the_checkpoint_feeds_the_sampler_and_names_are_files():
     assert checkpoint_name("/models/my_mix.safetensors") == "my_mix.safetensors"
     assert checkpoint_name("cagliostrolab/animagine-xl-4.0-zero") == "animagine-xl-4.0-zero.safetensors"
     assert parse_emphasis("(smile:0.909091)")[0][1] == 0.909091
+
+
+def test_a_v_prediction_model_gets_model_sampling_discrete_before_the_lora():
+    graph = comfy_workflow(WorkflowSpec(**{**SPEC.__dict__, "prediction_type": "v_prediction",
+                                           "zero_terminal_snr": True}))
+    lora = next(n for n in graph.values() if n["class_type"] == "LoraLoader")
+    sampling = _resolve(graph, lora["inputs"]["model"])
+    assert sampling["class_type"] == "ModelSamplingDiscrete"
+    assert (sampling["inputs"]["sampling"], sampling["inputs"]["zsnr"]) == ("v_prediction", True)
+    assert _resolve(graph, sampling["inputs"]["model"])["class_type"] == "CheckpointLoaderSimple"
+    assert "ModelSamplingDiscrete" not in {n["class_type"] for n in comfy_workflow(SPEC).values()}

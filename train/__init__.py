@@ -11,7 +11,7 @@ The flow, one subpackage per stage (the README draws it the same way)::
 
 On top sit the command line (`cli/`, one module per subcommand; `python -m train` is `train`), the
 recipe (`loop.py`, with the loss of a micro-batch in `loss.py`), the `--check` preflight
-(`preflight.py`) and what the loop runs with (`runtime/`: optimizers, checkpoints, tracking, speed
+(`preflight.py`), the sd-scripts / kohya_ss recipe importer (`recipe_import.py`) and what the loop runs with (`runtime/`: optimizers, checkpoints, tracking, speed
 switches, memory presets). Imports point down only (tests/test_layout.py): the top, then
 `runtime/`, then `evaluate/`, then `generate/`, then `lora/` and `data/`, then `model/`. Below
 everything, importable from every layer: `names.py` (the contracts every layer shares: repository

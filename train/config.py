@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from train.names import (
     CARD_CFG,
     CARD_NEGATIVE,
     CARD_STEPS,
     DTYPE_NAMES,
+    HUBER_SCHEDULES,
+    LOSS_TYPES,
     NOISE_DEVICES,
+    PREDICTION_TYPES,
     SAMPLER_CHOICES,
     SCHEDULERS,
+    UNET_BLOCK_COUNTS,
     VALIDATION_TIMESTEPS,
     ZERO_REPO,
     looks_like_path,
@@ -52,12 +56,19 @@ class ModelConfig(_Section):
     # float8 with per-channel scales, about half of bf16) or "nf4" (bitsandbytes 4-bit Linear,
     # fp8 convolutions, about a third); computed in weight_dtype. For small GPUs.
     quantize: Literal["none", "fp8", "nf4"] = "none"
+    # What the UNet predicts. "auto": a diffusers folder's scheduler config says; a single file is
+    # v-prediction when it carries the `v_pred` key (NoobAI-XL v-pred), else epsilon. Training a
+    # v-prediction model as epsilon "runs" and gives empty images, hence auto (train.model.prediction).
+    prediction_type: Literal[("auto", *PREDICTION_TYPES)] = "auto"
 
 
 class DataConfig(_Section):
     dataset: str  # the OUT folder written by `animagine-lora prep`
     split: str = "train"
-    resolution_scale: float = Field(1.0, gt=0, le=1)  # <1 trains below the bucket size (CPU demo)
+    # Training size relative to prep's buckets: <1 trains below them (CPU demo); up to 2 above them
+    # (1.25: 1280² for the card's 1024²), the card's aspect ratios on the 64-pixel grid, with
+    # activation memory per image growing with the area (docs/training.md, "Memory presets").
+    resolution_scale: float = Field(1.0, gt=0, le=2)
     flip: bool = False
     shuffle_captions: bool = True
     tag_dropout: float = Field(0.0, ge=0, lt=1)
@@ -72,6 +83,31 @@ class DataConfig(_Section):
     prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of a regularization sample
 
 
+class BlockValues(_Section):
+    """A value per UNet block for each part (`names.UNET_BLOCK_COUNTS`: 9 down, 3 mid, 9 up, in
+    sd-scripts' SGM numbering: input_blocks.0-8, middle_block.0-2, output_blocks.0-8): one number
+    for the whole part or a list with one per block. A part left out keeps the base value."""
+
+    down: float | list[float] | None = None
+    mid: float | list[float] | None = None
+    up: float | list[float] | None = None
+
+    @model_validator(mode="after")
+    def _lengths_and_signs(self) -> BlockValues:
+        for part, count in UNET_BLOCK_COUNTS.items():
+            values = self.per_block(part)
+            if values is not None and len(values) != count:
+                raise ValueError(f"{part}: {count} values (one per block), got {len(values)}")
+            if values is not None and any(v < 0 for v in values):
+                raise ValueError(f"{part}: values must be >= 0")
+        return self
+
+    def per_block(self, part: str) -> list[float] | None:
+        """The part's values, one per block (a single number repeated), or None when left out."""
+        value = getattr(self, part)
+        return [float(value)] * UNET_BLOCK_COUNTS[part] if isinstance(value, (int, float)) else value
+
+
 class LoraConfig(_Section):
     type: Literal["lora", "lokr", "loha"] = "lora"  # LyCORIS LoKr / LoHa (train.lora.adapters)
     preset: Literal["attn", "attn-mlp", "attn-mlp-conv"] = "attn-mlp"
@@ -84,6 +120,22 @@ class LoraConfig(_Section):
     tucker: bool = False  # LoHa: Tucker form for 3x3 convolutions (hada_t1/t2)
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, gt=0)  # default: optimizer.lr
+    # ---- learning rates, block-wise settings and dropouts of sd-scripts' recipes (network_args)
+    text_encoder_1_lr: float | None = Field(None, gt=0)  # CLIP ViT-L (default: text_encoder_lr)
+    text_encoder_2_lr: float | None = Field(None, gt=0)  # OpenCLIP ViT-bigG (default: text_encoder_lr)
+    # UNet lr multipliers per block (sd-scripts' down/mid/up_lr_weight); a block at 0 gets no
+    # modules at all, as in sd-scripts. train.lora.blocks maps modules to blocks.
+    block_lr: BlockValues | None = None
+    # Plain LoRA: rank and alpha per block (sd-scripts' block_dims / block_alphas); rank 0 leaves
+    # the block's modules out of the file, which every loader accepts.
+    block_dims: BlockValues | None = None
+    block_alphas: BlockValues | None = None
+    # Plain LoRA, train.lora.dropout (sd-scripts' network_dropout, rank_dropout, module_dropout):
+    # dropout on the down projection's output; whole rank components zeroed per sample (the rest
+    # rescaled by 1/(1-p)); the whole module skipped for a forward with probability module_dropout.
+    dropout: float = Field(0.0, ge=0, lt=1)
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    module_dropout: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _settings_fit_the_type(self) -> LoraConfig:
@@ -96,6 +148,23 @@ class LoraConfig(_Section):
             raise ValueError(f"tucker applies to type 'loha' only, not {self.type!r}")
         if self.factor != -1 and self.factor < 2:
             raise ValueError(f"LoKr factor {self.factor}: -1 (automatic) or >= 2")
+        return self
+
+    @model_validator(mode="after")
+    def _block_and_dropout_settings(self) -> LoraConfig:
+        """Block ranks, alphas and the dropouts are plain LoRA's; ranks are whole numbers, alphas > 0."""
+        plain_only = {"block_dims": self.block_dims, "block_alphas": self.block_alphas, "dropout": self.dropout,
+                      "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout}
+        used = [key for key, value in plain_only.items() if value]
+        if self.type != "lora" and used:
+            raise ValueError(f"{', '.join(used)} apply to type 'lora' only, not {self.type!r}")
+        for part in UNET_BLOCK_COUNTS:
+            dims = self.block_dims.per_block(part) if self.block_dims else None
+            if dims and any(d != int(d) for d in dims):
+                raise ValueError(f"block_dims.{part}: ranks are whole numbers")
+            alphas = self.block_alphas.per_block(part) if self.block_alphas else None
+            if alphas and any(a == 0 for a in alphas):
+                raise ValueError(f"block_alphas.{part}: alphas must be > 0")
         return self
 
 
@@ -135,6 +204,26 @@ class TrainConfig(_Section):
     masked_loss: bool = False  # weight the loss by each image's alpha / name.mask.png (recorded by prep)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the LoRA weights (e.g. 0.999); None: off
     ema_device: Literal["gpu", "cpu"] = "gpu"  # where the fp32 EMA copy lives ("gpu": the training device)
+
+    # --- loss and noise: sd-scripts' options of the same names (train.diffusion), so recipes carry over.
+    noise_offset_random_strength: bool = False  # offset strength U(0, noise_offset) per micro-batch
+    multires_noise_iterations: int = Field(0, ge=0)  # pyramid noise levels (6-10 in recipes); 0: off
+    multires_noise_discount: float = Field(0.3, ge=0, le=1)  # weight of level i: discount^i
+    ip_noise_gamma: float = Field(0.0, ge=0)  # input perturbation (about 0.1 in recipes); 0: off
+    ip_noise_gamma_random_strength: bool = False  # gamma U(0, ip_noise_gamma) per micro-batch
+    # "huber" / "smooth_l1": pseudo-Huber with c per timestep (huber_schedule), robust to outlier
+    # images at high noise; "l2" is the plain MSE. The validation loss stays MSE whatever this is.
+    loss_type: Literal[LOSS_TYPES] = "l2"
+    huber_schedule: Literal[HUBER_SCHEDULES] = "snr"  # sd-scripts' default
+    huber_c: float = Field(0.1, gt=0, le=1)
+    huber_scale: float = Field(1.0, gt=0)  # "constant" and "exponential" only, as in sd-scripts
+    debiased_estimation: bool = False  # weight by 1/sqrt(SNR) (v-prediction: 1/(SNR + 1), as sd-scripts)
+    adaptive_noise_scale: float = 0.0  # noise offset + this x |latent channel mean| (needs noise_offset); 0: off
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction: weight by SNR/(SNR+1), like an ε loss
+    v_pred_like_loss: float = Field(0.0, ge=0)  # ε-prediction: add this x a v-like loss; 0: off
+    # Rescale the noise schedule to zero terminal SNR (Lin et al. 2023) in training, validation and
+    # sampling; needs v-prediction. "auto": when the model says so (`ztsnr` key, scheduler config).
+    zero_terminal_snr: StrictBool | Literal["auto"] = "auto"
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
@@ -230,6 +319,21 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _loss_fits_the_prediction_type(self) -> Config:
+        if self.model.prediction_type != "auto" and (problems := prediction_problems(self.train,
+                                                                                       self.model.prediction_type)):
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _zero_terminal_snr_needs_v_prediction(self) -> Config:
+        if self.train.zero_terminal_snr is True and self.model.prediction_type == "epsilon":
+            raise ValueError("train.zero_terminal_snr needs model.prediction_type 'v_prediction' (or 'auto' on a "
+                             "v-prediction model): at zero terminal SNR the last timestep is pure noise, where "
+                             "an epsilon prediction says nothing about the image (Lin et al. 2023)")
+        return self
+
+    @model_validator(mode="after")
     def _lycoris_combinations(self) -> Config:
         if self.lora.type != "lora" and self.optimizer.lora_plus_ratio != 1:
             raise ValueError(f"optimizer.lora_plus_ratio needs lora.type = 'lora' (LoRA+ speeds up LoRA's B "
@@ -239,13 +343,27 @@ class Config(_Section):
         return self
 
 
+def prediction_problems(train: TrainConfig, prediction_type: str) -> list[str]:
+    """The `[train]` settings that do not fit a model predicting `prediction_type`, one line each
+    (checked here for an explicit `model.prediction_type`, at load for "auto", and by `--check`)."""
+    problems = []
+    if train.scale_v_pred_loss_like_noise_pred and prediction_type != "v_prediction":
+        problems.append(f"train.scale_v_pred_loss_like_noise_pred needs a v-prediction model, not {prediction_type}")
+    if train.v_pred_like_loss and prediction_type == "v_prediction":
+        problems.append("train.v_pred_like_loss adds a v-like loss to an epsilon model's; this model predicts v")
+    return problems
+
+
 def resume_settings(config: Config) -> dict:
     """The settings a checkpoint's state depends on: resuming with other values is refused, by key."""
     lora = config.lora
     return {"lora.type": lora.type, "lora.preset": lora.preset, "lora.rank": lora.rank, "lora.alpha": lora.alpha,
             "lora.dora": lora.dora, "lora.factor": lora.factor, "lora.decompose_both": lora.decompose_both,
             "lora.tucker": lora.tucker, "lora.train_text_encoder": lora.train_text_encoder,
-            "optimizer.name": config.optimizer.name}
+            "optimizer.name": config.optimizer.name,
+            # the modules that exist, their shapes and the optimizer's parameter groups
+            **{f"lora.{key}": getattr(lora, key).model_dump() if getattr(lora, key) else None
+               for key in ("block_lr", "block_dims", "block_alphas")}}
 
 
 # Fields holding filesystem paths, resolved against the config file's folder.
@@ -284,6 +402,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
+        # An optional table (`BlockValues | None`) is looked into like a plain one.
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return model
         model = annotation

@@ -40,7 +40,7 @@ from train.data.text_encoding import text_encoder_fn
 from train.evaluate.validation import validation_share
 from train.generate.hook import should_sample
 from train.lora.export import RunExporter
-from train.loss import LossSettings, loss_step
+from train.loss import LossSettings, loss_step, training_metadata
 from train.model.loading import TORCH_DTYPES, load_model, modules_on
 from train.model.quantize import quantize_unet
 from train.prep.manifest import trigger_features
@@ -48,7 +48,7 @@ from train.runtime import checkpoint
 from train.runtime.checkpoint import ResumePoint, TrainState
 from train.runtime.ema import LoraEma, build_ema
 from train.runtime.nonfinite import nonfinite_flags, out_of_memory, stop_if_not_finite
-from train.runtime.optim import build_lr_scheduler, build_optimizer, eval_weights, lora_plus_groups
+from train.runtime.optim import build_lr_scheduler, build_optimizer, eval_weights
 from train.runtime.speed import apply_speed_settings
 from train.runtime.tracking import DrawLog, MetricsLog, flat_config, log_image, progress_bar
 
@@ -266,7 +266,7 @@ def setup(config: Config, accelerator: Accelerator) -> Components:
     model_dtype = TORCH_DTYPES[config.model.weight_dtype]
     # Same seed on every rank before the adapters exist: identical LoRA initialisation.
     torch.manual_seed(tc.seed)
-    base = load_model(config.model, accelerator.device)
+    base = load_model(config.model, accelerator.device, zero_terminal_snr=tc.zero_terminal_snr)
     param_groups = build_lora(base, config.lora, lr=oc.lr, gradient_checkpointing=tc.gradient_checkpointing,
                               lora_plus_ratio=oc.lora_plus_ratio)
     # After the adapters: PEFT gives a new adapter its base layer's dtype, which for fp8 would ruin it.
@@ -307,17 +307,17 @@ def setup(config: Config, accelerator: Accelerator) -> Components:
     # The recorded training resolution: the largest bucket, at the training scale.
     largest = row_geometry(max(data.rows, key=lambda r: r["bucket_width"] * r["bucket_height"]),
                            data_config.resolution_scale)
+    settings = LossSettings.from_config(tc, base.prediction_type)
     export = RunExporter(functools.partial(unwrapped, accelerator, trained), config.lora, name=config.output.name,
                          rows=data.rows, base_model=config.model.source, prediction_type=base.prediction_type,
                          resolution=(largest.width, largest.height), num_reg_images=len(data.reg_rows), ema=ema,
                          weights=functools.partial(eval_weights, optimizer, params),
+                         training=training_metadata(settings, base.prediction),
                          trigger_features=trigger_features(data_config.dataset))
     return Components(
         accelerator=accelerator, run_dir=Path(config.output.dir), base=base, trained=trained, params=params,
         data=data, sampler=sampler, text=text, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        settings=LossSettings(base.prediction_type, tc.noise_offset, tc.min_snr_gamma, tc.timestep_min,
-                              tc.timestep_max),
-        model_dtype=model_dtype, export=export,
+        settings=settings, model_dtype=model_dtype, export=export,
         sample_hook=build_sample_hook(config.sample, base, run_dir=Path(config.output.dir), accelerator=accelerator,
                                       rows=data.rows, weight_dtype=model_dtype),
         resumable=resumable, resume_settings=resume_settings(config), cuda_graphs=config.speed.cuda_graphs,
@@ -356,11 +356,13 @@ def build_accelerator(run_dir: Path, *, mixed_precision: str, gradient_accumulat
 def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: bool,
                lora_plus_ratio: float = 1.0) -> list[dict]:
     """Add the adapters (`lora.type`; zero delta, so step 0 is the base model); return optimizer
-    param groups (with LoRA+, the B matrices in groups of their own at `lr * lora_plus_ratio`).
+    param groups (`adapter_param_groups`: block-wise UNet rates, a rate per text encoder, LoRA+).
 
     Trainable parameters are kept in float32 whatever the frozen weights' dtype.
     """
-    from train.lora.adapters import add_text_encoder_lora, add_unet_lora
+    from train.lora.adapters import add_text_encoder_lora, add_unet_lora, lora_modules
+    from train.lora.blocks import lr_multipliers, multiplier_of
+    from train.runtime.optim import adapter_param_groups
 
     add_unet_lora(base.unet, lora)
     encoders = (base.text_encoder, base.text_encoder_2) if lora.train_text_encoder else ()
@@ -371,11 +373,11 @@ def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: boo
         for encoder in encoders:
             # Non-reentrant: the frozen embeddings' outputs do not require grad, the LoRA inside does.
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = lora_plus_groups(_trainable(base.unet), lr, lora_plus_ratio)
-    te_params = [named for encoder in encoders for named in _trainable(encoder)]
-    if te_params:
-        groups += lora_plus_groups(te_params, lora.text_encoder_lr or lr, lora_plus_ratio)
-    return groups
+    multipliers = lr_multipliers(list(lora_modules(base.unet)), dict(base.unet.config), lora.block_lr)
+    return adapter_param_groups(
+        _trainable(base.unet), [_trainable(encoder) for encoder in encoders], lr=lr, lora_plus_ratio=lora_plus_ratio,
+        encoder_lrs=[own or lora.text_encoder_lr or lr for own in (lora.text_encoder_1_lr, lora.text_encoder_2_lr)],
+        unet_multiplier=functools.partial(multiplier_of, multipliers=multipliers))
 
 
 def _trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -11,6 +11,7 @@ a test says so.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -52,8 +53,33 @@ CARD_RESOLUTIONS = (
     (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
     (1344, 768), (768, 1344), (1536, 640), (640, 1536),
 )
+CARD_AREA = 1024 * 1024  # the card's training area: every bucket above is about this many pixels
 SIZE_ALIASES = {"square": (1024, 1024), "portrait": (832, 1216), "landscape": (1216, 832)}
 MAX_SIDE = 4096  # 4x SDXL's training side: beyond it memory explodes and images are noise
+
+
+def scale_bucket(width: int, height: int, scale: float, step: int = 64) -> tuple[int, int]:
+    """A bucket (width, height) scaled to `scale`² times its area, on the `step` grid.
+
+    Of the grid sizes near (width * scale, height * scale) whose area is at most
+    width * height * scale², the one closest in aspect ratio (log space) to width / height, the
+    larger on a tie: the card's 1152x896 at scale 1.25 is 1408x1088 (and 896x1152 is 1088x1408). A
+    bucket on the grid is returned unchanged at scale 1. Used by prep's `--max-area` and by `data.resolution_scale` > 1.
+    """
+    if width < height:  # portrait buckets mirror landscape ones exactly
+        return scale_bucket(height, width, scale, step)[::-1]
+    target = width * height * scale * scale
+    aspect = math.log(width / height)
+    candidates = []
+    for k in range(-1, 3):
+        w = (int(width * scale // step) + k) * step
+        if w < step:
+            continue
+        h_max = int(target // w // step) * step
+        candidates += [(w, h) for h in (h_max, h_max - step) if h >= step]
+    if not candidates:
+        raise ValueError(f"bucket {width}x{height} at scale {scale}: smaller than one {step}-pixel step")
+    return min(candidates, key=lambda b: (round(abs(math.log(b[0] / b[1]) - aspect), 9), -b[0] * b[1]))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -83,6 +109,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+# ---------------------------------------------------------------- UNet blocks
+
+# sd-scripts' block-wise settings (`down_lr_weight`, `block_dims`, ...) index the SDXL UNet's SGM
+# blocks: input_blocks.0-8 ("down"), middle_block.0-2 ("mid"), output_blocks.0-8 ("up"); the
+# `lora.block_*` keys take lists of these lengths (implemented by train.lora.blocks).
+UNET_BLOCK_COUNTS = {"down": 9, "mid": 3, "up": 9}
+
+
 # ---------------------------------------------------------------- sampling
 
 # ComfyUI's sampler and scheduler names, implemented by train.generate.k_samplers (a test checks).
@@ -93,6 +127,16 @@ SAMPLER_CHOICES = (*SAMPLERS, DIFFUSERS_SAMPLER)
 NOISE_DEVICES = ("gpu", "cpu")  # where ancestral noise is drawn: the sampling device (ComfyUI) or the CPU
 # The validation loss's timesteps: each held-out image is noised at every one of these.
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+
+# ---------------------------------------------------------------- the training loss
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts (train.diffusion.training_target)
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # sd-scripts' --loss_type (train.diffusion.elementwise_loss)
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # sd-scripts' --huber_schedule (train.diffusion.huber_threshold)
+# Top-level keys of a single-file checkpoint marking a v-prediction model and its zero-terminal-SNR
+# schedule (NoobAI-XL v-pred carries both; ComfyUI's SDXL loader reads them, `ztsnr` only with `v_pred`).
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
 
 # ---------------------------------------------------------------- precision
 

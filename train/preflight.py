@@ -16,14 +16,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train.config import Config, ModelConfig
+from train.config import Config, ModelConfig, TrainConfig, prediction_problems
+from train.model import prediction as predictions
 from train.names import (
+    CARD_AREA,
     CHECKPOINT_COMPLETE,
     CHECKPOINT_DIR_RE,
     DATASET_DIR,
+    SDXL_CONFIG_DIR,
     TRAINING_COLUMNS,
     looks_like_path,
+    scale_bucket,
 )
+from train.runtime.memory_presets import activation_gib
 from train.runtime.run_dir import LOCK_NAME, previous_run_files
 
 
@@ -107,6 +112,61 @@ def describe_model(model: ModelConfig) -> tuple[str, str | None]:
     return f"{source}: {kind or 'unusable'}; {precision}", problem
 
 
+def describe_prediction(model: ModelConfig, train: TrainConfig) -> tuple[str, list[str]]:
+    """(the prediction type and schedule the run would use and why, the problems), read as
+    `train.model.loading` will: a single file's marker keys, a folder's scheduler config."""
+    path = Path(model.source).expanduser()
+    config_dir = Path(model.config_dir) if model.config_dir else SDXL_CONFIG_DIR
+    try:
+        if path.is_file():
+            scheduler = _json_or_empty(config_dir / "scheduler" / "scheduler_config.json")
+            detected = predictions.detect(scheduler, origin=f"{config_dir / 'scheduler'} (the component configs)",
+                                          markers=predictions.single_file_markers(path))
+        elif path.is_dir():
+            detected = predictions.detect(_json_or_empty(path / "scheduler" / "scheduler_config.json"),
+                                          origin=f"the scheduler config of {path}")
+        elif model.prediction_type == "auto":
+            return "read from the model's scheduler config when it is loaded", []
+        else:
+            detected = predictions.Prediction(model.prediction_type, False, "")
+        chosen = predictions.resolve(detected, model.prediction_type, train.zero_terminal_snr)
+    except (OSError, ValueError) as err:
+        return "unknown", [f"model: {err}"]
+    schedule = "zero terminal SNR" if chosen.zero_terminal_snr else "the model's noise schedule"
+    return (f"{chosen.prediction_type} on {schedule} ({chosen.reason})",
+            prediction_problems(train, chosen.prediction_type))
+
+
+def _json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def describe_loss(train: TrainConfig) -> str:
+    """The loss function, its per-sample weights and the noise, as one line."""
+    loss = {"l2": "l2 (MSE)", "l1": "l1"}.get(train.loss_type, f"{train.loss_type} (c {train.huber_c:g}, "
+                                                                f"{train.huber_schedule} schedule)")
+    parts = [loss]
+    if train.min_snr_gamma:
+        parts.append(f"min-SNR gamma {train.min_snr_gamma:g}")
+    if train.scale_v_pred_loss_like_noise_pred:
+        parts.append("v loss scaled like an epsilon loss")
+    if train.v_pred_like_loss:
+        parts.append(f"v-like loss x {train.v_pred_like_loss:g} added")
+    if train.debiased_estimation:
+        parts.append("debiased estimation")
+    if train.noise_offset:
+        parts.append(f"noise offset {train.noise_offset:g}" + (" (random strength)"
+                                                             if train.noise_offset_random_strength else "")
+                     + (f" + {train.adaptive_noise_scale:g} x |latent mean|" if train.adaptive_noise_scale else ""))
+    if train.multires_noise_iterations:
+        parts.append(f"pyramid noise {train.multires_noise_iterations} levels, discount "
+                     f"{train.multires_noise_discount:g}")
+    if train.ip_noise_gamma:
+        parts.append(f"input perturbation {train.ip_noise_gamma:g}" + (" (random strength)"
+                                                                     if train.ip_noise_gamma_random_strength else ""))
+    return ", ".join(parts) + "; validation loss: MSE"
+
+
 @dataclass(frozen=True)
 class OutputState:
     """`output.dir` as a fresh run, `--resume` and `--overwrite` will find it."""
@@ -161,6 +221,9 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("model", model)
     if problem:
         plan.problems.append(problem)
+    prediction, problems = describe_prediction(config.model, tc)
+    plan.add("prediction", prediction)
+    plan.problems += problems
 
     entries = _dataset_lines(plan, "dataset", config.data.dataset, config.validation.every_n_steps > 0)
     if config.data.regularization:
@@ -173,12 +236,15 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("steps", f"{tc.max_steps} x effective batch {effective} (batch {tc.batch_size} x accumulation "
                       f"{tc.gradient_accumulation_steps} x {processes} process{'es' * (processes > 1)}) = "
                       f"{images} images{epochs}")
+    _size_line(plan, config.data.dataset, config.data.resolution_scale)
     adapter = f"{lc.type} rank {lc.rank} alpha {lc.alpha:g} on the UNet's {lc.preset} modules"
     adapter += " and both text encoders" if lc.train_text_encoder else ""
     adapter += ", DoRA" if lc.dora else ""
     plan.add("adapter", adapter)
+    _recipe_lines(plan, lc, oc.lr)
     schedule = f"{oc.scheduler}" + (f", {oc.warmup_steps} warm-up steps" if oc.warmup_steps else "")
     plan.add("optimizer", f"{oc.name}, lr {oc.lr:g}, {schedule}")
+    plan.add("loss", describe_loss(tc))
     plan.add("precision", f"mixed precision {tc.mixed_precision}, weights {config.model.weight_dtype}"
                           + (", gradient checkpointing" if tc.gradient_checkpointing else ""))
     plan.add("output", _output_line(plan, Path(config.output.dir), config.output.name, resume=resume,
@@ -192,6 +258,51 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("validation", f"every {config.validation.every_n_steps} steps" if config.validation.every_n_steps
              else "off")
     return plan
+
+
+def _size_line(plan: Plan, dataset: str, scale: float) -> None:
+    """Above the card's 1024² area (prep --max-area, data.resolution_scale > 1): the largest
+    training bucket and its estimated activation memory (`train.runtime.memory_presets`)."""
+    try:
+        buckets = read_dataset_summary(dataset).buckets
+    except (OSError, ValueError):
+        return  # the dataset line says why
+    if not buckets or (scale <= 1 and max(w * h for w, h in buckets) <= CARD_AREA * 1.01):
+        return
+    width, height = max(buckets, key=lambda b: b[0] * b[1])
+    if scale > 1:
+        width, height = scale_bucket(width, height, scale)
+    area = width * height
+    plan.add("training size", f"buckets up to {width}x{height}, {area / CARD_AREA:.2f}x the card's 1024² area: "
+                              f"about {activation_gib(area):.1f} GiB of activations per image with gradient "
+                              "checkpointing (estimate; memory presets: docs/training.md)")
+
+
+def _block_text(values, unit: str) -> str:
+    """`down 0.5, up [1, 1, 0, ...]`: the parts a `BlockValues` sets."""
+    def number(value) -> str:
+        return f"[{', '.join(f'{v:g}' for v in value)}]" if isinstance(value, list) else f"{value:g}"
+
+    parts = [(part, getattr(values, part)) for part in ("down", "mid", "up") if getattr(values, part) is not None]
+    return f"{unit} " + ", ".join(f"{part} {number(value)}" for part, value in parts)
+
+
+def _recipe_lines(plan: Plan, lc, lr: float) -> None:
+    """Lines for the `[lora]` rates, block-wise settings and dropouts that a recipe sets (none when unset)."""
+    own = (lc.text_encoder_1_lr, lc.text_encoder_2_lr)
+    if lc.train_text_encoder and (lc.text_encoder_lr or any(own)):
+        te1, te2 = (rate or lc.text_encoder_lr or lr for rate in own)
+        plan.add("text encoders", f"lr {te1:g} (CLIP ViT-L), {te2:g} (OpenCLIP bigG)")
+    elif lc.text_encoder_lr or any(own):
+        plan.add("text encoders", "not trained (lora.train_text_encoder = false): their lr keys are unused")
+    blocks = [_block_text(values, unit) for values, unit in
+              ((lc.block_lr, "lr x"), (lc.block_dims, "rank"), (lc.block_alphas, "alpha")) if values is not None]
+    if blocks:
+        plan.add("UNet blocks", "; ".join(blocks) + " (blocks at rank or lr 0 have no modules)")
+    dropouts = [f"{name} {rate:g}" for name, rate in
+                (("dropout", lc.dropout), ("rank", lc.rank_dropout), ("module", lc.module_dropout)) if rate]
+    if dropouts:
+        plan.add("LoRA dropout", ", ".join(dropouts) + " (these layers keep PEFT's unfused forward)")
 
 
 def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> int:

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "sample": "generate with a LoRA on Animagine XL 4.0 Opt/Zero at the card's settings",
     "eval": "evaluate a run's checkpoints side by side and recommend one",
     "demo": "the whole path on a tiny SDXL-architecture model, on CPU (what `make demo` runs)",
+    "config": "import an sd-scripts / kohya_ss training recipe as a config (config from-sd-scripts)",
 }
 logger = logging.getLogger("animagine_lora")
 

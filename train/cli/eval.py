@@ -13,7 +13,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from train.cli.options import add_sampler_arguments
+from train.cli.options import (
+    add_prediction_arguments,
+    add_sampler_arguments,
+    zero_terminal_snr_choice,
+)
 from train.names import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, VALIDATION_TIMESTEPS, parse_size
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=4)
     add_sampler_arguments(parser)
+    add_prediction_arguments(parser)
     parser.add_argument("--no-images", action="store_true", help="validation loss only (no grids, tags, CLIP)")
     parser.add_argument("--no-reorder", action="store_true", help="use prompts as given")
     parser.add_argument("--tags-db", help="tag database for prompt re-ordering")
@@ -90,7 +95,9 @@ def _load(source: str, args, device: str):
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_base_model(resolve_model_source(source), config_dir=args.config_dir,
-                            tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
+                            tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32,
+                            prediction_type=args.prediction_type,
+                            zero_terminal_snr=zero_terminal_snr_choice(args.zero_terminal_snr))
     return model, build_pipeline(model, device=device)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from train.names import NOISE_DEVICES, SAMPLER_CHOICES, SCHEDULERS
+from train.names import NOISE_DEVICES, PREDICTION_TYPES, SAMPLER_CHOICES, SCHEDULERS
 
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
@@ -57,3 +57,19 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-device", choices=NOISE_DEVICES, default="gpu",
                         help="ancestral noise generator: gpu = the sampling device, as ComfyUI (default); "
                              "cpu = the same images on any machine")
+
+
+def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prediction-type, --zero-terminal-snr (shared by `sample` and `eval`): what the base model
+    predicts, read from the model by default as training reads it (`train.model.prediction`)."""
+    parser.add_argument("--prediction-type", choices=("auto", *PREDICTION_TYPES), default="auto",
+                        help="auto (default): the model's scheduler config, or a single file's v_pred key; "
+                             "set it as model.prediction_type was set for training when that was not auto")
+    parser.add_argument("--zero-terminal-snr", choices=("auto", "true", "false"), default="auto",
+                        help="auto (default): as the model says (ztsnr key, rescale_betas_zero_snr); "
+                             "as train.zero_terminal_snr was set for training otherwise")
+
+
+def zero_terminal_snr_choice(value: str) -> bool | str:
+    """`--zero-terminal-snr` as `load_base_model` takes it: "auto", True or False."""
+    return value if value == "auto" else value == "true"

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--buckets", choices=["card", "all"], help="aspect bucket set (default card)"
     )
     parser.add_argument(
+        "--max-area", type=_area, metavar="WxH|PIXELS",
+        help="bucket area, e.g. 1536x1536 (default 1024x1024, the card's): the card's aspect ratios at it",
+    )
+    parser.add_argument(
         "--near-dup", action="store_true", default=None, help="also drop near-duplicates (pHash)"
     )
     parser.add_argument(
@@ -157,9 +161,16 @@ def apply_curation_args(base: dict, args: argparse.Namespace) -> None:
         base.setdefault("caption", {})["aesthetic_model"] = args.aesthetic_model
 
 
+def _area(text: str) -> int:
+    """`--max-area`: `1536x1536` or a pixel count, as an int (argparse reports a ValueError)."""
+    width, sep, height = text.lower().partition("x")
+    return int(width) * int(height) if sep else int(text)
+
+
 DATASET_OPTIONS = (
     "min_side",
     "buckets",
+    "max_area",
     "near_dup",
     "near_dup_distance",
     "max_image_pixels",

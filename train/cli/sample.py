@@ -23,11 +23,20 @@ from train.cli.options import (
     MAX_SEED,
     MAX_STEPS,
     MAX_STRENGTH,
+    add_prediction_arguments,
     add_sampler_arguments,
     bounded_float,
     bounded_int,
+    zero_terminal_snr_choice,
 )
-from train.names import CARD_CFG, CARD_NEGATIVE, CARD_STEPS, DIFFUSERS_SAMPLER, parse_size
+from train.names import (
+    CARD_CFG,
+    CARD_NEGATIVE,
+    CARD_STEPS,
+    DIFFUSERS_SAMPLER,
+    DTYPE_NAMES,
+    parse_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "order of the trained character's tags (unknown to the tag database)")
     parser.add_argument("--batch-size", type=bounded_int(1, MAX_BATCH_SIZE), default=4)
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                        help="UNet and text encoder precision (default bf16 on CUDA, fp32 on CPU; the VAE stays fp32)")
     add_sampler_arguments(parser)
+    add_prediction_arguments(parser)
     parser.add_argument("--workflow", type=Path, metavar="FILE.json",
                         help="also write the ComfyUI workflow (API format) that reproduces these images")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
@@ -87,6 +99,18 @@ def _trigger_lines(lora: str | None) -> list[str]:
     return trigger_lines(folded_tags(metadata))
 
 
+def _warn_prediction_mismatch(lora: str, model) -> None:
+    """Warn when the LoRA's header says its base model predicted otherwise than the model loaded."""
+    from train.lora.export import trained_prediction_type
+    from train.lora.files import read_header
+
+    trained = trained_prediction_type(read_header(lora)[1])
+    if trained is not None and trained != model.prediction_type:
+        logger.warning("--lora %s was trained on a %s model, the model loaded predicts %s (%s): the images will be "
+                       "wrong unless --prediction-type says what the model is", lora, trained, model.prediction_type,
+                       model.prediction.reason)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -102,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         save_png,
         save_text,
     )
-    from train.model.loading import load_base_model
+    from train.model.loading import TORCH_DTYPES, load_base_model
 
     try:
         width, height = parse_size(args.size)
@@ -121,10 +145,12 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     claim_dir(args.out)  # before the minutes of loading: a FIFO, device or file is refused now
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = TORCH_DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     try:
         model = load_base_model(resolve_model_source(args.model), config_dir=args.config_dir,
-                                tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32)
+                                tokenizer_dir=args.tokenizer_dir, weight_dtype=dtype, vae_dtype=torch.float32,
+                                prediction_type=args.prediction_type,
+                                zero_terminal_snr=zero_terminal_snr_choice(args.zero_terminal_snr))
     except (OSError, ValueError) as err:  # a missing folder or file, an unusable checkpoint
         logger.error("--model %s: %s", args.model, err)
         return 2
@@ -138,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         except LoraFileError as err:
             logger.error("%s", err)
             return 1
+        _warn_prediction_mismatch(args.lora, model)
     images = generate(pipe, texts, settings)
     for p, row in enumerate(images):
         for seed, image in zip(settings.seeds, row):
@@ -145,14 +172,14 @@ def run(args: argparse.Namespace) -> int:
     save_png(make_grid(images, col_labels=[f"seed {s}" for s in settings.seeds]), args.out / "grid.png")
     save_text(args.out / "prompts.txt", "\n".join(texts) + "\n")
     if args.workflow:
-        _write_workflow(args, texts, settings)
+        _write_workflow(args, texts, settings, model.prediction)
     for p, text in enumerate(texts):
         print(f"p{p:02d}: {text}")
     print(f"{len(texts) * len(settings.seeds)} image(s) in {args.out}")
     return 0
 
 
-def _write_workflow(args: argparse.Namespace, texts: list[str], settings) -> None:
+def _write_workflow(args: argparse.Namespace, texts: list[str], settings, prediction) -> None:
     """The ComfyUI graph of this run at `args.workflow` (atomic write)."""
     from train.generate.sampling import save_text
     from train.generate.workflow import WorkflowSpec, checkpoint_name, workflow_json
@@ -165,6 +192,7 @@ def _write_workflow(args: argparse.Namespace, texts: list[str], settings) -> Non
     spec = WorkflowSpec(checkpoint=checkpoint_name(args.model), lora=Path(args.lora).name if args.lora else None,
                         strength=args.strength, prompts=texts, negative=settings.negative, seeds=settings.seeds,
                         sampler=sampler, scheduler=settings.scheduler if sampler == settings.sampler else "normal",
-                        steps=settings.steps, cfg=settings.cfg, width=settings.width, height=settings.height)
+                        steps=settings.steps, cfg=settings.cfg, width=settings.width, height=settings.height,
+                        prediction_type=prediction.prediction_type, zero_terminal_snr=prediction.zero_terminal_snr)
     save_text(args.workflow, workflow_json(spec))
     print(f"ComfyUI workflow (API format): {args.workflow}")

@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from captioning.images import load_rgb
+from train.names import scale_bucket
 from train.tensor_files import save_tensors
 
 logger = logging.getLogger(__name__)
@@ -60,17 +61,35 @@ def row_geometry(row: dict, scale: float = 1.0) -> Geometry:
     """The row's recorded resize/crop/bucket, multiplied by `scale` (1.0 = exactly as prepped).
 
     At scale < 1 the bucket is snapped to multiples of 8 and the resize and crop scaled to match,
-    with the crop clamped inside the resized image.
+    with the crop clamped inside the resized image. Above 1 the bucket keeps the card's grid of
+    64 (`_upscaled_geometry`). Either way the size/crop conditioning (`rows.time_ids`) is computed
+    from this geometry, the one the cached latents were cut with.
     """
     if scale == 1.0:
         return Geometry(row["resize_width"], row["resize_height"], row["crop_left"], row["crop_top"],
                         row["bucket_width"], row["bucket_height"])
+    if scale > 1.0:
+        return _upscaled_geometry(row, scale)
     width, height = _snap(row["bucket_width"] * scale), _snap(row["bucket_height"] * scale)
     resize_w = max(width, round(row["resize_width"] * scale))
     resize_h = max(height, round(row["resize_height"] * scale))
     left = min(round(row["crop_left"] * scale), resize_w - width)
     top = min(round(row["crop_top"] * scale), resize_h - height)
     return Geometry(resize_w, resize_h, left, top, width, height)
+
+
+def _upscaled_geometry(row: dict, scale: float) -> Geometry:
+    """A row's geometry above its prepped area: the bucket scaled onto the 64-pixel grid with the
+    card's aspect kept (`names.scale_bucket`, as prep's `--max-area` cuts it), the image resized
+    from its original to cover it, and the crop centred where the prepped crop was centred."""
+    width, height = scale_bucket(row["bucket_width"], row["bucket_height"], scale)
+    factor = max(width / row["bucket_width"], height / row["bucket_height"])
+    resize_w = max(width, round(row["resize_width"] * factor))
+    resize_h = max(height, round(row["resize_height"] * factor))
+    left = round((row["crop_left"] + row["bucket_width"] / 2) * factor - width / 2)
+    top = round((row["crop_top"] + row["bucket_height"] / 2) * factor - height / 2)
+    return Geometry(resize_w, resize_h, min(max(left, 0), resize_w - width), min(max(top, 0), resize_h - height),
+                    width, height)
 
 
 def load_pixels(path: str, geometry: Geometry, flip: bool = False) -> torch.Tensor:

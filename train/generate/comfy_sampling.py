@@ -1,14 +1,15 @@
 """The sampling loop of ComfyUI's KSampler over an SDXL UNet: same seed, prompt and settings, same latent.
 
 Read from ComfyUI's `comfy/sample.py` (`prepare_noise`), `comfy/samplers.py` (`KSampler`,
-`cfg_function`, `encode_model_conds`), `comfy/model_sampling.py` (`EPS`) and
+`cfg_function`, `encode_model_conds`), `comfy/model_sampling.py` (`EPS`, `V_PREDICTION`) and
 `comfy/k_diffusion/sampling.py` (`default_noise_sampler`); the math is in
 `train.generate.k_samplers`. What this loop does, in ComfyUI's order:
 
 - initial noise: a CPU generator seeded with the image's seed, one `randn` of (1, 4, H/8, W/8)
   (ComfyUI at batch size 1); x = noise * sqrt(1 + sigma_0^2) (epsilon model, full denoise);
 - model call: the UNet sees x / sqrt(sigma^2 + 1) at the integer timestep nearest sigma, uncond
-  and cond in one batch (in that order); denoised = x - eps * sigma; CFG on the denoised values,
+  and cond in one batch (in that order); denoised = x - eps * sigma (v-prediction:
+  x / (sigma^2 + 1) - v * sigma / sqrt(sigma^2 + 1), `ModelSampling.denoised`); CFG on the denoised values,
   uncond + (cond - uncond) * cfg (skipped at cfg 1, as ComfyUI does);
 - ancestral noise: a new generator per image, seeded with the same seed, on `noise_device`
   (`gpu`: the latent's device, which is ComfyUI's choice; `cpu`: reproducible on any machine), one
@@ -59,7 +60,7 @@ class AncestralNoise:
 
 
 class CFGDenoiser:
-    """denoise(x, sigma) of an SDXL ε UNet with classifier-free guidance, as ComfyUI computes it."""
+    """denoise(x, sigma) of an SDXL ε or v UNet with classifier-free guidance, as ComfyUI computes it."""
 
     def __init__(self, unet, sampling: ModelSampling, cond: Conditioning, uncond: Conditioning, cfg: float,
                  size: tuple[int, int]):
@@ -79,12 +80,12 @@ class CFGDenoiser:
         x_in = x_batch / (sigma**2 + 1) ** 0.5
         timestep = self.sampling.timestep(torch.tensor([sigma])).float().to(x.device)
         device, dtype = x.device, self.unet.dtype
-        eps = self.unet(
+        output = self.unet(
             x_in.to(dtype), timestep, encoder_hidden_states=self.embeds.to(device, dtype),
             added_cond_kwargs={"text_embeds": self.pooled.to(device, dtype), "time_ids": self.time_ids.to(device, dtype)},
             return_dict=False,
         )[0].float()  # ComfyUI computes denoised and CFG in float32
-        denoised = x_batch - eps * sigma
+        denoised = self.sampling.denoised(x_batch, output, sigma)
         if parts == 1:
             return denoised
         uncond, cond = denoised.chunk(2)

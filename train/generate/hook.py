@@ -76,6 +76,11 @@ def share_components(sample_model, train_model, names: tuple[str, ...] = _SHAREA
     return shared
 
 
+def _kind(prediction) -> str:
+    """"v_prediction with zero terminal SNR", "epsilon", ... of a `train.model.prediction.Prediction`."""
+    return prediction.prediction_type + (" with zero terminal SNR" if prediction.zero_terminal_snr else "")
+
+
 def _gib(module: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30
 
@@ -108,6 +113,11 @@ class SampleGrids:
         model = load_base_model(source, config_dir=self.config.opt_config_dir,
                                 tokenizer_dir=self.config.opt_tokenizer_dir,
                                 weight_dtype=self.weight_dtype, vae_dtype=self.train_model.vae.dtype)
+        trained = self.train_model.prediction
+        if trained is not None and _kind(model.prediction) != _kind(trained):
+            logger.warning("sample.opt_model %s is %s, the model being trained %s: the grids show the LoRA on a "
+                           "model it is not trained for; set sample.opt_model to the training model, or "
+                           "sample_model = 'train'", source, _kind(model.prediction), _kind(trained))
         shared = share_components(model, self.train_model)
         own = [n for n in ("unet", *_SHAREABLE) if n not in shared]
         logger.info(

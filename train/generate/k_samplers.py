@@ -1,7 +1,8 @@
-"""Noise levels, schedulers and samplers as ComfyUI runs them for an SDXL ε-prediction model.
+"""Noise levels, schedulers and samplers as ComfyUI runs them for an SDXL ε- or v-prediction model.
 
 Pure functions over tensors, no model and no I/O; `train.generate.comfy_sampling` drives them with
-the UNet. Read from ComfyUI's `comfy/model_sampling.py` (`ModelSamplingDiscrete`, `EPS`),
+the UNet. Read from ComfyUI's `comfy/model_sampling.py` (`ModelSamplingDiscrete`, `EPS`,
+`V_PREDICTION`, `rescale_zero_terminal_snr_sigmas`),
 `comfy/samplers.py` (`normal_scheduler`) and k-diffusion's `sampling.py` (Karras et al. 2022,
 "Elucidating the Design Space of Diffusion-Based Generative Models", for the Karras sigmas and
 the Euler steps; Lu et al. 2022, "DPM-Solver++", for 2M). Written here, not copied.
@@ -11,8 +12,11 @@ Conventions (the EDM "sigma" parameterisation of a DDPM ε model):
 - `sigmas[t] = sqrt((1 - alphabar_t) / alphabar_t)` for the 1000 training timesteps, from the
   scaled-linear betas `linspace(sqrt(beta_start), sqrt(beta_end), 1000)**2` in float64, stored as
   float32 `sigmas` and `log_sigmas` (ComfyUI's `set_sigmas`).
+- zero terminal SNR (Lin et al. 2023): alphabar rescaled (`train.diffusion.zero_terminal_snr`), its
+  last value, 0, replaced by ComfyUI's 4.8973451890853435e-08 so the last sigma is finite (about 4519).
 - `sigma(t)`: linear interpolation in log-sigma; `timestep(sigma)`: the integer argmin of
   |log sigma - log_sigmas| (the UNet sees this integer, not a fractional timestep).
+- `denoised(x, output, sigma)`: ε: x - ε sigma; v: x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1).
 - A sampler takes `denoise(x, sigma) -> x0 estimate` and returns the final latent.
 """
 
@@ -26,40 +30,61 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
+from train.diffusion import zero_terminal_snr
+from train.names import PREDICTION_TYPES
+
 Denoiser = Callable[[Tensor, float], Tensor]  # (x (B, C, h, w), sigma) -> denoised (B, C, h, w)
 NoiseSampler = Callable[[], Tensor]  # the next ancestral noise draw, shaped like x
+# ComfyUI's last alphabar under zero terminal SNR: finite sigma, so the log-sigma tables stay usable.
+ZTSNR_LAST_ALPHABAR = 4.8973451890853435e-08
 
 
 @dataclass(frozen=True)
 class ModelSampling:
-    """The discrete noise levels of the model (ComfyUI's `ModelSamplingDiscrete`)."""
+    """The discrete noise levels of the model and what it predicts (ComfyUI's `ModelSamplingDiscrete`)."""
 
     sigmas: Tensor  # (T,) float32, ascending
     log_sigmas: Tensor  # (T,) float32
+    prediction_type: str = "epsilon"  # train.names.PREDICTION_TYPES
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012,
-                      num_timesteps: int = 1000) -> ModelSampling:
-        """Tables for SD/SDXL's "scaled_linear" betas, computed in float64 then stored as float32."""
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_timesteps: int = 1000, *,
+                      prediction_type: str = "epsilon", zero_snr: bool = False) -> ModelSampling:
+        """Tables for SD/SDXL's "scaled_linear" betas, computed in float64 then stored as float32;
+        `zero_snr` rescales them to zero terminal SNR first."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_snr:
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+            alphas_cumprod[-1] = ZTSNR_LAST_ALPHABAR
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-        return cls(sigmas.float(), sigmas.log().float())
+        return cls(sigmas.float(), sigmas.log().float(), prediction_type)
 
     @classmethod
     def from_scheduler_config(cls, config) -> ModelSampling:
-        """From a diffusers noise-scheduler config (Animagine's: scaled_linear, epsilon).
+        """From a diffusers noise-scheduler config (Animagine's: scaled_linear, epsilon; a v-prediction
+        model's says v_prediction, and `rescale_betas_zero_snr` under zero terminal SNR).
 
         Raises:
             ValueError: a beta schedule or prediction type this loop does not implement.
         """
         schedule = config.get("beta_schedule", "scaled_linear")
         prediction = config.get("prediction_type", "epsilon")
-        if schedule != "scaled_linear" or prediction != "epsilon":
-            raise ValueError(f"the ComfyUI sampling loop needs an epsilon model with scaled_linear betas, "
-                             f"got {prediction} / {schedule}; use --sampler diffusers-euler-a")
+        if schedule != "scaled_linear" or prediction not in PREDICTION_TYPES:
+            raise ValueError(f"the ComfyUI sampling loop needs an epsilon or v-prediction model with scaled_linear "
+                             f"betas, got {prediction} / {schedule}; use --sampler diffusers-euler-a")
         return cls.scaled_linear(config.get("beta_start", 0.00085), config.get("beta_end", 0.012),
-                                 config.get("num_train_timesteps", 1000))
+                                 config.get("num_train_timesteps", 1000), prediction_type=prediction,
+                                 zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
+
+    def denoised(self, x: Tensor, output: Tensor, sigma: float) -> Tensor:
+        """The x0 estimate from the UNet's `output` at noise level `sigma` (ComfyUI's
+        `calculate_denoised`, sigma_data 1): ε or v, as the model predicts."""
+        if self.prediction_type == "v_prediction":
+            return x / (sigma**2 + 1) - output * sigma / (sigma**2 + 1) ** 0.5
+        return x - output * sigma
 
     @property
     def sigma_min(self) -> float:

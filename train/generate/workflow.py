@@ -8,6 +8,9 @@ input `["id", k]` is output `k` of another node. One graph holds every prompt x 
       -> CLIPTextEncode (each prompt; the negative) -> KSampler (per seed) <- EmptyLatentImage
       -> VAEDecode -> SaveImage ("p00-s1", ...)
 
+A v-prediction model gets a ModelSamplingDiscrete node (`v_prediction`, `zsnr` for zero terminal
+SNR) after the loader: ComfyUI finds this itself only in checkpoints carrying the `v_pred` key.
+
 Node and input names are those of ComfyUI's `nodes.py`. Prompts are written with
 `emphasis.comfy_text`, which ComfyUI parses to the same pieces and weights as we do. The checkpoint
 and LoRA are named by file name: ComfyUI looks them up in its models/checkpoints and models/loras.
@@ -43,6 +46,8 @@ class WorkflowSpec:
     cfg: float
     width: int
     height: int
+    prediction_type: str = "epsilon"  # the model's, as `sample` loaded it (train.model.prediction)
+    zero_terminal_snr: bool = False
 
 
 def checkpoint_name(model: str) -> str:
@@ -68,6 +73,9 @@ def comfy_workflow(spec: WorkflowSpec) -> dict[str, dict]:
 
     checkpoint = add(_node("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=spec.checkpoint))
     model, clip = [checkpoint, 0], [checkpoint, 1]
+    if spec.prediction_type == "v_prediction":
+        model = [add(_node("ModelSamplingDiscrete", "v-prediction", model=model, sampling="v_prediction",
+                           zsnr=spec.zero_terminal_snr)), 0]
     if spec.lora is not None:
         lora = add(_node("LoraLoader", "Load LoRA", model=model, clip=clip, lora_name=spec.lora,
                          strength_model=spec.strength, strength_clip=spec.strength))

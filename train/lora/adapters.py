@@ -27,6 +27,8 @@ Evaluation"):
 
 Which UNet modules to adapt (the target presets) is described in docs/lora-formats.md:
 `attn` (560 layers on SDXL), `attn-mlp` (722, sd-scripts' default), `attn-mlp-conv` (+ LoCon).
+Plain LoRA can set rank and alpha per UNet block (`train.lora.blocks`, PEFT's `rank_pattern` /
+`alpha_pattern` / `exclude_modules`) and sd-scripts' dropouts (`train.lora.dropout`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from train.config import LoraConfig as AdapterSettings
+from train.lora.blocks import unet_block_layout
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TRANSFORMER_MLP = ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
@@ -61,7 +64,7 @@ INITS = {"kaiming": True, "gaussian": "gaussian"}  # lora.init -> PEFT's init_lo
 AdapterLayer = LoraLayer | LoKrLayer | LoHaLayer
 
 
-def _peft_config(targets: list[str], spec: AdapterSettings) -> PeftConfig:
+def _peft_config(targets: list[str], spec: AdapterSettings, layout: dict | None = None) -> PeftConfig:
     if spec.type == "lokr":
         # init_weights="lycoris": w2 = 0, w1 random, LyCORIS' own init (PEFT's default zeroes
         # w1 instead). use_effective_conv2d=False: no Tucker `lokr_t2`, which ComfyUI cannot merge.
@@ -73,14 +76,33 @@ def _peft_config(targets: list[str], spec: AdapterSettings) -> PeftConfig:
         return LoHaConfig(r=spec.rank, alpha=spec.alpha, target_modules=targets, init_weights=True,
                           use_effective_conv2d=spec.tucker)
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=targets,
-                      init_lora_weights=INITS[spec.init], use_dora=spec.dora)
+                      init_lora_weights=INITS[spec.init], use_dora=spec.dora, **(layout or {}))
 
 
-def _attach(model: nn.Module, config: PeftConfig) -> PeftConfig:
+def _attach(model: nn.Module, config: PeftConfig, spec: AdapterSettings) -> PeftConfig:
+    from train.lora.dropout import add_lora_dropouts
+
     model.add_adapter(config)
     # Adapter weights train in fp32 whatever the frozen base's dtype.
     cast_training_params(model, dtype=torch.float32)
+    add_lora_dropouts(model, dropout=spec.dropout, rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout)
     return config
+
+
+def targeted_modules(model: nn.Module, targets: list[str]) -> list[str]:
+    """Paths of the modules of `model` that target names select (PEFT's rule: the whole path or a
+    dotted suffix of it)."""
+    return [name for name, _ in model.named_modules()
+            if any(name == target or name.endswith("." + target) for target in targets)]
+
+
+def _block_layout(unet, targets: list[str], spec: AdapterSettings) -> dict:
+    """PEFT LoraConfig keywords for `spec`'s block-wise ranks and alphas (empty without them)."""
+    layout = unet_block_layout(targeted_modules(unet, targets), dict(unet.config), spec)
+    keywords = {"rank_pattern": layout.rank_pattern, "alpha_pattern": layout.alpha_pattern}
+    if layout.excluded:
+        keywords["exclude_modules"] = layout.excluded
+    return {key: value for key, value in keywords.items() if value}
 
 
 def _settings(spec: AdapterSettings | None, overrides: dict) -> AdapterSettings:
@@ -105,13 +127,15 @@ def add_unet_lora(unet, spec: AdapterSettings | None = None, **overrides) -> Pef
         ValueError: unknown preset or settings that do not fit together (`train.config.LoraConfig`).
     """
     spec = _settings(spec, overrides)
-    return _attach(unet, _peft_config(TARGET_PRESETS[spec.preset], spec))
+    targets = TARGET_PRESETS[spec.preset]
+    return _attach(unet, _peft_config(targets, spec, _block_layout(unet, targets, spec)), spec)
 
 
 def add_text_encoder_lora(text_encoder, spec: AdapterSettings | None = None, **overrides) -> PeftConfig:
     """Attach a trainable adapter to a CLIP text encoder's attention and MLP projections (`spec`
-    and `overrides` as for `add_unet_lora`; the preset does not apply)."""
-    return _attach(text_encoder, _peft_config(TEXT_ENCODER_TARGETS, _settings(spec, overrides)))
+    and `overrides` as for `add_unet_lora`; the preset and block-wise settings do not apply)."""
+    spec = _settings(spec, overrides)
+    return _attach(text_encoder, _peft_config(TEXT_ENCODER_TARGETS, spec), spec)
 
 
 def adapter_type(config: PeftConfig) -> str:

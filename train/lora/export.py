@@ -40,12 +40,25 @@ from train.lora.adapters import (
 )
 from train.lora.trigger import trigger_metadata
 from train.model import sgm_keys
+from train.names import UNET_BLOCK_COUNTS
 from train.tensor_files import save_tensors
 
 logger = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
+
+
+def trained_prediction_type(metadata: dict[str, str]) -> str | None:
+    """The prediction type a LoRA's header says its base model had ("epsilon", "v_prediction"),
+    from `modelspec.prediction_type` or sd-scripts' `ss_v_parameterization`; None when it says neither."""
+    spec = {value: name for name, value in MODELSPEC_PREDICTION.items()}.get(metadata.get("modelspec.prediction_type", ""))
+    if spec is not None:
+        return spec
+    flag = metadata.get("ss_v_parameterization")
+    return None if flag is None else ("v_prediction" if flag == "True" else "epsilon")
 
 REQUIRED_METADATA = (
     "ss_base_model_version",
@@ -117,9 +130,16 @@ def kohya_state_dict(
             continue
         down = module.lora_A[ADAPTER_NAME].weight.detach()  # (r, in) or (r, in, kh, kw)
         up = module.lora_B[ADAPTER_NAME].weight.detach()  # (out, r) or (out, r, 1, 1)
+        alpha = module.lora_alpha[ADAPTER_NAME]
+        if alpha != config.lora_alpha:
+            # A block alpha (`lora.block_alphas`) is folded into up and the file's alpha is the
+            # adapter's one: diffusers' kohya loader keys an attention module's alpha by a name
+            # PEFT never matches and would apply the most common alpha to it. Every loader's
+            # alpha / r * up @ down is unchanged.
+            up, alpha = up.float() * (alpha / config.lora_alpha), config.lora_alpha
         out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
         out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        out[f"{name}.alpha"] = _alpha(module.lora_alpha[ADAPTER_NAME])
+        out[f"{name}.alpha"] = _alpha(alpha)
     return out
 
 
@@ -181,6 +201,28 @@ def lycoris_network_args(*, algo: str, rank: int, alpha: float, conv: bool, fact
     return args
 
 
+def lora_network_args(lora: AdapterSettings) -> dict[str, str]:
+    """A plain LoRA's block and dropout settings as sd-scripts' `network_args` strings
+    (networks/lora.py): `block_dims` / `block_alphas` with their 23 SDXL entries (the unadapted
+    embeddings and output at the base rank and alpha), `down/mid/up_lr_weight`, `rank_dropout`,
+    `module_dropout`. Empty when none is set."""
+    args: dict[str, str] = {}
+    for key, values, base in (("block_dims", lora.block_dims, lora.rank),
+                              ("block_alphas", lora.block_alphas, lora.alpha)):
+        if values is not None:
+            entries = [base, *[v for part in ("down", "mid", "up")
+                               for v in values.per_block(part) or [base] * UNET_BLOCK_COUNTS[part]], base]
+            args[key] = ",".join(f"{v:g}" for v in entries)
+    for part in ("down", "mid", "up"):
+        weights = lora.block_lr.per_block(part) if lora.block_lr is not None else None
+        if weights is not None:
+            args[f"{part}_lr_weight"] = ",".join(f"{w:g}" for w in weights)
+    for key in ("rank_dropout", "module_dropout"):
+        if getattr(lora, key):
+            args[key] = str(getattr(lora, key))
+    return args
+
+
 def webui_metadata(
     *,
     rank: int,
@@ -196,6 +238,7 @@ def webui_metadata(
     date: datetime | None = None,
     extra: dict[str, object] | None = None,
     network_args: dict[str, str] | None = None,
+    lora_args: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """safetensors header metadata for a kohya-format SDXL LoRA (all values strings).
 
@@ -204,7 +247,8 @@ def webui_metadata(
     `{tag: count}`, which is filed under `output_name`. `extra` adds more `ss_*` / `modelspec.*`
     keys (e.g. `ss_num_train_images`, `ss_steps`); values are converted with `str`.
     `network_args` (from `lycoris_network_args`) marks a LyCORIS file: `ss_network_module` becomes
-    "lycoris.kohya" and `ss_network_args` that JSON.
+    "lycoris.kohya" and `ss_network_args` that JSON. `lora_args` (from `lora_network_args`) adds a
+    plain LoRA's block and dropout settings to `ss_network_args`, as sd-scripts records them.
     """
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     if tag_frequency and all(isinstance(v, int) for v in tag_frequency.values()):
@@ -227,14 +271,14 @@ def webui_metadata(
         "modelspec.title": title or output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": stamp.isoformat(),
-        "modelspec.prediction_type": prediction_type,
+        # The SAI model spec's values are "epsilon" and "v" (sd-scripts' sai_model_spec.py).
+        "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, prediction_type),
         "modelspec.description": comment,
     }
-    if conv:
+    if conv or lora_args:
         # sd-scripts records LoCon ranks here; its conv LoRA uses the same rank and alpha as ours.
-        metadata["ss_network_args"] = json.dumps(
-            {"conv_dim": str(rank), "conv_alpha": str(float(alpha))}
-        )
+        conv_args = {"conv_dim": str(rank), "conv_alpha": str(float(alpha))} if conv else {}
+        metadata["ss_network_args"] = json.dumps({**conv_args, **(lora_args or {})})
     if network_args is not None:
         metadata["ss_network_module"] = "lycoris.kohya"
         metadata["ss_network_args"] = json.dumps(network_args)
@@ -299,6 +343,11 @@ def save_webui_lora(
 def peft_metadata(model) -> dict:
     """The adapter's LoraConfig as a JSON-able dict (what diffusers stores as adapter metadata)."""
     config = lora_config(model).to_dict()
+    if config.pop("exclude_modules", None):
+        # Block ranks left modules out: name the adapted ones instead, so that a loader's PEFT
+        # finds exactly the modules the weights hold (it warns about targets or exclusions it
+        # does not find in them).
+        config["target_modules"] = sorted(lora_modules(model))
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
@@ -362,12 +411,15 @@ class RunExporter:
         trigger_features: {trigger tag: [tags prep folded into it]} (the prep output's manifest),
             written as `ss_folded_tags` / `modelspec.trigger_phrase` (train.lora.trigger).
         weights: a context in which the weights to export are in place (schedule-free AdamW's average).
+        training: more `ss_*` / `modelspec.*` keys recording how it was trained (the loss, the
+            noise, the prediction type and why: `train.loss.training_metadata`).
     """
 
     def __init__(self, modules: Callable[[], dict], lora: AdapterSettings, *, name: str, rows: Sequence[dict],
                  base_model: str, prediction_type: str, resolution: tuple[int, int], num_reg_images: int = 0,
                  ema=None, weights: Callable[[], AbstractContextManager] = nullcontext,
-                 trigger_features: dict[str, list[str]] | None = None) -> None:
+                 trigger_features: dict[str, list[str]] | None = None,
+                 training: dict[str, object] | None = None) -> None:
         self.modules, self.lora, self.name, self.ema, self.weights = modules, lora, name, ema, weights
         self.metadata = {
             "rank": lora.rank, "alpha": lora.alpha, "output_name": name, "resolution": resolution,
@@ -375,9 +427,12 @@ class RunExporter:
             "base_model": base_model, "prediction_type": prediction_type, "conv": lora.preset == "attn-mlp-conv",
             "network_args": None if lora.type == "lora" else lycoris_network_args(
                 algo=lora.type, rank=lora.rank, alpha=lora.alpha, conv=lora.preset == "attn-mlp-conv",
-                factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker)}
+                factor=lora.factor, decompose_both=lora.decompose_both, tucker=lora.tucker),
+            "lora_args": lora_network_args(lora) if lora.type == "lora" else None}
         self.counts = {"ss_num_train_images": len(rows), "ss_num_reg_images": num_reg_images,
+                       **({"ss_network_dropout": lora.dropout} if lora.dropout else {}),
                        **trigger_metadata(trigger_features or {})}
+        self.counts.update(training or {})
         if lora.dora:
             logger.warning("lora.dora = true: only the diffusers-format LoRA is exported (no WebUI/ComfyUI file)")
 

@@ -19,7 +19,8 @@ same model, and `unfuse_lora_layers` restores PEFT's forward.
 
 Eligible: a `peft.tuners.lora.layer.Linear` (not a subclass with its own forward) with exactly
 one adapter, plain LoRA (no DoRA or other PEFT variant, no `lora_bias`), `lora_dropout` 0 (the
-dropout is `nn.Identity`), `fan_in_fan_out` false, and a base layer that is an `nn.Linear` (or a
+dropout is `nn.Identity`), no forward hooks on `lora_A` (sd-scripts' dropouts, `train.lora.dropout`),
+`fan_in_fan_out` false, and a base layer that is an `nn.Linear` (or a
 subclass, such as bitsandbytes' `Linear4bit`) or a `train.model.quantize.Fp8Linear`: its output is one
 tensor of shape (..., out_features), which the fused add needs.
 Other layers keep PEFT's forward. The fused forward hands the call back to PEFT's class forward
@@ -70,6 +71,8 @@ def _skip_reason(module: LoraLinear) -> str | None:
         return f"PEFT variant {type(module.lora_variant[name]).__name__}"
     if not isinstance(module.lora_dropout[name], nn.Identity):
         return "lora_dropout > 0"
+    if module.lora_A[name]._forward_hooks:
+        return "hooks on lora_A (lora.dropout, rank_dropout, module_dropout)"
     if module.fan_in_fan_out:
         return "fan_in_fan_out"
     if module.lora_B[name].bias is not None:

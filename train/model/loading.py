@@ -24,13 +24,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from train.config import ModelConfig
+from train.model import prediction as predictions
+from train.model import sgm_keys
 from train.names import SDXL_CONFIG_DIR, ZERO_REPO, looks_like_path
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,10 @@ class SdxlComponents:
     text_encoder_2: CLIPTextModelWithProjection
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
-    noise_scheduler: DDPMScheduler  # training scheduler built from the model's scheduler config
+    noise_scheduler: DDPMScheduler  # training scheduler: the model's config, prediction and schedule resolved
     prediction_type: str  # "epsilon" | "v_prediction"
     vae_fingerprint: str  # hash of the VAE weights: the latent cache key
+    prediction: predictions.Prediction | None = None  # prediction type, zero terminal SNR, and why
 
 
 def vae_fingerprint(vae: AutoencoderKL) -> str:
@@ -147,9 +148,13 @@ def _scheduler_config(source: str, local_only: bool = True) -> dict:
     return dict(DDPMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only))
 
 
-def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype):
+def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dtype, choose):
+    """The four models of a diffusers folder or Hub model, their scheduler config and
+    `choose(scheduler_config)` (the prediction), which runs first: a refusal costs no weights."""
     local_only = _local_only(source)
     try:
+        scheduler_config = _scheduler_config(source, local_only)
+        prediction = choose(scheduler_config)
         unet = UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=weight_dtype, local_files_only=local_only)
         vae = AutoencoderKL.from_pretrained(
@@ -158,39 +163,68 @@ def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dty
             source, subfolder="text_encoder", dtype=weight_dtype, local_files_only=local_only)
         te2 = CLIPTextModelWithProjection.from_pretrained(
             source, subfolder="text_encoder_2", dtype=weight_dtype, local_files_only=local_only)
-        return unet, vae, te1, te2, _scheduler_config(source, local_only)
+        return unet, vae, te1, te2, scheduler_config, prediction
     except OSError as err:
         if local_only and _is_hub_id(source):
             raise _offline_error(source, err) from None
         raise
 
 
-def _load_single_file(path: Path, config_dir: Path, tokenizers, weight_dtype, vae_dtype):
-    """All four models from one SGM checkpoint, converted by diffusers against `config_dir`.
+# Key prefixes of the four models in an SGM checkpoint.
+_SGM_PREFIXES = {"unet": sgm_keys.UNET_PREFIX, "vae": sgm_keys.VAE_PREFIX,
+                 "text_encoder": sgm_keys.TE1_PREFIX, "text_encoder_2": sgm_keys.TE2_PREFIX}
 
-    The checkpoint is read once; components come back in its stored dtype and are cast here so
-    the VAE never passes through a lossy dtype on its way to fp32.
+
+def _read_component(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `prefix`, read alone: the other models' bytes stay on disk."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = handle.keys()  # a safe_open handle is not iterable
+        return {key: handle.get_tensor(key) for key in keys if key.startswith(prefix)}
+
+
+def _load_single_file(path: Path, config_dir: Path, weight_dtype, vae_dtype, choose):
+    """All four models from one SGM checkpoint, converted by diffusers against `config_dir`, the
+    scheduler config and `choose(scheduler_config)` (the prediction, decided before any weight is read).
+
+    One model at a time: its tensors are read from the file, converted and loaded straight into
+    its dtype (`weight_dtype`, the VAE `vae_dtype`), so memory peaks at about twice the UNet in
+    its own dtype rather than the whole checkpoint plus an fp32 copy of every model, and the VAE
+    never passes through a lossy dtype on its way to fp32.
     """
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
     for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if not (config_dir / component / "config.json").is_file():
             raise FileNotFoundError(
                 f"{config_dir / component / 'config.json'}: component config missing"
             )
     scheduler_config = _scheduler_config(str(config_dir))
-    pipe = StableDiffusionXLPipeline.from_single_file(
-        str(path),
-        config=str(config_dir),
-        local_files_only=True,
-        tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1],
-        scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
-    )
+    prediction = choose(scheduler_config)
+    loaded = {}
+    for component, cls, dtype in (("unet", UNet2DConditionModel, weight_dtype), ("vae", AutoencoderKL, vae_dtype),
+                                  ("text_encoder", CLIPTextModel, weight_dtype),
+                                  ("text_encoder_2", CLIPTextModelWithProjection, weight_dtype)):
+        tensors = _read_component(path, _SGM_PREFIXES[component])
+        if not tensors:
+            raise ValueError(f"{path}: no {component} tensors (keys {_SGM_PREFIXES[component]}*): "
+                             "not an SDXL checkpoint in the SGM layout")
+        if component in ("unet", "vae"):
+            loaded[component] = cls.from_single_file(tensors, config=str(config_dir), subfolder=component,
+                                                     torch_dtype=dtype, local_files_only=True)
+        else:
+            loaded[component] = create_diffusers_clip_model_from_ldm(
+                cls, tensors, subfolder=component, config=str(config_dir), torch_dtype=dtype,
+                local_files_only=True)
+        del tensors
     return (
-        pipe.unet.to(weight_dtype),
-        pipe.vae.to(vae_dtype),
-        pipe.text_encoder.to(weight_dtype),
-        pipe.text_encoder_2.to(weight_dtype),
+        loaded["unet"].to(weight_dtype),
+        loaded["vae"].to(vae_dtype),
+        loaded["text_encoder"].to(weight_dtype),
+        loaded["text_encoder_2"].to(weight_dtype),
         scheduler_config,
+        prediction,
     )
 
 
@@ -207,6 +241,8 @@ def load_base_model(
     tokenizer_dir: str | None = None,
     weight_dtype: torch.dtype = torch.bfloat16,
     vae_dtype: torch.dtype = torch.float32,
+    prediction_type: str = "auto",
+    zero_terminal_snr: bool | str = "auto",
 ) -> SdxlComponents:
     """Load a frozen SDXL base model from a Hub id, a diffusers folder or an SGM `.safetensors`.
 
@@ -219,9 +255,11 @@ def load_base_model(
             vocabulary (`shipped_tokenizers`), so a local file never touches the network.
         weight_dtype: dtype of UNet and text encoders.
         vae_dtype: torch.float32 or torch.bfloat16.
+        prediction_type, zero_terminal_snr: "auto" (what the model says: `train.model.prediction`)
+            or the config's override.
 
     Raises:
-        ValueError: a dtype that cannot work.
+        ValueError: a dtype that cannot work; zero terminal SNR on an epsilon model.
         FileNotFoundError: a local path that does not exist or a missing component config.
         OSError: tokenizers or Hub files that could not be loaded (message lists what was tried);
             `captioning.hub.HubUnreachableError` at once when the Hub is out of reach and the
@@ -237,20 +275,32 @@ def load_base_model(
         # from the shipped CLIP vocabulary (the same tokens as the Hub model's).
         tokenizers = _load_tokenizers([tokenizer_dir]) if tokenizer_dir else shipped_tokenizers()
         config = Path(config_dir) if config_dir else SDXL_CONFIG_DIR
-        unet, vae, te1, te2, scheduler_config = _load_single_file(
-            path, config, tokenizers, weight_dtype, vae_dtype
+        markers = predictions.single_file_markers(path)
+
+        def choose(scheduler_config: dict) -> predictions.Prediction:
+            detected = predictions.detect(scheduler_config, origin=f"{config / 'scheduler'} (the component configs)",
+                                          markers=markers)
+            return predictions.resolve(detected, prediction_type, zero_terminal_snr)
+
+        unet, vae, te1, te2, scheduler_config, prediction = _load_single_file(
+            path, config, weight_dtype, vae_dtype, choose
         )
     elif path.is_dir() or not looks_like_path(source):
         if path.is_dir() and not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path}: not a diffusers folder (no unet/ subfolder)")
         tokenizers = _load_tokenizers([tokenizer_dir] if tokenizer_dir else [source])
-        unet, vae, te1, te2, scheduler_config = _load_diffusers(source, weight_dtype, vae_dtype)
+
+        def choose(scheduler_config: dict) -> predictions.Prediction:
+            detected = predictions.detect(scheduler_config, origin=f"the scheduler config of {source}")
+            return predictions.resolve(detected, prediction_type, zero_terminal_snr)
+
+        unet, vae, te1, te2, scheduler_config, prediction = _load_diffusers(source, weight_dtype, vae_dtype, choose)
     else:
         raise FileNotFoundError(f"{source}: model file or folder not found")
     _freeze(unet, vae, te1, te2)
-    prediction_type = scheduler_config.get("prediction_type") or "epsilon"
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    logger.info("loaded %s (prediction_type=%s)", source, prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(prediction.scheduler_config(scheduler_config))
+    logger.info("loaded %s: prediction_type=%s, zero_terminal_snr=%s (%s)", source, prediction.prediction_type,
+                str(prediction.zero_terminal_snr).lower(), prediction.reason)
     return SdxlComponents(
         unet=unet,
         vae=vae,
@@ -259,19 +309,22 @@ def load_base_model(
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
         noise_scheduler=noise_scheduler,
-        prediction_type=prediction_type,
+        prediction_type=prediction.prediction_type,
         vae_fingerprint=vae_fingerprint(vae),
+        prediction=prediction,
     )
 
 
-def load_model(model: ModelConfig, device: torch.device | str) -> SdxlComponents:
-    """The frozen base model of a `[model]` table, on `device` (the VAE too: it encodes uncached latents).
+def load_model(model: ModelConfig, device: torch.device | str, zero_terminal_snr: bool | str = "auto") -> SdxlComponents:
+    """The frozen base model of a `[model]` table, on `device` (the VAE too: it encodes uncached latents);
+    `zero_terminal_snr` is `train.zero_terminal_snr`.
 
     A UNet to be quantized (`model.quantize`) stays on the CPU: `train.model.quantize.quantize_unet`
     moves it once compressed, so a small GPU never holds its full-precision weights.
     """
     base = load_base_model(model.source, config_dir=model.config_dir, tokenizer_dir=model.tokenizer_dir,
-                           weight_dtype=TORCH_DTYPES[model.weight_dtype], vae_dtype=TORCH_DTYPES[model.vae_dtype])
+                           weight_dtype=TORCH_DTYPES[model.weight_dtype], vae_dtype=TORCH_DTYPES[model.vae_dtype],
+                           prediction_type=model.prediction_type, zero_terminal_snr=zero_terminal_snr)
     modules = [base.vae, base.text_encoder, base.text_encoder_2]
     if model.quantize == "none":
         modules.append(base.unet)

@@ -1,7 +1,8 @@
 """Aspect-ratio buckets and the resize/crop that fits an image into its bucket.
 
-The default set is the Animagine XL 4.0 model card's resolutions. `all_buckets()` is the
-NovelAI/sd-scripts style enumeration (steps of 64, bounded area). The recorded resize and crop
+The default set is the Animagine XL 4.0 model card's resolutions, at its 1024² area or scaled to a
+larger one (`max_area`, prep's `--max-area`: the same aspect ratios on the 64-pixel grid).
+`all_buckets()` is the NovelAI/sd-scripts style enumeration (steps of 64, bounded area). The recorded resize and crop
 give SDXL's micro-conditioning exactly (Podell et al. 2023, "SDXL", sec. 2.2):
 original_size=(height, width), crops_coords_top_left=(crop_top, crop_left),
 target_size=(bucket_height, bucket_width).
@@ -12,6 +13,8 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+
+from train.names import CARD_AREA, scale_bucket
 
 Bucket = tuple[int, int]  # (width, height)
 
@@ -37,9 +40,25 @@ def all_buckets(
     return tuple((w, h) for w in sides for h in sides if w * h <= max_area)
 
 
-def bucket_set(name: str) -> tuple[Bucket, ...]:
-    """`"card"` or `"all"`; anything else raises ValueError naming the choices."""
-    table = {"card": lambda: CARD_BUCKETS, "all": all_buckets}
+MAX_AREA = 2048 * 2048  # `max_area` bound: 4x the card's area, where SDXL's composition falls apart
+
+
+def card_buckets(max_area: int = CARD_AREA) -> tuple[Bucket, ...]:
+    """The card's aspect ratios at `max_area`: each bucket scaled by sqrt(max_area / 1024²) onto
+    the 64-pixel grid, its aspect ratio kept as closely as the grid allows (`names.scale_bucket`)."""
+    if max_area == CARD_AREA:
+        return CARD_BUCKETS
+    scale = math.sqrt(max_area / CARD_AREA)
+    return tuple(dict.fromkeys(scale_bucket(w, h, scale) for w, h in CARD_BUCKETS))
+
+
+def bucket_set(name: str, max_area: int | None = None) -> tuple[Bucket, ...]:
+    """`"card"` or `"all"` at `max_area` (default 1024²); anything else raises ValueError naming the choices."""
+    area = max_area or CARD_AREA
+    if not 64 * 64 <= area <= MAX_AREA:
+        raise ValueError(f"max_area {area}: between {64 * 64} and {MAX_AREA} (2048x2048)")
+    table = {"card": lambda: card_buckets(area),
+             "all": lambda: all_buckets(max_area=area, max_side=max(2048, math.isqrt(area)))}
     if name not in table:
         raise ValueError(f"buckets: unknown bucket set {name!r} (choose from {sorted(table)})")
     return table[name]()

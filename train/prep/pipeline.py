@@ -288,7 +288,7 @@ class RowBuilder:
 
     def __post_init__(self) -> None:
         self.sources = {s.name: s for s in self.recipe.sources}
-        self.buckets = bucket_set(self.recipe.dataset.buckets)
+        self.buckets = bucket_set(self.recipe.dataset.buckets, self.recipe.dataset.max_area)
         self.curator = Curator(self.recipe, self.tools.tag_db)
 
     def post_of(self, record: src.Record) -> Post:

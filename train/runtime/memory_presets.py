@@ -14,11 +14,22 @@ What uses memory at 1024², SDXL UNet, attn-mlp r32 (bench/RESULTS.md, "The work
 
 `python bench/train_step.py --presets` measures each preset's peak UNet training memory
 (`torch.cuda.max_memory_allocated`) on the exact SDXL UNet and checks it against `unet_budget_gib`.
+
+Larger training sizes (prep's `--max-area`, `data.resolution_scale` above 1) cost activations:
+`activation_gib` estimates them from the 1 GiB per image at 1024² above, in proportion to the area
+(with SDPA's memory-efficient attention, activation memory is linear in latent pixels), and
+`at_area` gives a preset's settings at a larger area: a smaller batch with more accumulation
+(the same effective batch of 8), and how much more than at 1024² the step needs when even batch
+1 does not fit in what the preset spends on activations there. These are estimates, not
+measurements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+
+from train.names import CARD_AREA
 
 
 @dataclass(frozen=True)
@@ -57,3 +68,37 @@ MEMORY_PRESETS: dict[str, MemoryPreset] = {p.name: p for p in (
     _preset("24gb", 24, 21.5, batch=8, quantize="none", optimizer="adamw"),
 )}
 
+
+
+# Square sides of the sizes users train at; a bucket of the same area costs the same.
+TRAINING_SIDES = (1024, 1152, 1280, 1408, 1536)
+ACTIVATION_GIB_PER_IMAGE = 1.0  # at 1024², gradient checkpointing on (see the module docstring)
+
+
+def activation_gib(area: int, batch: int = 1) -> float:
+    """Estimated activation memory of a UNet training step on `batch` images of `area` pixels (GiB)."""
+    return ACTIVATION_GIB_PER_IMAGE * batch * area / CARD_AREA
+
+
+@dataclass(frozen=True)
+class SizedPreset:
+    """A memory preset's settings at a training area, and what it needs beyond its 1024² budget."""
+
+    preset: MemoryPreset  # with train.batch_size / gradient_accumulation_steps for this area
+    area: int
+    extra_gib: float  # activation memory beyond what the preset spends at 1024² (0: it fits)
+
+
+def at_area(preset: MemoryPreset, area: int) -> SizedPreset:
+    """`preset` for images of `area` pixels: the batch halved (accumulation doubled, so the
+    effective batch stays 8) until its activations fit in what the preset spends on them at
+    1024²; at batch 1, the GiB still missing."""
+    base = int(preset.overrides["train.batch_size"])
+    allowed = activation_gib(CARD_AREA, base)
+    batch = base
+    while batch > 1 and activation_gib(area, batch) > allowed + 1e-9:
+        batch //= 2
+    effective = base * int(preset.overrides["train.gradient_accumulation_steps"])
+    overrides = {**preset.overrides, "train.batch_size": batch, "train.gradient_accumulation_steps": effective // batch}
+    return SizedPreset(dataclasses.replace(preset, overrides=overrides), area,
+                       max(0.0, activation_gib(area, batch) - allowed))

@@ -13,7 +13,8 @@ from the diffusers scripts.
 Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled") trains at one point (y) and
 evaluates at another (x, the average of the iterates): `eval_weights(optimizer, params)` puts x
 into the parameters for sampling and export and restores y bit for bit afterwards.
-`lora_plus_groups` splits parameter groups for LoRA+ (Hayou et al. 2024).
+`lora_plus_groups` splits parameter groups for LoRA+ (Hayou et al. 2024); `adapter_param_groups`
+builds a run's groups: block-wise UNet rates and a rate per text encoder.
 """
 
 from __future__ import annotations
@@ -115,6 +116,28 @@ def lora_plus_groups(named_params: list[tuple[str, torch.nn.Parameter]], lr: flo
     up = [p for name, p in named_params if ".lora_B." in name]
     rest = [p for name, p in named_params if ".lora_B." not in name]
     return [group for group in ({"params": rest, "lr": lr}, {"params": up, "lr": lr * ratio}) if group["params"]]
+
+
+def adapter_param_groups(unet: list[tuple[str, torch.nn.Parameter]],
+                         encoders: list[list[tuple[str, torch.nn.Parameter]]], *, lr: float,
+                         encoder_lrs: list[float], lora_plus_ratio: float = 1.0,
+                         unet_multiplier: Callable[[str], float] | None = None) -> list[dict]:
+    """Optimizer parameter groups of a run's adapters, each split for LoRA+ (`lora_plus_groups`).
+
+    The UNet's parameters at `lr` times `unet_multiplier(name)` (block-wise rates, sd-scripts'
+    `down/mid/up_lr_weight`: one group per distinct multiplier), then each text encoder's at its
+    rate in `encoder_lrs` (encoders sharing a rate share groups, as with one `text_encoder_lr`).
+    """
+    multipliers: dict[float, list] = {}
+    for named in unet:
+        multipliers.setdefault(unet_multiplier(named[0]) if unet_multiplier else 1.0, []).append(named)
+    # The groups at the plain rate first: the loop logs the first group's rate as "lr".
+    ordered = sorted(multipliers.items(), key=lambda item: item[0] != 1.0)
+    groups = [g for scale, named in ordered for g in lora_plus_groups(named, lr * scale, lora_plus_ratio)]
+    rates: dict[float, list] = {}
+    for named, rate in zip(encoders, encoder_lrs):
+        rates.setdefault(rate, []).extend(named)
+    return groups + [g for rate, named in rates.items() for g in lora_plus_groups(named, rate, lora_plus_ratio)]
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
