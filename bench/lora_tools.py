@@ -1,12 +1,10 @@
 """Time and peak memory of `animagine-lora lora resize / merge --into / extract` on the real SDXL
 architecture, on CPU.
 
-The models are the exact SDXL 1.0 layout (train/model/sdxl_configs/: UNet, both text encoders,
-VAE) with seeded random weights, written as one SGM single file in fp16 (6.9 GB) tensor by tensor:
-the names and shapes come from the components built on the meta device and renamed by
-`train.model.sgm_keys`; each tensor is drawn from its own generator (seeded by its name) when it
-is written (weights N(0, 1/fan_in), embeddings N(0, 0.02^2), norm weights 1, biases 0). The
-LoRA is a rank-32 attn-mlp LoRA (722 UNet modules, as sd-scripts' default) with random factors.
+The base is the exact SDXL 1.0 layout (train/model/sdxl_configs/: UNet, both text encoders, VAE)
+with seeded random weights, one SGM single file in fp16 (6.9 GB), from `train.model.random_sdxl`
+(weights N(0, 1/fan_in), embeddings N(0, 0.02^2), norm weights 1, biases 0). The LoRA is a
+rank-32 attn-mlp LoRA (722 UNet modules, as sd-scripts' default) with random factors.
 
 Steps, each a fresh `python -m train.cli lora ...` process:
 1. resize the rank-32 LoRA to rank 16;
@@ -40,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,70 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from train.lora.adapters import TARGET_PRESETS
 from train.lora.convert import LoraModule
 from train.lora.lowrank import write_plain_lora
-from train.model import sgm_keys
-from train.names import SDXL_CONFIG_DIR
-from train.tensor_files import TensorSpec, save_tensors_streamed
+from train.model.random_sdxl import build_empty, build_random_sdxl
 
 RANK = 32
 
 
-def _config(component: str) -> dict:
-    return json.loads((SDXL_CONFIG_DIR / component / "config.json").read_text("utf-8"))
-
-
-def meta_components() -> dict[str, torch.nn.Module]:
-    """The four SDXL components on the meta device (shapes, no storage)."""
-    def text(component: str) -> CLIPTextConfig:
-        config = _config(component)
-        config.pop("torch_dtype", None)
-        return CLIPTextConfig(**config)
-
-    with init_empty_weights():
-        return {"unet": UNet2DConditionModel.from_config(_config("unet")),
-                "vae": AutoencoderKL.from_config(_config("vae")),
-                "text_encoder": CLIPTextModel(text("text_encoder")),
-                "text_encoder_2": CLIPTextModelWithProjection(text("text_encoder_2"))}
-
-
-def sgm_specs(components: dict[str, torch.nn.Module], dtype: torch.dtype) -> list[TensorSpec]:
-    """Names and shapes of the SGM single file, from meta state dicts run through the key maps."""
-    convert = {"unet": lambda sd: sgm_keys.unet_to_sgm(sd, _config("unet")),
-               "vae": lambda sd: sgm_keys.vae_to_sgm(sd, _config("vae")),
-               "text_encoder": sgm_keys.clip_l_to_sgm, "text_encoder_2": sgm_keys.open_clip_to_sgm}
-    specs = []
-    for name, module in components.items():
-        state = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in module.state_dict().items()}
-        specs += [TensorSpec(k, dtype, tuple(v.shape)) for k, v in convert[name](state).items()]
-    return specs
-
-
-def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
-    name, shape = spec.name, spec.shape
-    if name.endswith("bias"):
-        return torch.zeros(shape, dtype=spec.dtype)
-    if len(shape) <= 1:
-        return torch.ones(shape, dtype=spec.dtype) if "norm" in name or "ln_" in name else \
-            torch.zeros(shape, dtype=spec.dtype)
-    std = 0.02 if "embedding" in name else 1 / max(1, int(torch.tensor(shape[1:]).prod())) ** 0.5
-    return (torch.randn(shape, generator=generator) * std).to(spec.dtype)
-
-
-def write_base(path: Path, seed: int = 0) -> None:
-    specs = sgm_specs(meta_components(), torch.float16)
-    save_tensors_streamed(path, specs, lambda spec: random_tensor(spec, seed), {"format": "pt"})
-
-
 def write_lora(path: Path, rank: int = RANK, seed: int = 1) -> int:
     """A rank-`rank` attn-mlp LoRA with random factors on the SDXL UNet; returns its module count."""
-    unet = meta_components()["unet"]
+    unet = build_empty("unet")
     targets = TARGET_PRESETS["attn-mlp"]
     generator = torch.Generator().manual_seed(seed)
     modules = {}
@@ -228,7 +173,7 @@ def main() -> int:
                                   "threads": torch.get_num_threads(), "steps": {}}
     started = time.perf_counter()
     if not base.is_file():
-        write_base(base)
+        build_random_sdxl(base, dtype=torch.float16)
     results["build_base_seconds"] = round(time.perf_counter() - started, 1)
     results["base_gb"] = round(base.stat().st_size / 1e9, 2)
     results["lora_modules"] = write_lora(lora)
