@@ -1,24 +1,27 @@
 """Time and peak memory of `animagine-lora lora resize / merge --into / extract` on the real SDXL
 architecture, on CPU.
 
-The models are the exact SDXL 1.0 layout (train/model/sdxl_configs/: UNet, both text encoders,
-VAE) with seeded random weights, written as one SGM single file in fp16 (6.9 GB) tensor by tensor:
-the names and shapes come from the components built on the meta device and renamed by
-`train.model.sgm_keys`; each tensor is drawn from its own generator (seeded by its name) when it
-is written (weights N(0, 1/fan_in), embeddings N(0, 0.02^2), norm weights 1, biases 0). The
-LoRA is a rank-32 attn-mlp LoRA (722 UNet modules, as sd-scripts' default) with random factors.
+The base is the exact SDXL 1.0 layout (train/model/sdxl_configs/: UNet, both text encoders, VAE)
+with seeded random weights, one SGM single file in fp16 (6.9 GB), from `train.model.random_sdxl`
+(weights N(0, 1/fan_in), embeddings N(0, 0.02^2), norm weights 1, biases 0). The LoRA is a
+rank-32 attn-mlp LoRA (722 UNet modules, as sd-scripts' default) with random factors.
 
 Steps, each a fresh `python -m train.cli lora ...` process:
 1. resize the rank-32 LoRA to rank 16;
 2. merge it into the base (`--into base.safetensors -o merged.safetensors`, fp16): the tuned model;
-3. extract `--base base --tuned merged --rank 32`, exact SVD;
-4. the same with `--fast` (torch.svd_lowrank), and the kept energy of both.
+3. extract `--base base --tuned merged --rank 32` (exact SVD, fp64).
+Then, in this process, the case for a randomized SVD: on 12 of the extracted differences (the
+mid block's 1280-wide layers and down_blocks.1's 640-wide ones), the time and kept energy of
+`torch.linalg.svd` (fp64) against `torch.svd_lowrank` (q = k + 8, 2 and 4 power iterations) at
+ranks 8, 16 and 32 (the difference has rank 32 plus fp16 rounding). `lora` offers no `--fast`
+because of what this measured (bench/RESULTS.md).
 
 Per step: wall time, peak RSS (the kernel's VmHWM of the process: memory-mapped model pages
 count while touched) and the peak of anonymous memory (RssAnon, sampled every 50 ms: what the
 process itself allocated). Runs under the project's memory lock on the shared VM:
 
     flock /work/notes/bigmem.lock python bench/lora_tools.py [--work DIR] [--keep]
+    python bench/lora_tools.py --work DIR --svd-check-only    # the SVD comparison on kept files
 
 Writes bench/results/lora_tools.json (or --json PATH) and prints a table.
 """
@@ -35,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,70 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from train.lora.adapters import TARGET_PRESETS
 from train.lora.convert import LoraModule
 from train.lora.lowrank import write_plain_lora
-from train.model import sgm_keys
-from train.names import SDXL_CONFIG_DIR
-from train.tensor_files import TensorSpec, save_tensors_streamed
+from train.model.random_sdxl import build_empty, build_random_sdxl
 
 RANK = 32
 
 
-def _config(component: str) -> dict:
-    return json.loads((SDXL_CONFIG_DIR / component / "config.json").read_text("utf-8"))
-
-
-def meta_components() -> dict[str, torch.nn.Module]:
-    """The four SDXL components on the meta device (shapes, no storage)."""
-    def text(component: str) -> CLIPTextConfig:
-        config = _config(component)
-        config.pop("torch_dtype", None)
-        return CLIPTextConfig(**config)
-
-    with init_empty_weights():
-        return {"unet": UNet2DConditionModel.from_config(_config("unet")),
-                "vae": AutoencoderKL.from_config(_config("vae")),
-                "text_encoder": CLIPTextModel(text("text_encoder")),
-                "text_encoder_2": CLIPTextModelWithProjection(text("text_encoder_2"))}
-
-
-def sgm_specs(components: dict[str, torch.nn.Module], dtype: torch.dtype) -> list[TensorSpec]:
-    """Names and shapes of the SGM single file, from meta state dicts run through the key maps."""
-    convert = {"unet": lambda sd: sgm_keys.unet_to_sgm(sd, _config("unet")),
-               "vae": lambda sd: sgm_keys.vae_to_sgm(sd, _config("vae")),
-               "text_encoder": sgm_keys.clip_l_to_sgm, "text_encoder_2": sgm_keys.open_clip_to_sgm}
-    specs = []
-    for name, module in components.items():
-        state = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in module.state_dict().items()}
-        specs += [TensorSpec(k, dtype, tuple(v.shape)) for k, v in convert[name](state).items()]
-    return specs
-
-
-def random_tensor(spec: TensorSpec, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
-    name, shape = spec.name, spec.shape
-    if name.endswith("bias"):
-        return torch.zeros(shape, dtype=spec.dtype)
-    if len(shape) <= 1:
-        return torch.ones(shape, dtype=spec.dtype) if "norm" in name or "ln_" in name else \
-            torch.zeros(shape, dtype=spec.dtype)
-    std = 0.02 if "embedding" in name else 1 / max(1, int(torch.tensor(shape[1:]).prod())) ** 0.5
-    return (torch.randn(shape, generator=generator) * std).to(spec.dtype)
-
-
-def write_base(path: Path, seed: int = 0) -> None:
-    specs = sgm_specs(meta_components(), torch.float16)
-    save_tensors_streamed(path, specs, lambda spec: random_tensor(spec, seed), {"format": "pt"})
-
-
 def write_lora(path: Path, rank: int = RANK, seed: int = 1) -> int:
     """A rank-`rank` attn-mlp LoRA with random factors on the SDXL UNet; returns its module count."""
-    unet = meta_components()["unet"]
+    unet = build_empty("unet")
     targets = TARGET_PRESETS["attn-mlp"]
     generator = torch.Generator().manual_seed(seed)
     modules = {}
@@ -149,6 +99,52 @@ def run_measured(args: list[str]) -> dict:
             "peak_anon_gb": round(peak["anon"] / 2**20, 2), "stdout": out}
 
 
+def svd_check(base_path: Path, tuned_path: Path) -> list[dict]:
+    """Exact (fp64) against randomized SVD on sampled differences: seconds and kept energy share."""
+    from train.model.weight_files import ModelWeights
+
+    base, tuned = ModelWeights(base_path), ModelWeights(tuned_path)
+    targets = TARGET_PRESETS["attn-mlp"]
+    modules = [p for p in tuned.modules("unet") if any(p.endswith("." + t) for t in targets)]
+    picked = [p for p in modules if p.startswith("mid_block")][:16:2] + \
+        [p for p in modules if p.startswith("down_blocks.1")][:8:2]
+    rows = []
+    for path in picked:
+        at_base, at_tuned = base.locate("unet", path), tuned.locate("unet", path)
+        diff = (tuned.read(at_tuned).float() - base.read(at_base).float()).reshape(
+            tuned.location_shape(at_tuned)[0], -1)
+        total = float(diff.double().square().sum())
+        start = time.perf_counter()
+        exact = torch.linalg.svd(diff.double(), full_matrices=False)[1]
+        row = {"module": path, "shape": list(diff.shape), "exact_seconds": round(time.perf_counter() - start, 3)}
+        for k in (8, 16, 32):
+            row[f"exact_k{k}"] = float(exact[:k].square().sum()) / total
+            for niter in (2, 4):
+                start = time.perf_counter()
+                fast = torch.svd_lowrank(diff, q=k + 8, niter=niter)[1]
+                row[f"lowrank_k{k}_n{niter}_seconds"] = round(time.perf_counter() - start, 3)
+                row[f"lowrank_k{k}_n{niter}"] = float(fast[:k].double().square().sum()) / total
+        rows.append(row)
+    return rows
+
+
+def print_svd_check(rows: list[dict]) -> dict:
+    """Per rank and power iterations: summed time and the worst energy gap (exact - randomized)."""
+    summary = {"exact_seconds": round(sum(r["exact_seconds"] for r in rows), 1)}
+    print(f"\nrandomized SVD on {len(rows)} differences (exact fp64: {summary['exact_seconds']} s in all)")
+    print(f"{'rank':>6}{'iters':>7}{'seconds':>9}{'exact kept':>12}{'lowrank kept':>14}{'worst gap':>11}")
+    for k in (8, 16, 32):
+        for niter in (2, 4):
+            seconds = sum(r[f"lowrank_k{k}_n{niter}_seconds"] for r in rows)
+            gap = max(r[f"exact_k{k}"] - r[f"lowrank_k{k}_n{niter}"] for r in rows)
+            exact = sum(r[f"exact_k{k}"] for r in rows) / len(rows)
+            fast = sum(r[f"lowrank_k{k}_n{niter}"] for r in rows) / len(rows)
+            summary[f"k{k}_n{niter}"] = {"seconds": round(seconds, 2), "exact_kept_mean": round(exact, 5),
+                                         "lowrank_kept_mean": round(fast, 5), "worst_gap": round(gap, 5)}
+            print(f"{k:>6}{niter:>7}{seconds:>9.2f}{exact:>12.4f}{fast:>14.4f}{gap:>11.4f}")
+    return summary
+
+
 def _total_kept(stdout: str) -> float | None:
     """The total kept energy: the last column of the energy table's `all` row."""
     rows = [line.split() for line in stdout.splitlines() if line.startswith("all ")]
@@ -160,7 +156,15 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="folder for the model files (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the model files")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "lora_tools.json")
+    parser.add_argument("--svd-check-only", action="store_true",
+                        help="only the SVD comparison, on base.safetensors and merged.safetensors kept in --work")
     args = parser.parse_args()
+    if args.svd_check_only:
+        rows = svd_check(args.work / "base.safetensors", args.work / "merged.safetensors")
+        report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+                  "summary": print_svd_check(rows)}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="lora_tools_"))
     work.mkdir(parents=True, exist_ok=True)
     base, lora = work / "base.safetensors", work / "lora_r32.safetensors"
@@ -169,7 +173,7 @@ def main() -> int:
                                   "threads": torch.get_num_threads(), "steps": {}}
     started = time.perf_counter()
     if not base.is_file():
-        write_base(base)
+        build_random_sdxl(base, dtype=torch.float16)
     results["build_base_seconds"] = round(time.perf_counter() - started, 1)
     results["base_gb"] = round(base.stat().st_size / 1e9, 2)
     results["lora_modules"] = write_lora(lora)
@@ -180,9 +184,6 @@ def main() -> int:
                                             "-o", str(work / "merged.safetensors"), "--dtype", "fp16"],
         "extract --rank 32": ["lora", "extract", "--base", str(base), "--tuned", str(work / "merged.safetensors"),
                               "-o", str(work / "x32.safetensors"), "--rank", "32"],
-        "extract --rank 32 --fast": ["lora", "extract", "--base", str(base), "--tuned",
-                                     str(work / "merged.safetensors"), "-o", str(work / "x32f.safetensors"),
-                                     "--rank", "32", "--fast"],
     }
     print(f"{'step':<34}{'seconds':>9}{'peak RSS GB':>13}{'peak anon GB':>14}{'energy kept':>13}")
     for label, step in steps.items():
@@ -192,12 +193,8 @@ def main() -> int:
         kept = f"{measured['energy_total']:.6f}" if measured["energy_total"] is not None else ""
         print(f"{label:<34}{measured['seconds']:>9}{measured['peak_rss_gb']:>13}{measured['peak_anon_gb']:>14}"
               f"{kept:>13}", flush=True)
-    exact, fast = results["steps"]["extract --rank 32"], results["steps"]["extract --rank 32 --fast"]
-    results["fast_speedup"] = round(exact["seconds"] / fast["seconds"], 2)
-    if exact["energy_total"] and fast["energy_total"]:
-        results["fast_energy_gap"] = round(exact["energy_total"] - fast["energy_total"], 6)
-    print(f"--fast: {results['fast_speedup']}x the exact extract's speed, total kept energy "
-          f"{fast['energy_total']} vs {exact['energy_total']}")
+    rows = svd_check(base, work / "merged.safetensors")
+    results["svd_check"] = {"rows": rows, "summary": print_svd_check(rows)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     if not args.keep and args.work is None:

@@ -110,6 +110,8 @@ def test_single_file_base_into_a_diffusers_folder(tiny_model, lora_and_fused, tm
     bake([WeightedLora(path)], tiny_model.single_file, diffusers_dir=tmp_path / "folder", dtype=torch.float32,
          config_dir=tiny_model.config_dir)
     assert not list(tmp_path.glob(".*merged*"))
+    record = json.loads((tmp_path / "folder" / "merge_record.json").read_text())
+    assert json.loads(record["merged_loras"])[0]["file"] == "lora.safetensors"
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "folder")
     for name in COMPONENTS:
         _assert_equal_weights(getattr(pipe, name), fused[name], name)

@@ -160,3 +160,24 @@ def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickl
             break
     assert path.read_bytes()[0] == 0x80
     assert read_header(path) == (["a"], {"pad": "x" * pad})
+
+
+def test_a_diffusers_lora_folder_reads_the_same_deltas(plain, tmp_path):
+    from train.lora.convert import convert
+
+    path, expected = plain
+    folder = convert(path, tmp_path / "diffusers", to="diffusers").parent
+    lora = read_deltas(folder)
+    assert set(lora.deltas) == set(expected)
+    for key, delta in lora.deltas.items():
+        assert _relative(delta.weight(), expected[key]) < 1e-5, key
+
+
+def test_a_diffusers_layout_lokr_is_refused_by_name(base_unet, tmp_path):
+    from train.lora.convert import convert
+
+    spec = LoraConfig(type="lokr", rank=2, alpha=3.0, factor=4)
+    source = write_lora(tmp_path / "lokr.safetensors", spec, unet=adapted_unet(base_unet, spec, preset="attn"))
+    folder = convert(source, tmp_path / "diffusers").parent
+    with pytest.raises(LoraFileError, match="diffusers layout"):
+        read_deltas(folder)

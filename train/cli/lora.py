@@ -31,8 +31,6 @@ def _rank_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
                       help="per module, the smallest rank keeping this share of its Frobenius energy (e.g. 0.95)")
     rule.add_argument("--sv-ratio", type=bounded_float(1.0001, 1e9),
                       help="per module, keep singular values >= the largest / N (sd-scripts' sv_ratio)")
-    parser.add_argument("--fast", action="store_true",
-                        help="randomized SVD (torch.svd_lowrank) for full matrices; --rank only")
 
 
 def _dtype_option(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +89,6 @@ def _rule(args: argparse.Namespace):
     from train.lora.svd import RankRule
 
     if args.rank is None and args.energy is None and args.sv_ratio is None:
-        if args.fast:
-            raise ValueError("--fast needs --rank")
         return None
     return RankRule(rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio)
 
@@ -137,7 +133,7 @@ def _dtype(name: str):
 def _resize(args: argparse.Namespace) -> list[str]:
     from train.lora.resize import resize
 
-    report = resize(args.input, args.out, _rule(args), dtype=_dtype(args.dtype), fast=args.fast)
+    report = resize(args.input, args.out, _rule(args), dtype=_dtype(args.dtype))
     return [*report.lines(), f"wrote {args.out}"]
 
 
@@ -150,10 +146,10 @@ def _merge(args: argparse.Namespace) -> list[str]:
             raise ValueError("--diffusers DIR: only with --into MODEL (a merged LoRA is one file: -o)")
         if args.out is None:
             raise ValueError("merge: give -o OUT.safetensors")
-        return [*merge_loras(inputs, args.out, rule=_rule(args), dtype=_dtype(args.dtype), fast=args.fast),
+        return [*merge_loras(inputs, args.out, rule=_rule(args), dtype=_dtype(args.dtype)),
                 f"wrote {args.out}"]
-    if args.rank is not None or args.energy is not None or args.sv_ratio is not None or args.fast:
-        raise ValueError("--into merges the LoRAs exactly; --rank/--energy/--sv-ratio/--fast are for LoRA outputs")
+    if args.rank is not None or args.energy is not None or args.sv_ratio is not None:
+        raise ValueError("--into merges the LoRAs exactly; --rank/--energy/--sv-ratio are for LoRA outputs")
     from train.lora.bake import bake
 
     result = bake(inputs, _model_source(args.into), single_file=args.out, diffusers_dir=args.diffusers, dtype=_dtype(args.dtype),
@@ -165,5 +161,5 @@ def _extract(args: argparse.Namespace) -> list[str]:
     from train.lora.extract import extract
 
     report = extract(_model_source(args.base), _model_source(args.tuned), args.out, _rule(args), preset=args.preset,
-                     text_encoder_threshold=args.te_threshold, dtype=_dtype(args.dtype), fast=args.fast)
+                     text_encoder_threshold=args.te_threshold, dtype=_dtype(args.dtype))
     return [*report.lines(), f"wrote {args.out}"]

@@ -35,6 +35,7 @@ from train.tensor_files import TensorSpec, save_tensors_streamed
 logger = logging.getLogger(__name__)
 
 Additions = dict[str, list[tuple[int | None, Delta]]]  # source key -> (q/k/v third or None, delta)
+MERGE_RECORD = "merge_record.json"  # in a diffusers folder written from a single file
 
 
 @dataclass
@@ -136,7 +137,7 @@ def bake(inputs: list[WeightedLora], model: str | Path, *, single_file: Path | N
         try:
             _sgm_to_sgm(weights, placed, target, dtype, {**weights.metadata(), **metadata})
             if diffusers_dir is not None:
-                _single_file_to_diffusers(target, diffusers_dir, dtype, config_dir)
+                _single_file_to_diffusers(target, diffusers_dir, dtype, config_dir, metadata)
         finally:
             if single_file is None:
                 target.unlink(missing_ok=True)
@@ -222,8 +223,9 @@ def _diffusers_to_sgm(weights: ModelWeights, placed: Additions, out: Path, dtype
 
 
 def _single_file_to_diffusers(single_file: Path, out_dir: Path, dtype: torch.dtype,
-                              config_dir: str | Path | None) -> None:
-    """A merged single file saved as a diffusers folder, through diffusers' own SGM conversion."""
+                              config_dir: str | Path | None, metadata: dict[str, str]) -> None:
+    """A merged single file saved as a diffusers folder, through diffusers' own SGM conversion;
+    `save_pretrained` writes no metadata of ours, so the merge record goes into MERGE_RECORD."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from train.model.loading import load_base_model
@@ -237,6 +239,7 @@ def _single_file_to_diffusers(single_file: Path, out_dir: Path, dtype: torch.dty
     temp = outputs.temp_dir(out_dir)
     try:
         pipe.save_pretrained(temp, safe_serialization=True)
+        outputs.write_text(temp / MERGE_RECORD, json.dumps(metadata, indent=2) + "\n")
         with outputs.output_errors(out_dir):
             if out_dir.exists():
                 out_dir.rmdir()  # empty: checked before the merge

@@ -99,6 +99,9 @@ def read_deltas(path: str | Path) -> LoraDeltas:
     source = weights_file(Path(path))
     keys, metadata = read_header(source)
     if is_lycoris(keys):
+        if any(k.startswith(("unet.", "text_encoder")) for k in keys):
+            raise LoraFileError(f"{source}: a LoKr in the diffusers layout (key {keys[0]!r}) is not read here; "
+                                "use the LyCORIS .safetensors file it was converted from")
         return _read_lycoris(source, keys, metadata)
     lora = read_lora(source)
     deltas, ranks, ratios = {}, {}, {}

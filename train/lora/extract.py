@@ -78,7 +78,7 @@ def relative_change(base: ModelWeights, tuned: ModelWeights, pairs: list[ModuleP
 
 def extract(base_source: str | Path, tuned_source: str | Path, out_path: str | Path, rule: RankRule, *,
             preset: str = "attn-mlp", text_encoder_threshold: float = DEFAULT_TEXT_ENCODER_THRESHOLD,
-            dtype: torch.dtype | None = torch.float16, fast: bool = False) -> EnergyReport:
+            dtype: torch.dtype | None = torch.float16) -> EnergyReport:
     """Write the LoRA of `tuned - base` to `out_path`; returns the energy report (with a note per
     text encoder: kept or not, and its relative change).
 
@@ -108,7 +108,7 @@ def extract(base_source: str | Path, tuned_source: str | Path, out_path: str | P
         for pair in pairs:
             yield pair.key, _difference(base, tuned, pair)
 
-    weights, report = low_rank(differences(), rule, fast=fast)
+    weights, report = low_rank(differences(), rule)
     write_plain_lora(weights, out_path, dtype=dtype,
                      comment=f"extracted by animagine-lora lora extract: {tuned.source.name} - {base.source.name}",
                      metadata={"ss_sd_model_name": tuned.source.name})

@@ -75,7 +75,7 @@ def _mb(size: int) -> str:
 
 
 def low_rank(deltas: Iterable[tuple[ModuleKey, Delta]], rule: RankRule, *, ranks: dict[ModuleKey, int] | None = None,
-             ratios: dict[ModuleKey, float] | None = None, fast: bool = False) -> tuple[LoraWeights, EnergyReport]:
+             ratios: dict[ModuleKey, float] | None = None) -> tuple[LoraWeights, EnergyReport]:
     """Each (key, delta) cut to the rule's rank, as kohya LoRA modules, and the energy report.
 
     `deltas` may be a generator: each delta is dropped once cut, so a whole model's differences
@@ -85,7 +85,7 @@ def low_rank(deltas: Iterable[tuple[ModuleKey, Delta]], rule: RankRule, *, ranks
     weights: LoraWeights = {}
     cuts = []
     for key, delta in deltas:
-        cut = truncate(delta, rule, fast=fast)
+        cut = truncate(delta, rule)
         ratio = (ratios or {}).get(key, 1.0)
         k = cut.rank
         down = cut.down.reshape(k, *delta.shape[1:])  # (k, in) or (k, in, kh, kw)

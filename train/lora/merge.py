@@ -90,7 +90,7 @@ def exact_modules(deltas: dict[ModuleKey, Delta]) -> LoraWeights:
 
 
 def merge_loras(inputs: list[WeightedLora], out_path: str | Path, *, rule: RankRule | None = None,
-                dtype: torch.dtype | None = torch.float16, fast: bool = False) -> list[str]:
+                dtype: torch.dtype | None = torch.float16) -> list[str]:
     """Write the merged LoRA to `out_path`; returns the lines to print (the energy table with a rule).
 
     Raises:
@@ -116,7 +116,7 @@ def merge_loras(inputs: list[WeightedLora], out_path: str | Path, *, rule: RankR
         ranks = sorted({d.rank for d in deltas.values()})
         lines = [f"{len(deltas)} modules, exact merge, rank {ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else "")]
     else:
-        weights, report = low_rank(deltas.items(), rule, fast=fast)
+        weights, report = low_rank(deltas.items(), rule)
         write_plain_lora(weights, out_path, dtype=dtype, comment=comment, metadata=metadata)
         report.sizes = {**{lora.path.name: lora.path.stat().st_size for lora, _ in loras},
                         "out": out_path.stat().st_size}

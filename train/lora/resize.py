@@ -16,8 +16,7 @@ from train.lora.lowrank import EnergyReport, low_rank, write_plain_lora
 from train.lora.svd import RankRule
 
 
-def resize(in_path: str | Path, out_path: str | Path, rule: RankRule, *, dtype: torch.dtype | None = torch.float16,
-           fast: bool = False) -> EnergyReport:
+def resize(in_path: str | Path, out_path: str | Path, rule: RankRule, *, dtype: torch.dtype | None = torch.float16) -> EnergyReport:
     """Write `out_path`, the LoRA at `in_path` cut to `rule`'s rank; returns the energy report.
 
     Raises:
@@ -28,7 +27,7 @@ def resize(in_path: str | Path, out_path: str | Path, rule: RankRule, *, dtype: 
     lora = read_deltas(in_path)
     if out_path.exists() and out_path.resolve() == lora.path.resolve():
         raise ValueError(f"{out_path}: output would overwrite the input; choose another path")
-    weights, report = low_rank(lora.deltas.items(), rule, ranks=lora.ranks, ratios=lora.alpha_ratios, fast=fast)
+    weights, report = low_rank(lora.deltas.items(), rule, ranks=lora.ranks, ratios=lora.alpha_ratios)
     write_plain_lora(weights, out_path, dtype=dtype, metadata=lora.metadata,
                      comment=f"resized from {lora.path.name} ({lora.kind}) by animagine-lora lora resize")
     report.sizes = {"in": lora.path.stat().st_size, "out": out_path.stat().st_size}

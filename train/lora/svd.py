@@ -4,8 +4,9 @@ By Eckart-Young, keeping the k largest singular values of a delta D gives the ra
 closest to D in Frobenius norm; the share of D's energy (||D||_F^2 = sum of sigma_i^2) it keeps
 is sum_{i<=k} sigma_i^2 / sum_i sigma_i^2. A factored delta `up @ down` of rank r is decomposed
 through two thin QRs (up = Qu Ru, down^T = Qd Rd, then the SVD of the r x r matrix Ru Rd^T),
-exact and O((out + in) r^2); a full delta through `torch.linalg.svd`, or with `fast`
-through `torch.svd_lowrank` (Halko et al. 2011, randomized range finder, 2 power iterations).
+exact and O((out + in) r^2); a full delta through `torch.linalg.svd` in fp64. A randomized
+SVD (`torch.svd_lowrank`) was measured 15x faster on SDXL differences but keeping 1-2 points
+less energy when the rank cuts into the spectrum (bench/RESULTS.md), so it is not offered.
 
 The rank of each module is chosen by one rule (`RankRule`): a fixed rank, the smallest rank
 keeping a share of the energy, or sd-scripts' `sv_ratio` (keep singular values at least
@@ -20,9 +21,6 @@ import torch
 from torch import Tensor
 
 from train.lora.deltas import Delta
-
-# Extra columns for the randomized range finder beyond the rank asked for.
-_OVERSAMPLE = 8
 
 
 @dataclass(frozen=True)
@@ -77,19 +75,11 @@ class Truncated:
         return self.kept / self.energy if self.energy > 0 else 1.0
 
 
-def svd(delta: Delta, *, fast_rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of the delta's matrix: U (out, n), S (n,) descending, Vh (n, in * kh * kw).
-
-    `fast_rank` (full deltas only): the randomized SVD of that many leading triplets.
-    """
+def svd(delta: Delta) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the delta's matrix: U (out, n), S (n,) descending, Vh (n, in * kh * kw)."""
     if delta.factored:
         return _factored_svd(delta.up.double(), delta.down.double())
-    matrix = delta.matrix()
-    if fast_rank is not None and fast_rank + _OVERSAMPLE < min(matrix.shape):
-        u, s, v = torch.svd_lowrank(matrix, q=fast_rank + _OVERSAMPLE, niter=2)
-        return u[:, :fast_rank], s[:fast_rank], v[:, :fast_rank].T
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return u, s, vh
+    return torch.linalg.svd(delta.matrix().double(), full_matrices=False)
 
 
 def _factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -100,20 +90,11 @@ def _factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q_up @ u, s, vh @ q_down.T
 
 
-def truncate(delta: Delta, rule: RankRule, *, fast: bool = False) -> Truncated:
+def truncate(delta: Delta, rule: RankRule) -> Truncated:
     """The delta's best approximation at the rank `rule` chooses, split as up = U sqrt(S),
-    down = sqrt(S) Vh (balanced factors keep fp16 files in range).
-
-    `fast` uses the randomized SVD; only with a fixed `rule.rank` (the other rules need every
-    singular value), and the energy is then measured on the full matrix.
-    """
-    if fast and rule.rank is None:
-        raise ValueError("--fast needs --rank: --energy and --sv-ratio need every singular value")
-    if fast and not delta.factored:
-        delta = Delta(delta.shape, full=delta.matrix())  # built once: decomposed, then measured
-    u, s, vh = svd(delta, fast_rank=rule.rank if fast else None)
-    energy = float(delta.matrix().double().square().sum()) if fast else float(s.double().square().sum())
+    down = sqrt(S) Vh (balanced factors keep fp16 files in range)."""
+    u, s, vh = svd(delta)
     k = rule.choose(s)
     root = s[:k].sqrt()
-    return Truncated(up=(u[:, :k] * root).float(), down=(root[:, None] * vh[:k]).float(), energy=energy,
-                     kept=float(s[:k].double().square().sum()))
+    return Truncated(up=(u[:, :k] * root).float(), down=(root[:, None] * vh[:k]).float(),
+                     energy=float(s.double().square().sum()), kept=float(s[:k].double().square().sum()))
