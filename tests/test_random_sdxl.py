@@ -12,6 +12,7 @@ from captioning.outputs import OutputError
 from train.lora.adapters import add_text_encoder_lora, add_unet_lora, lora_modules
 from train.lora.export import kohya_module_name
 from train.model import random_sdxl
+from train.tensor_files import TensorSpec
 
 
 def test_the_real_architecture_on_meta_has_sdxls_sizes_and_lora_modules():
@@ -78,7 +79,7 @@ def test_a_materialised_component_is_deterministic_and_initialised_by_role():
 def test_streamed_file_reads_back_with_safetensors(tmp_path):
     tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(3, dtype=torch.bfloat16),
                "c": torch.zeros(1, 5, dtype=torch.float16)}
-    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    layout = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     path = random_sdxl.write_streamed(tmp_path / "x.safetensors", layout, iter(tensors.items()), {"seed": "1"})
     loaded = load_file(path)
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
@@ -88,7 +89,7 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
 
 @pytest.mark.parametrize("sent", [[("a", torch.ones(2))], [("a", torch.ones(3)), ("b", torch.ones(2))]])
 def test_streamed_file_refuses_tensors_that_do_not_match_the_header(tmp_path, sent):
-    layout = [("a", torch.float32, (3,))]
+    layout = [TensorSpec("a", torch.float32, (3,))]
     with pytest.raises((ValueError, OutputError), match="x.safetensors"):
         random_sdxl.write_streamed(tmp_path / "x.safetensors", layout, iter(sent), {})
     assert list(tmp_path.iterdir()) == []  # nothing left behind

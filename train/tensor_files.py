@@ -86,7 +86,7 @@ def save_tensors_streamed(path: str | Path, specs: Sequence[TensorSpec], produce
         for spec in specs:
             tensor = produce(spec)
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
-                raise ValueError(f"{spec.name}: produced {tensor.dtype} {tuple(tensor.shape)}, the header says "
-                                 f"{spec.dtype} {tuple(spec.shape)}")
+                raise ValueError(f"{path}: {spec.name} produced {tensor.dtype} {tuple(tensor.shape)}, the header "
+                                 f"says {spec.dtype} {tuple(spec.shape)}")
             handle.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return Path(path)

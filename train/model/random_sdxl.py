@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import struct
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
@@ -40,14 +39,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from captioning import outputs
 from train.model import sgm_keys
 from train.names import SDXL_CONFIG_DIR
+from train.tensor_files import TensorSpec, save_tensors_streamed
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EMBEDDING_STD = 0.02
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
@@ -152,40 +150,27 @@ def materialise(component: str, dtype: torch.dtype, seed: int) -> nn.Module:
     return model
 
 
-def _header(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """A safetensors header: tensors stored back to back in `layout` order."""
-    entries: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, dtype, shape in layout:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                         "data_offsets": [offset, offset + size]}
-        offset += size
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-    return struct.pack("<Q", len(header)) + header
-
-
-def write_streamed(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                   tensors: Iterable[tuple[str, Tensor]], metadata: dict[str, str]) -> Path:
-    """Write a safetensors file whose tensors arrive one by one, in `layout` order, atomically.
+def write_streamed(path: Path, layout: list[TensorSpec], tensors: Iterable[tuple[str, Tensor]],
+                   metadata: dict[str, str]) -> Path:
+    """Write a safetensors file whose tensors arrive one by one, in `layout` order, atomically
+    (`train.tensor_files.save_tensors_streamed`: memory holds one tensor).
 
     Raises:
-        ValueError: a tensor that does not match its `layout` entry, or too few tensors.
+        ValueError: a tensor that does not match its `layout` entry, too few or too many tensors
+            (nothing is left at `path`).
         OutputError: the file cannot be written.
     """
-    expected = iter(layout)
-    with outputs.atomic_open(path, "wb") as handle:
-        handle.write(_header(layout, metadata))
-        for name, tensor in tensors:
-            want = next(expected, None)
-            got = (name, tensor.dtype, tuple(tensor.shape))
-            if got != want:
-                raise ValueError(f"{path}: tensor {got} where the header says {want}")
-            handle.write(tensor.detach().contiguous().view(torch.uint8).reshape(-1).numpy())
-        if (missing := next(expected, None)) is not None:
-            raise ValueError(f"{path}: no data for {missing[0]}")
-    return Path(path)
+    arriving = iter(tensors)
+
+    def produce(spec: TensorSpec) -> Tensor:
+        name, tensor = next(arriving, (None, None))
+        if name != spec.name:
+            raise ValueError(f"{path}: tensor {name!r} where the header says {spec.name!r}")
+        if spec is layout[-1] and next(arriving, None) is not None:
+            raise ValueError(f"{path}: more tensors than the header's {len(layout)}")
+        return tensor
+
+    return save_tensors_streamed(path, layout, produce, metadata)
 
 
 def _component_tensors(dtype: torch.dtype, seed: int) -> Iterator[tuple[str, Tensor]]:
@@ -205,12 +190,12 @@ def build_random_sdxl(path: str | Path, *, seed: int = 0, dtype: torch.dtype = t
     The same seed and dtype give the same bytes. Peak memory is about one component
     (the UNet: 5.1 GB in bf16) plus one tensor in fp32.
     """
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"dtype {dtype}: choose from {sorted(map(str, SAFETENSORS_DTYPES))}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype}: choose from {', '.join(sorted(DTYPES))}")
     layout = []
     for component in COMPONENTS:
         meta = to_sgm(component, nn.Module.to(build_empty(component), dtype))
-        layout += [(name, t.dtype, tuple(t.shape)) for name, t in meta.items()]
+        layout += [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in meta.items()]
     metadata = {"format": "pt", "random_sdxl_seed": str(seed)}
     return write_streamed(Path(path), layout, _component_tensors(dtype, seed), metadata)
 
