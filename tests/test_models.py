@@ -161,3 +161,16 @@ def test_bad_inputs_fail_clearly(tiny_model, tmp_path):
             config_dir=str(tmp_path),
             tokenizer_dir=str(tiny_model.tokenizer_dir),
         )
+
+
+def test_tiny_model_build_follows_the_umask(tiny_model):
+    """The build folder comes from mkdtemp (0700) and safetensors writes 0600: both must end as the
+    umask says, like every other output (docs/files-and-safety.md)."""
+    import os
+    import stat
+
+    from captioning.outputs import normal_mode
+
+    root = tiny_model.single_file.parent
+    assert stat.S_IMODE(os.stat(root).st_mode) == normal_mode(folder=True)
+    assert stat.S_IMODE(os.stat(tiny_model.single_file).st_mode) == normal_mode()

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from captioning import build_clip_tokenizer_files
+from captioning import build_clip_tokenizer_files, outputs
 from captioning.tokens import SHIPPED_CLIP_BPE
 from train.model import sgm_keys
 from train.names import SDXL_CONFIG_DIR
+from train.tensor_files import save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _write_build(root: Path, bpe_gz: Path, seed: int) -> None:
         **sgm_keys.open_clip_to_sgm(te2.state_dict()),
     }
     checkpoint = {k: v.contiguous() for k, v in checkpoint.items()}
-    save_file(checkpoint, paths.single_file, metadata={"format": "pt"})
+    save_tensors(paths.single_file, checkpoint, metadata={"format": "pt"})  # the umask's mode, not 0600
     (root / _COMPLETE_MARKER).write_text(
         json.dumps({"version": _BUILD_VERSION, "seed": seed}), "utf-8"
     )
@@ -200,6 +200,7 @@ def build_tiny_model(out_dir: Path, clip_bpe: Path = SHIPPED_CLIP_BPE, seed: int
         raise FileNotFoundError(f"{clip_bpe}: CLIP BPE merges file not found")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, outputs.normal_mode(folder=True))  # mkdtemp's 0700 would outlive the rename
     try:
         _write_build(tmp, clip_bpe, seed)
         if out_dir.exists():
