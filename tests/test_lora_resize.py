@@ -181,3 +181,25 @@ def test_a_diffusers_layout_lokr_is_refused_by_name(base_unet, tmp_path):
     folder = convert(source, tmp_path / "diffusers").parent
     with pytest.raises(LoraFileError, match="diffusers layout"):
         read_deltas(folder)
+
+
+@pytest.mark.gpu
+def test_the_svd_on_the_gpu_gives_the_cpus_cut():
+    generator = torch.Generator().manual_seed(1)
+    full = torch.randn(48, 32, generator=generator)
+    cpu = truncate(Delta((48, 32), full=full), RankRule(rank=5))
+    gpu = truncate(Delta((48, 32), full=full), RankRule(rank=5, device="cuda"))
+    assert gpu.up.device.type == "cpu" and gpu.rank == cpu.rank
+    assert _relative(gpu.up @ gpu.down, cpu.up @ cpu.down) < 1e-6 and gpu.share == pytest.approx(cpu.share)
+
+
+def test_device_option_cuda_without_a_gpu_is_one_line(tmp_path, plain, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    from train.cli import main
+
+    out = tmp_path / "out.safetensors"
+    assert main(["lora", "resize", str(plain[0]), "-o", str(out), "--rank", "2", "--device", "cuda"]) == 2
+    assert main(["lora", "resize", str(plain[0]), "-o", str(out), "--rank", "2", "--device", "tpu9"]) == 2
+    assert not out.exists()
+    assert main(["lora", "resize", str(plain[0]), "-o", str(out), "--rank", "2", "--device", "auto"]) == 0

@@ -31,6 +31,8 @@ def _rank_options(parser: argparse.ArgumentParser, *, required: bool) -> None:
                       help="per module, the smallest rank keeping this share of its Frobenius energy (e.g. 0.95)")
     rule.add_argument("--sv-ratio", type=bounded_float(1.0001, 1e9),
                       help="per module, keep singular values >= the largest / N (sd-scripts' sv_ratio)")
+    parser.add_argument("--device", default="auto",
+                        help="where the SVDs run: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")
 
 
 def _dtype_option(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +92,22 @@ def _rule(args: argparse.Namespace):
 
     if args.rank is None and args.energy is None and args.sv_ratio is None:
         return None
-    return RankRule(rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio)
+    return RankRule(rank=args.rank, energy=args.energy, sv_ratio=args.sv_ratio, device=_device(args.device))
+
+
+def _device(name: str) -> str:
+    """`--device`: auto picks CUDA when there is one; a CUDA device on a machine without one is bad input."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU here (use cpu or auto)")
+    return name
 
 
 # What a diffusers folder needs from a Hub repository (configs, tokenizers, weights in safetensors).

@@ -10,7 +10,8 @@ less energy when the rank cuts into the spectrum (bench/RESULTS.md), so it is no
 
 The rank of each module is chosen by one rule (`RankRule`): a fixed rank, the smallest rank
 keeping a share of the energy, or sd-scripts' `sv_ratio` (keep singular values at least
-sigma_max / ratio).
+sigma_max / ratio). The rule also says where the SVDs run: an SDXL extract is about 2e13 fp64
+flops, half an hour on two CPU cores and seconds on a data-centre GPU.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from train.lora.deltas import Delta
 
 @dataclass(frozen=True)
 class RankRule:
-    """Exactly one of: `rank` (at most this rank), `energy` (share of energy in (0, 1]), `sv_ratio` (> 1)."""
+    """Exactly one of: `rank` (at most this rank), `energy` (share of energy in (0, 1]), `sv_ratio` (> 1);
+    `device`: where the SVDs run (a torch device name; results come back to the CPU)."""
 
     rank: int | None = None
     energy: float | None = None
     sv_ratio: float | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         given = [v for v in (self.rank, self.energy, self.sv_ratio) if v is not None]
@@ -75,11 +78,11 @@ class Truncated:
         return self.kept / self.energy if self.energy > 0 else 1.0
 
 
-def svd(delta: Delta) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of the delta's matrix: U (out, n), S (n,) descending, Vh (n, in * kh * kw)."""
+def svd(delta: Delta, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the delta's matrix, in fp64 on `device`: U (out, n), S (n,) descending, Vh (n, in * kh * kw)."""
     if delta.factored:
-        return _factored_svd(delta.up.double(), delta.down.double())
-    return torch.linalg.svd(delta.matrix().double(), full_matrices=False)
+        return _factored_svd(delta.up.to(device).double(), delta.down.to(device).double())
+    return torch.linalg.svd(delta.matrix().to(device).double(), full_matrices=False)
 
 
 def _factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,8 +96,8 @@ def _factored_svd(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def truncate(delta: Delta, rule: RankRule) -> Truncated:
     """The delta's best approximation at the rank `rule` chooses, split as up = U sqrt(S),
     down = sqrt(S) Vh (balanced factors keep fp16 files in range)."""
-    u, s, vh = svd(delta)
+    u, s, vh = svd(delta, rule.device)
     k = rule.choose(s)
     root = s[:k].sqrt()
-    return Truncated(up=(u[:, :k] * root).float(), down=(root[:, None] * vh[:k]).float(),
+    return Truncated(up=(u[:, :k] * root).float().cpu(), down=(root[:, None] * vh[:k]).float().cpu(),
                      energy=float(s.double().square().sum()), kept=float(s[:k].double().square().sum()))
