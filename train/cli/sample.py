@@ -101,11 +101,9 @@ def _trigger_lines(lora: str | None) -> list[str]:
 
 def _warn_prediction_mismatch(lora: str, model) -> None:
     """Warn when the LoRA's header says its base model predicted otherwise than the model loaded."""
-    from train.lora.export import trained_prediction_type
-    from train.lora.files import read_header
+    from train.lora.export import mismatched_prediction
 
-    trained = trained_prediction_type(read_header(lora)[1])
-    if trained is not None and trained != model.prediction_type:
+    if (trained := mismatched_prediction(lora, model.prediction_type)) is not None:
         logger.warning("--lora %s was trained on a %s model, the model loaded predicts %s (%s): the images will be "
                        "wrong unless --prediction-type says what the model is", lora, trained, model.prediction_type,
                        model.prediction.reason)

@@ -60,6 +60,15 @@ def trained_prediction_type(metadata: dict[str, str]) -> str | None:
     flag = metadata.get("ss_v_parameterization")
     return None if flag is None else ("v_prediction" if flag == "True" else "epsilon")
 
+
+def mismatched_prediction(lora: str | Path, predicts: str) -> str | None:
+    """The prediction type the LoRA file at `lora` was trained for, when its header names one other
+    than `predicts` (the loaded model's); None when they agree or the header does not say."""
+    from train.lora.files import read_header
+
+    trained = trained_prediction_type(read_header(lora)[1])
+    return trained if trained is not None and trained != predicts else None
+
 REQUIRED_METADATA = (
     "ss_base_model_version",
     "ss_network_module",
