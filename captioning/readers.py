@@ -71,16 +71,22 @@ def parse_danbooru_line(line: bytes, origin: str) -> list[Item]:
     return post_from_danbooru(record, origin, default_id=origin.rsplit("/", 1)[-1])
 
 
+def _read_sidecar(path: Path, encoding: str) -> str | Problem:
+    """A sidecar file's text, or the Problem that loses this record (not the run)."""
+    try:
+        return path.read_bytes().decode(encoding)
+    except UnicodeDecodeError as error:
+        return Problem(str(path), f"not UTF-8 text (byte {error.start})")
+    except OSError as error:  # EIO, EACCES, a folder
+        return Problem(str(path), f"cannot read: {error.strerror or error}")
+
+
 def read_danbooru_json(path: str | Path, image_id: str | None = None) -> Iterator[Item]:
     """The Post of a Danbooru JSON sidecar (one post object); `image_id` replaces the post id."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        yield Problem(str(path), f"not UTF-8 text (byte {error.start})")
-        return
-    except OSError as error:  # EIO, EACCES, a folder: this record is lost, not the run
-        yield Problem(str(path), f"cannot read: {error.strerror or error}")
+    text = _read_sidecar(path, "utf-8")
+    if isinstance(text, Problem):
+        yield text
         return
     try:
         record = json.loads(text)
@@ -200,13 +206,9 @@ def parse_date(value: object) -> datetime | None:
 def read_tag_file(path: str | Path, image_id: str) -> Iterator[Item]:
     """The Post of a kohya-style tag file: comma-separated, or space-separated with underscores."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        yield Problem(str(path), f"not UTF-8 text (byte {error.start})")
-        return
-    except OSError as error:  # EIO, EACCES, a folder: this record is lost, not the run
-        yield Problem(str(path), f"cannot read: {error.strerror or error}")
+    text = _read_sidecar(path, "utf-8-sig")
+    if isinstance(text, Problem):
+        yield text
         return
     tags = split_tag_text(text)
     if not tags:
