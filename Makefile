@@ -1,6 +1,6 @@
 # Two set-up commands, each builds the virtual environment it needs:
 #   make demo   prep the sample dataset, train the tiny model on CPU, export the LoRA
-#   make test   the test suite (CPU only; GPU tests skip)
+#   make test   the test suite (CPU only; GPU tests skip), then make check-sdxl
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
