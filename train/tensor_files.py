@@ -44,6 +44,9 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 TORCH_DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# How pickle checkpoints start: torch.save's zip archive, or a bare pickle (protocol 2+ opcode 0x80).
+# Named in errors, never loaded.
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def save_tensors_streamed(path: str | Path, specs: Sequence[TensorSpec], produce
         offset += spec.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with outputs.atomic_path(path) as temp, open(temp, "wb") as handle:
+    with outputs.atomic_open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(text)))
         handle.write(text)
         for spec in specs:

@@ -170,7 +170,7 @@ def _diffusers_to_diffusers(weights: ModelWeights, placed: Additions, out_dir: P
             with outputs.atomic_path(out_dir / relative) as temp:
                 shutil.copyfile(path, temp)
     for component, files in weights.files.items():
-        keys = [key for path in files for key in weights.file_keys(path)]
+        keys = weights.keys(component)
         specs = [TensorSpec(key, _out_dtype(weights, key, dtype), weights.shape(key)) for key in keys]
         stem = files[0].name.split(".")[0]
         outputs.claim_dir(out_dir / component)

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from train.lora.adapters import TARGET_PRESETS, TEXT_ENCODER_TARGETS
+from train.lora.convert import COMPONENTS
 from train.lora.deltas import Delta, ModuleKey
 from train.lora.lowrank import EnergyReport, low_rank, write_plain_lora
 from train.lora.svd import RankRule
 from train.model.weight_files import ModelFileError, ModelWeights
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_TEXT_ENCODER_THRESHOLD = 1e-4
 
 

@@ -15,10 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from train.tensor_files import PICKLE_MAGIC
+
 LORA_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 LORA_UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight", ".lora.up.weight")
-# torch.save writes a zip archive; older checkpoints are a bare pickle (protocol 2+ opcode 0x80).
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 class LoraFileError(ValueError):
@@ -44,7 +44,7 @@ def read_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys()), dict(handle.metadata() or {})
     except (OSError, SafetensorError) as err:
-        if start.startswith(_PICKLE_MAGIC):
+        if start.startswith(PICKLE_MAGIC):
             raise LoraFileError(f"{path}: a pickle checkpoint (.ckpt/.pt), not .safetensors; it is not "
                                 "loaded, since unpickling can run code. Ask for a .safetensors file") from None
         raise LoraFileError(f"{path}: not a readable .safetensors file ({err})") from None

@@ -170,11 +170,6 @@ def _load_diffusers(source: str, weight_dtype: torch.dtype, vae_dtype: torch.dty
         raise
 
 
-# Key prefixes of the four models in an SGM checkpoint.
-_SGM_PREFIXES = {"unet": sgm_keys.UNET_PREFIX, "vae": sgm_keys.VAE_PREFIX,
-                 "text_encoder": sgm_keys.TE1_PREFIX, "text_encoder_2": sgm_keys.TE2_PREFIX}
-
-
 def _read_component(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under `prefix`, read alone: the other models' bytes stay on disk."""
     from safetensors import safe_open
@@ -206,9 +201,9 @@ def _load_single_file(path: Path, config_dir: Path, weight_dtype, vae_dtype, cho
     for component, cls, dtype in (("unet", UNet2DConditionModel, weight_dtype), ("vae", AutoencoderKL, vae_dtype),
                                   ("text_encoder", CLIPTextModel, weight_dtype),
                                   ("text_encoder_2", CLIPTextModelWithProjection, weight_dtype)):
-        tensors = _read_component(path, _SGM_PREFIXES[component])
+        tensors = _read_component(path, sgm_keys.PREFIXES[component])
         if not tensors:
-            raise ValueError(f"{path}: no {component} tensors (keys {_SGM_PREFIXES[component]}*): "
+            raise ValueError(f"{path}: no {component} tensors (keys {sgm_keys.PREFIXES[component]}*): "
                              "not an SDXL checkpoint in the SGM layout")
         if component in ("unet", "vae"):
             loaded[component] = cls.from_single_file(tensors, config=str(config_dir), subfolder=component,

@@ -23,6 +23,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
 TE2_PREFIX = "conditioner.embedders.1.model."
+# The four models' key prefixes, by diffusers component name.
+PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TE1_PREFIX, "text_encoder_2": TE2_PREFIX}
 
 # Inside a ResNet block: diffusers name -> SGM name (`ResBlock` in openaimodel.py).
 _UNET_RESNET_PARTS = {

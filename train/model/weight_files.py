@@ -20,14 +20,12 @@ from torch import Tensor
 
 from train.model import sgm_keys
 from train.names import SDXL_CONFIG_DIR
-from train.tensor_files import TORCH_DTYPE_OF
+from train.tensor_files import PICKLE_MAGIC, TORCH_DTYPE_OF
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 # diffusers folder: component -> weights file stem inside its subfolder.
 _STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
           "text_encoder_2": "model"}
-_SGM_PREFIXES = {"unet": sgm_keys.UNET_PREFIX, "vae": sgm_keys.VAE_PREFIX, "text_encoder": sgm_keys.TE1_PREFIX,
-                 "text_encoder_2": sgm_keys.TE2_PREFIX}
 
 
 class ModelFileError(ValueError):
@@ -90,17 +88,13 @@ class ModelWeights:
             try:
                 self._handles[path] = safe_open(str(path), framework="pt")
             except (OSError, SafetensorError) as err:
-                kind = "a pickle checkpoint, which is never unpickled" if start.startswith((b"PK\x03\x04", b"\x80")) \
+                kind = "a pickle checkpoint, which is never unpickled" if start.startswith(PICKLE_MAGIC) \
                     else f"not a readable .safetensors file ({err})"
                 raise ModelFileError(f"{path}: {kind}") from None
         return self._handles[path]
 
     def _keys(self, path: Path) -> list[str]:
         return list(self._handle(path).keys())
-
-    def file_keys(self, path: Path) -> list[str]:
-        """The keys stored in one of the model's files."""
-        return self._keys(path)
 
     def metadata(self) -> dict[str, str]:
         """The header metadata of a single file (empty for a folder)."""
@@ -120,7 +114,7 @@ class ModelWeights:
         if self.layout == "sgm" or component is None:
             keys = list(self._where)
             if component is not None:
-                keys = [k for k in keys if k.startswith(_SGM_PREFIXES[component])]
+                keys = [k for k in keys if k.startswith(sgm_keys.PREFIXES[component])]
             return keys
         return [k for path in self.files.get(component, []) for k in self._keys(path)]
 
@@ -165,7 +159,7 @@ class ModelWeights:
             if self.layout == "diffusers":
                 found.append(key.removesuffix(".weight").removeprefix("text_model."))
                 continue
-            inner = key[len(_SGM_PREFIXES[component]):].removesuffix(".weight").removesuffix("_weight")
+            inner = key[len(sgm_keys.PREFIXES[component]):].removesuffix(".weight").removesuffix("_weight")
             if component == "unet":
                 name = sgm_keys.sgm_to_unet_name(inner, self._block_map)
                 found += [name] if name else []
