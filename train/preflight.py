@@ -225,7 +225,8 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("prediction", prediction)
     plan.problems += problems
 
-    entries = _dataset_lines(plan, "dataset", config.data.dataset, config.validation.every_n_steps > 0)
+    summary = _dataset_lines(plan, "dataset", config.data.dataset, config.validation.every_n_steps > 0)
+    entries = summary.entries["train"] if summary else 0
     if config.data.regularization:
         _dataset_lines(plan, "regularization", config.data.regularization, False)
 
@@ -236,7 +237,8 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     plan.add("steps", f"{tc.max_steps} x effective batch {effective} (batch {tc.batch_size} x accumulation "
                       f"{tc.gradient_accumulation_steps} x {processes} process{'es' * (processes > 1)}) = "
                       f"{images} images{epochs}")
-    _size_line(plan, config.data.dataset, config.data.resolution_scale)
+    if summary:
+        _size_line(plan, summary.buckets, config.data.resolution_scale)
     adapter = f"{lc.type} rank {lc.rank} alpha {lc.alpha:g} on the UNet's {lc.preset} modules"
     adapter += " and both text encoders" if lc.train_text_encoder else ""
     adapter += ", DoRA" if lc.dora else ""
@@ -260,13 +262,9 @@ def train_plan(config: Config, *, resume: str | None, overwrite: bool) -> Plan:
     return plan
 
 
-def _size_line(plan: Plan, dataset: str, scale: float) -> None:
+def _size_line(plan: Plan, buckets, scale: float) -> None:
     """Above the card's 1024² area (prep --max-area, data.resolution_scale > 1): the largest
     training bucket and its estimated activation memory (`train.runtime.memory_presets`)."""
-    try:
-        buckets = read_dataset_summary(dataset).buckets
-    except (OSError, ValueError):
-        return  # the dataset line says why
     if not buckets or (scale <= 1 and max(w * h for w, h in buckets) <= CARD_AREA * 1.01):
         return
     width, height = max(buckets, key=lambda b: b[0] * b[1])
@@ -305,14 +303,14 @@ def _recipe_lines(plan: Plan, lc, lr: float) -> None:
         plan.add("LoRA dropout", ", ".join(dropouts) + " (these layers keep PEFT's unfused forward)")
 
 
-def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> int:
-    """Add the dataset's line; returns its training entries per epoch (0 when unreadable)."""
+def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> DatasetSummary | None:
+    """Add the dataset's line; returns its summary (None when unreadable)."""
     try:
         summary = read_dataset_summary(dataset)
     except (OSError, ValueError) as err:
         plan.add(label, f"{dataset} (unreadable)")
         plan.problems.append(f"data.{label if label == 'regularization' else 'dataset'}: {err}")
-        return 0
+        return None
     train, val = summary.rows["train"], summary.rows["val"]
     plan.add(label, f"{dataset}: {train} train rows ({summary.entries['train']} draws per epoch with repeats, "
                     f"{len(summary.buckets)} buckets), {val} val rows")
@@ -321,7 +319,7 @@ def _dataset_lines(plan: Plan, label: str, dataset: str, needs_val: bool) -> int
     if needs_val and not val:
         plan.problems.append(f"validation.every_n_steps is set but {dataset} has no val rows: give the prep "
                              "recipe a val_fraction, or set validation.every_n_steps = 0")
-    return summary.entries["train"]
+    return summary
 
 
 def _output_line(plan: Plan, run_dir: Path, name: str, *, resume: str | None, overwrite: bool) -> str:

@@ -533,7 +533,7 @@ def convert_recipe(options: dict, *, dataset: Path | None = None) -> Conversion:
     _optimizer(options, out, take)
     _network(options, out, take)
     _training(options, out, take, dataset)
-    _loss_and_noise(options, out, take)
+    _loss_and_noise(out, take)
     lora_type = out.tables.get("lora", {}).get("type", "lora")
     if lora_type != "lora":
         for key in PLAIN_LORA_ONLY:
@@ -705,8 +705,8 @@ def _network(options: dict, out: Conversion, take) -> None:
 
 
 def _training(options: dict, out: Conversion, take, dataset: Path | None) -> None:
-    batch = int(_number(options.get("train_batch_size", options.get("batch_size", 1)), "train_batch_size"))
-    batch *= int(_number(options.get("gradient_accumulation_steps", 1), "gradient_accumulation_steps"))
+    train = out.tables.get("train", {})  # the batch as written (a dataset config's batch_size wins, as in sd-scripts)
+    batch = train.get("batch_size", 1) * train.get("gradient_accumulation_steps", 1)
     per_epoch = _steps_per_epoch(dataset, batch)
     epochs = options.get("max_train_epochs")
     if epochs not in (None, "", 0, "0") and per_epoch:
@@ -756,10 +756,7 @@ def _training(options: dict, out: Conversion, take, dataset: Path | None) -> Non
             out.note("sample_sampler", sampler, f"sample grids use {', '.join(sorted(set(SAMPLERS.values())))}")
 
 
-def _loss_and_noise(options: dict, out: Conversion, take) -> None:
-    if str(options.get("loss_type")) in ("huber", "smooth_l1"):
-        # sd-scripts' defaults for the scheduled Huber loss, written out in case ours differ.
-        options = {"huber_schedule": "snr", "huber_c": 0.1, **options}
+def _loss_and_noise(out: Conversion, take) -> None:
     for option, key in LOSS_AND_NOISE.items():
         value = take(option)
         if not _is_set(value) or (option in LOSS_AND_NOISE_SWITCHES | {"v_parameterization"} and not _bool(value)):

@@ -14,25 +14,15 @@ import functools
 import math
 from dataclasses import dataclass
 
-from train.names import CARD_AREA, scale_bucket
+from train.names import CARD_AREA, CARD_RESOLUTIONS, scale_bucket
 
 Bucket = tuple[int, int]  # (width, height)
 
-CARD_BUCKETS: tuple[Bucket, ...] = (
-    (1024, 1024),
-    (1152, 896),
-    (896, 1152),
-    (1216, 832),
-    (832, 1216),
-    (1344, 768),
-    (768, 1344),
-    (1536, 640),
-    (640, 1536),
-)
+CARD_BUCKETS: tuple[Bucket, ...] = CARD_RESOLUTIONS  # the model card's training resolutions
 
 
 def all_buckets(
-    step: int = 64, max_area: int = 1024 * 1024, min_side: int = 512, max_side: int = 2048
+    step: int = 64, max_area: int = CARD_AREA, min_side: int = 512, max_side: int = 2048
 ) -> tuple[Bucket, ...]:
     """Every (width, height) in multiples of `step` with sides in [min_side, max_side] and
     width * height <= max_area."""
@@ -58,7 +48,7 @@ def bucket_set(name: str, max_area: int | None = None) -> tuple[Bucket, ...]:
     if not 64 * 64 <= area <= MAX_AREA:
         raise ValueError(f"max_area {area}: between {64 * 64} and {MAX_AREA} (2048x2048)")
     table = {"card": lambda: card_buckets(area),
-             "all": lambda: all_buckets(max_area=area, max_side=max(2048, math.isqrt(area)))}
+             "all": lambda: all_buckets(max_area=area)}  # MAX_AREA keeps every side within 2048
     if name not in table:
         raise ValueError(f"buckets: unknown bucket set {name!r} (choose from {sorted(table)})")
     return table[name]()
