@@ -31,8 +31,8 @@ TRAINED_RUN_GROUP = "trained_run"
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`make test` runs `-n 2`), each worker gets one torch thread: two workers
-    of two threads on two cores would spend the difference waiting on each other."""
+    """Under pytest-xdist (`make test` runs `-n auto`: a worker per core), each worker gets one
+    torch thread: two workers of two threads on two cores would spend the difference waiting."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         try:

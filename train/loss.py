@@ -120,7 +120,7 @@ def sample_weights(settings: LossSettings, loss_weights: torch.Tensor | None, ti
     return weights
 
 
-def training_metadata(settings: LossSettings, prediction: Prediction | None) -> dict[str, object]:
+def training_metadata(settings: LossSettings, prediction: Prediction) -> dict[str, object]:
     """The LoRA file's record of the loss and noise (sd-scripts' `ss_*` names where it has them),
     and of the prediction type with the reason it was chosen."""
     metadata: dict[str, object] = {
@@ -135,8 +135,6 @@ def training_metadata(settings: LossSettings, prediction: Prediction | None) -> 
         "ss_scale_v_pred_loss_like_noise_pred": settings.scale_v_pred_loss_like_noise_pred,
         "ss_v_pred_like_loss": settings.v_pred_like_loss,
         "ss_v_parameterization": settings.prediction_type == "v_prediction",
+        "ss_zero_terminal_snr": prediction.zero_terminal_snr, "ss_prediction_type_reason": prediction.reason,
     }
-    if prediction is not None:
-        metadata["ss_zero_terminal_snr"] = prediction.zero_terminal_snr
-        metadata["ss_prediction_type_reason"] = prediction.reason
     return metadata

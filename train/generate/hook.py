@@ -114,7 +114,7 @@ class SampleGrids:
                                 tokenizer_dir=self.config.opt_tokenizer_dir,
                                 weight_dtype=self.weight_dtype, vae_dtype=self.train_model.vae.dtype)
         trained = self.train_model.prediction
-        if trained is not None and _kind(model.prediction) != _kind(trained):
+        if _kind(model.prediction) != _kind(trained):
             logger.warning("sample.opt_model %s is %s, the model being trained %s: the grids show the LoRA on a "
                            "model it is not trained for; set sample.opt_model to the training model, or "
                            "sample_model = 'train'", source, _kind(model.prediction), _kind(trained))

@@ -50,9 +50,13 @@ class SdxlComponents:
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     noise_scheduler: DDPMScheduler  # training scheduler: the model's config, prediction and schedule resolved
-    prediction_type: str  # "epsilon" | "v_prediction"
     vae_fingerprint: str  # hash of the VAE weights: the latent cache key
-    prediction: predictions.Prediction | None = None  # prediction type, zero terminal SNR, and why
+    prediction: predictions.Prediction  # prediction type, zero terminal SNR, and why
+
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" | "v_prediction"."""
+        return self.prediction.prediction_type
 
 
 def vae_fingerprint(vae: AutoencoderKL) -> str:
@@ -304,7 +308,6 @@ def load_base_model(
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
         noise_scheduler=noise_scheduler,
-        prediction_type=prediction.prediction_type,
         vae_fingerprint=vae_fingerprint(vae),
         prediction=prediction,
     )
