@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from train.lora.convert import read_lora, weights_file
 from train.lora.files import LoraFileError, read_header
-from train.lora.lycoris_convert import is_lycoris, sdxl_module_names
+from train.lora.lycoris_convert import is_lycoris, lycoris_alpha, sdxl_module_names
 
 ModuleKey = tuple[str, str]  # (component, module path)
 
@@ -152,12 +152,6 @@ def _read_lycoris(source: Path, keys: list[str], metadata: dict[str, str]) -> Lo
     return LoraDeltas(source, kind, deltas, ranks, metadata)
 
 
-def _alpha(parts: dict[str, Tensor], rank: int) -> float:
-    alpha = parts.get("alpha")
-    value = float(alpha) if alpha is not None else 0.0
-    return value if value and math.isfinite(value) else float(rank)  # LyCORIS: alpha 0 or missing = r
-
-
 def _lycoris_weight(parts: dict[str, Tensor], kernel: tuple[int, int]) -> tuple[Tensor, int]:
     """One LyCORIS module's delta in the base weight's shape, and its rank (for a LoKr of two full
     halves, the rank its matrix can have)."""
@@ -195,7 +189,7 @@ def _lokr_weight(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[i
         weight = torch.kron(w1[:, :, None, None], w2)  # (out, in, kh, kw)
     else:
         weight = torch.kron(w1, w2)
-    scale = _alpha(parts, rank) / rank if rank is not None else 1.0  # both halves full: scale 1
+    scale = lycoris_alpha(parts.get("alpha"), rank) / rank if rank is not None else 1.0  # both halves full: scale 1
     return weight * scale, rank or min(weight.shape[0], math.prod(weight.shape[1:]))
 
 
@@ -207,7 +201,7 @@ def _loha_weight(p: dict[str, Tensor], parts: dict[str, Tensor], kernel: tuple[i
     else:
         w1 = p["hada_w1_a"] @ p["hada_w1_b"]  # (out, in * kh * kw)
         w2 = p["hada_w2_a"] @ p["hada_w2_b"]
-    weight = w1 * w2 * (_alpha(parts, rank) / rank)
+    weight = w1 * w2 * (lycoris_alpha(parts.get("alpha"), rank) / rank)
     if weight.ndim == 2 and kernel != (1, 1):  # (out, in * kh * kw) -> (out, in, kh, kw)
         weight = weight.reshape(weight.shape[0], -1, *kernel)
     return weight, rank

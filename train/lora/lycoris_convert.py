@@ -54,6 +54,13 @@ def sdxl_module_names() -> dict[str, tuple[str, str, nn.Module]]:
     return names
 
 
+def lycoris_alpha(alpha: Tensor | None, default: float) -> float:
+    """A LyCORIS module's alpha: its `.alpha` tensor, or `default` (its rank) when that is missing,
+    0 or not finite, as LyCORIS' own loaders read it."""
+    value = float(alpha) if alpha is not None else 0.0
+    return value if value and math.isfinite(value) else float(default)
+
+
 def _baked(tensors: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
     """One LoKr module's tensors with the loaders' alpha / r folded into the w1 half."""
     rank_from = tensors.get("lokr_w1_a", tensors.get("lokr_w2_a"))
@@ -100,7 +107,7 @@ def lokr_adapters(source: Path, tensors: dict[str, Tensor], *,
         weights = {k: v.float() for k, v in parts.items()}
         rank_from = weights.get("lokr_w1_a", weights.get("lokr_w2_a"))
         default_alpha = float(rank_from.shape[1]) if rank_from is not None else 1.0
-        baked = _baked(weights, float(alpha) if alpha is not None else default_alpha)
+        baked = _baked(weights, lycoris_alpha(alpha, default_alpha))
         states.setdefault(component, {}).update(
             {f"{path}.{k}": (v.to(dtype) if dtype else v.to(parts[k].dtype)).contiguous() for k, v in baked.items()})
     return {component: (_lokr_config(source, shapes[component]), state) for component, state in states.items()}
@@ -120,7 +127,7 @@ def loha_adapters(source: Path, tensors: dict[str, Tensor]) -> dict[str, tuple[d
         parts = dict(parts)
         alpha = parts.pop("alpha", None)
         rank = int(parts["hada_w1_b"].shape[0])
-        ranks.setdefault(component, {})[path] = (rank, float(alpha) if alpha is not None and float(alpha) else rank)
+        ranks.setdefault(component, {})[path] = (rank, lycoris_alpha(alpha, rank))
         states.setdefault(component, {}).update({f"{path}.{k}": v.float().contiguous() for k, v in parts.items()})
     adapters = {}
     for component, modules in ranks.items():
