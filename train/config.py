@@ -137,6 +137,10 @@ class LoraConfig(_Section):
     rank_dropout: float = Field(0.0, ge=0, lt=1)
     module_dropout: float = Field(0.0, ge=0, lt=1)
 
+    def encoder_lrs(self, lr: float) -> tuple[float, float]:
+        """The two text encoders' learning rates: their own, else `text_encoder_lr`, else `lr` (the optimizer's)."""
+        return tuple(own or self.text_encoder_lr or lr for own in (self.text_encoder_1_lr, self.text_encoder_2_lr))
+
     @model_validator(mode="after")
     def _settings_fit_the_type(self) -> LoraConfig:
         """Each setting belongs to one adapter type: `factor` to LoKr, `tucker` to LoHa, ..."""

@@ -376,7 +376,7 @@ def build_lora(base, lora: LoraConfig, *, lr: float, gradient_checkpointing: boo
     multipliers = lr_multipliers(list(lora_modules(base.unet)), dict(base.unet.config), lora.block_lr)
     return adapter_param_groups(
         _trainable(base.unet), [_trainable(encoder) for encoder in encoders], lr=lr, lora_plus_ratio=lora_plus_ratio,
-        encoder_lrs=[own or lora.text_encoder_lr or lr for own in (lora.text_encoder_1_lr, lora.text_encoder_2_lr)],
+        encoder_lrs=list(lora.encoder_lrs(lr)),
         unet_multiplier=functools.partial(multiplier_of, multipliers=multipliers))
 
 

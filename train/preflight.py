@@ -289,7 +289,7 @@ def _recipe_lines(plan: Plan, lc, lr: float) -> None:
     """Lines for the `[lora]` rates, block-wise settings and dropouts that a recipe sets (none when unset)."""
     own = (lc.text_encoder_1_lr, lc.text_encoder_2_lr)
     if lc.train_text_encoder and (lc.text_encoder_lr or any(own)):
-        te1, te2 = (rate or lc.text_encoder_lr or lr for rate in own)
+        te1, te2 = lc.encoder_lrs(lr)
         plan.add("text encoders", f"lr {te1:g} (CLIP ViT-L), {te2:g} (OpenCLIP bigG)")
     elif lc.text_encoder_lr or any(own):
         plan.add("text encoders", "not trained (lora.train_text_encoder = false): their lr keys are unused")
