@@ -181,23 +181,17 @@ def test_sample_grids_on_an_opt_model_of_another_prediction_type_warn(tiny_model
             "epsilon") in caplog.text
 
 
-def test_eval_warns_when_a_lora_was_trained_for_the_other_prediction_type(tmp_path, caplog):
+def test_eval_warns_when_a_lora_was_trained_for_the_other_prediction_type(tmp_path):
     from safetensors.torch import save_file
 
-    from train.cli.eval import _warn_prediction_mismatch
-    from train.evaluate.compare import Checkpoint
-    from train.lora.export import mismatched_prediction
+    from train.lora.export import mismatched_prediction, prediction_mismatch
 
     v_lora, plain = tmp_path / "v.safetensors", tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(1)}, str(v_lora), metadata={"modelspec.prediction_type": "v"})
     save_file({"x": torch.zeros(1)}, str(plain))
     assert mismatched_prediction(v_lora, "epsilon") == "v_prediction"
     assert mismatched_prediction(v_lora, "v_prediction") is None and mismatched_prediction(plain, "epsilon") is None
-    checkpoints = [Checkpoint("base", 0, None), Checkpoint("a", 1, v_lora), Checkpoint("b", 2, v_lora),
-                   Checkpoint("c", 3, plain)]
-    with caplog.at_level(logging.WARNING):
-        _warn_prediction_mismatch(checkpoints, "epsilon")
-    assert f"{v_lora} (and 1 more): trained on a v_prediction model, the model loaded predicts epsilon" in caplog.text
-    caplog.clear()
-    _warn_prediction_mismatch(checkpoints, "v_prediction")
-    assert caplog.text == ""
+    loras = [v_lora, v_lora, plain]  # eval's checkpoints
+    assert (f"{v_lora} (and 1 more) was trained on a v_prediction model, the model loaded predicts epsilon"
+            in prediction_mismatch(loras, "epsilon"))
+    assert prediction_mismatch(loras, "v_prediction") is None

@@ -116,19 +116,6 @@ def _validation(args, model):
                                      args.val_seed)
 
 
-def _warn_prediction_mismatch(checkpoints, predicts: str) -> None:
-    """Warn when LoRA headers say their base model predicted otherwise than the model loaded (as `sample` does)."""
-    from train.lora.export import mismatched_prediction
-
-    mismatched = [(c.lora, trained) for c in checkpoints if c.lora is not None
-                  and (trained := mismatched_prediction(c.lora, predicts)) is not None]
-    if mismatched:
-        (first, trained), others = mismatched[0], len(mismatched) - 1
-        logger.warning("%s%s: trained on a %s model, the model loaded predicts %s: the images will be wrong unless "
-                       "--prediction-type says what the model is", first, f" (and {others} more)" if others else "",
-                       trained, predicts)
-
-
 def _build_plan(args, prompts, heads, device, problems) -> tuple:
     """(image pipeline, EvalPlan): models loaded once, validation latents encoded once."""
     from train.evaluate.compare import EvalPlan, character_tags, tag_targets
@@ -180,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         write_plots,
     )
     from train.generate.sampling import save_png
+    from train.lora.export import prediction_mismatch
 
     checkpoints, problems = discover_checkpoints(args.inputs)
     for problem in problems:
@@ -196,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, plan = _build_plan(args, prompts, heads, device, problems)
-    _warn_prediction_mismatch(checkpoints, pipe.scheduler.config.prediction_type)
+    loras = [c.lora for c in checkpoints if c.lora is not None]
+    if message := prediction_mismatch(loras, pipe.scheduler.config.prediction_type):
+        logger.warning("%s", message)
 
     rows = evaluate(pipe, checkpoints, plan, args.out)
     recommended, reason = recommend(rows, args.margin)

@@ -99,16 +99,6 @@ def _trigger_lines(lora: str | None) -> list[str]:
     return trigger_lines(folded_tags(metadata))
 
 
-def _warn_prediction_mismatch(lora: str, model) -> None:
-    """Warn when the LoRA's header says its base model predicted otherwise than the model loaded."""
-    from train.lora.export import mismatched_prediction
-
-    if (trained := mismatched_prediction(lora, model.prediction_type)) is not None:
-        logger.warning("--lora %s was trained on a %s model, the model loaded predicts %s (%s): the images will be "
-                       "wrong unless --prediction-type says what the model is", lora, trained, model.prediction_type,
-                       model.prediction.reason)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -124,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         save_png,
         save_text,
     )
+    from train.lora.export import prediction_mismatch
     from train.model.loading import TORCH_DTYPES, load_base_model
 
     try:
@@ -162,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         except LoraFileError as err:
             logger.error("%s", err)
             return 1
-        _warn_prediction_mismatch(args.lora, model)
+        if message := prediction_mismatch([args.lora], model.prediction_type, model.prediction.reason):
+            logger.warning("--lora %s", message)
     images = generate(pipe, texts, settings)
     for p, row in enumerate(images):
         for seed, image in zip(settings.seeds, row):

@@ -69,6 +69,18 @@ def mismatched_prediction(lora: str | Path, predicts: str) -> str | None:
     trained = trained_prediction_type(read_header(lora)[1])
     return trained if trained is not None and trained != predicts else None
 
+
+def prediction_mismatch(loras: Sequence[str | Path], predicts: str, reason: str = "") -> str | None:
+    """The warning for LoRA files whose headers say their base model predicted otherwise than
+    `predicts` (the loaded model's, chosen for `reason`); None when none does."""
+    mismatched = [(lora, trained) for lora in loras if (trained := mismatched_prediction(lora, predicts)) is not None]
+    if not mismatched:
+        return None
+    (first, trained), others = mismatched[0], len(mismatched) - 1
+    return (f"{first}{f' (and {others} more)' if others else ''} was trained on a {trained} model, the model loaded "
+            f"predicts {predicts}{f' ({reason})' if reason else ''}: the images will be wrong unless "
+            "--prediction-type says what the model is")
+
 REQUIRED_METADATA = (
     "ss_base_model_version",
     "ss_network_module",
