@@ -191,9 +191,10 @@ def _diffusers_to_sgm(weights: ModelWeights, placed: Additions, out: Path, dtype
     give the output's names and shapes without reading a byte. OpenCLIP fuses q/k/v, so the
     second text encoder is converted as a whole (one component, about 1.4 GB in fp16).
     """
+    unet_config, vae_config = _component_config(weights, "unet"), _component_config(weights, "vae")  # read once
     converters: dict[str, Callable[[dict], dict]] = {
-        "unet": lambda sd: sgm_keys.unet_to_sgm(sd, _component_config(weights, "unet")),
-        "vae": lambda sd: sgm_keys.vae_to_sgm(sd, _component_config(weights, "vae")),
+        "unet": lambda sd: sgm_keys.unet_to_sgm(sd, unet_config),
+        "vae": lambda sd: sgm_keys.vae_to_sgm(sd, vae_config),
         "text_encoder": sgm_keys.clip_l_to_sgm,
         "text_encoder_2": sgm_keys.open_clip_to_sgm,
     }
